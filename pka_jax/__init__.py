@@ -1,0 +1,1 @@
+"""pka_jax: positional kernel attention for next-item recommendation, in JAX/Flax."""
