@@ -1,0 +1,42 @@
+"""Command line: train and test a model, or evaluate the best checkpoint of a workdir.
+
+  python -m pka_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
+  python -m pka_jax.main --config=configs/ml1m.py:model=sasrec --workdir=runs/ml1m_sasrec
+  python -m pka_jax.main --config=configs/synthetic.py --workdir=runs/synthetic --mode=eval
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from pka_jax import report
+from pka_jax import train
+from pka_jax.data.errors import DataError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                  'train: train (or resume) then test the best; eval: test the best checkpoint.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.info('JAX devices: %s (%d processes)', jax.devices(), jax.process_count())
+  run = train.train_and_evaluate if FLAGS.mode == 'train' else train.evaluate_checkpoint
+  try:
+    results = run(FLAGS.config, FLAGS.workdir)
+  except (DataError, FileNotFoundError) as error:
+    sys.exit(f'error: {error}')
+  if jax.process_index() == 0:
+    print(report.results_table({FLAGS.config.model: results}))
+
+
+if __name__ == '__main__':
+  app.run(main)

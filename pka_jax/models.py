@@ -1,0 +1,155 @@
+"""The SASRec encoder with pluggable position schemes (DESIGN §1) and tied item scores."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from pka_jax import attention
+
+POSITION_MODES = ('none', 'absolute', 'absolute_all', 'rotary', 'contextual', 'kernel')
+LN_EPSILON = 1e-8
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the encoder needs; built once from the ConfigDict (`from_config`)."""
+
+  num_items: int
+  maxlen: int
+  num_blocks: int
+  hidden_units: int
+  num_heads: int
+  dropout: float
+  position_mode: str
+  mask_padding_keys: bool = True
+  kernel_q_side: str = 'none'
+  kernel_k_side: str = 'toeplitz'
+  kernel_v_side: str = 'full'
+  share_toeplitz: bool = False
+  share_full: bool = True
+  kernel_init_std: float = 0.02
+  deterministic: bool = False
+
+  def __post_init__(self):
+    if self.position_mode not in POSITION_MODES:
+      raise ValueError(f'position_mode {self.position_mode!r}: expected one of {POSITION_MODES}')
+    for side in ('q', 'k', 'v'):
+      kind = getattr(self, f'kernel_{side}_side')
+      if kind not in attention.KERNEL_KINDS:
+        raise ValueError(f'kernel_{side}_side {kind!r}: expected one of {attention.KERNEL_KINDS}')
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict, num_items: int) -> ModelConfig:
+    fields = {f.name for f in dataclasses.fields(cls)} - {'num_items', 'deterministic'}
+    return cls(num_items=num_items, **{name: config[name] for name in fields})
+
+  def kernel_kind(self, side: str) -> str:
+    return getattr(self, f'kernel_{side}_side') if self.position_mode == 'kernel' else 'none'
+
+  def kernel_shared(self, side: str) -> bool:
+    kind = self.kernel_kind(side)
+    return (kind == 'toeplitz' and self.share_toeplitz) or (kind == 'full' and self.share_full)
+
+
+def _kernel(config: ModelConfig, side: str, name: str):
+  return attention.make_kernel(
+      config.kernel_kind(side), maxlen=config.maxlen, init_std=config.kernel_init_std,
+      learn_first=(side == 'v'), name=name)
+
+
+def _layer_norm(name: str) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPSILON, name=name)
+
+
+def _dense(features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), name=name)
+
+
+class Block(nn.Module):
+  """One block in the authors' order: the residual is taken from the layer-normed input."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, valid_BxT, shared_kernels: dict[str, jax.Array]) -> jax.Array:
+    config = self.config
+    kernels = dict(shared_kernels)
+    for side in ('q', 'k', 'v'):
+      if config.kernel_kind(side) != 'none' and not config.kernel_shared(side):
+        kernels[side] = _kernel(config, side, f'{side}_{config.kernel_kind(side)}')()
+
+    q_in = _layer_norm('ln_attn')(x_BxTxD)
+    k_in, v_in = x_BxTxD, x_BxTxD
+    if config.position_mode == 'absolute_all':
+      pos_TxD = self.param('pos_emb', nn.initializers.xavier_uniform(),
+                           (config.maxlen, config.hidden_units))
+      q_in, k_in, v_in = (a + pos_TxD[None] for a in (q_in, k_in, v_in))
+    attended = attention.CausalSelfAttention(
+        num_heads=config.num_heads, dropout=config.dropout,
+        deterministic=config.deterministic, rope=config.position_mode == 'rotary',
+        cope_maxlen=config.maxlen if config.position_mode == 'contextual' else 0,
+        name='attention')(
+            attention.apply_kernel(kernels.get('q'), q_in),
+            attention.apply_kernel(kernels.get('k'), k_in),
+            attention.apply_kernel(kernels.get('v'), v_in),
+            attention.attention_mask(valid_BxT, config.mask_padding_keys))
+    h_BxTxD = q_in + attended
+
+    y_BxTxD = _layer_norm('ln_ffn')(h_BxTxD)
+    drop = nn.Dropout(config.dropout, deterministic=config.deterministic)
+    hidden = drop(nn.relu(_dense(config.hidden_units, 'ffn_in')(y_BxTxD)))
+    z_BxTxD = y_BxTxD + drop(_dense(config.hidden_units, 'ffn_out')(hidden))
+    return z_BxTxD * valid_BxT[..., None]
+
+
+class Encoder(nn.Module):
+  """Item ids `B×T` (left-padded with 0) to hidden states `B×T×D`; scores by tied weights."""
+
+  config: ModelConfig
+
+  def setup(self):
+    config = self.config
+    self.item_emb = nn.Embed(
+        config.num_items + 1, config.hidden_units,
+        embedding_init=nn.initializers.xavier_uniform(), name='item_emb')
+    if config.position_mode == 'absolute':
+      self.pos_emb = nn.Embed(
+          config.maxlen, config.hidden_units,
+          embedding_init=nn.initializers.xavier_uniform(), name='pos_emb')
+    self.shared_kernels = {
+        side: _kernel(config, side, f'shared_{side}_{config.kernel_kind(side)}')
+        for side in ('q', 'k', 'v')
+        if config.kernel_kind(side) != 'none' and config.kernel_shared(side)}
+    self.blocks = [Block(config, name=f'block_{i}') for i in range(config.num_blocks)]
+    self.ln_final = _layer_norm('ln_final')
+    self.embed_dropout = nn.Dropout(config.dropout, deterministic=config.deterministic)
+
+  def __call__(self, inputs_BxT: jax.Array) -> jax.Array:
+    """Hidden states after the final LayerNorm."""
+    config = self.config
+    valid_BxT = inputs_BxT != 0
+    x_BxTxD = self.item_emb(inputs_BxT) * math.sqrt(config.hidden_units)
+    if config.position_mode == 'absolute':
+      x_BxTxD = x_BxTxD + self.pos_emb(jnp.arange(inputs_BxT.shape[1]))[None]
+    x_BxTxD = self.embed_dropout(x_BxTxD) * valid_BxT[..., None]
+    # A zero no-op unless a 'perturbations' collection is passed: tests read input gradients.
+    x_BxTxD = self.perturb('embeddings', x_BxTxD)
+    kernels = {side: kernel() for side, kernel in self.shared_kernels.items()}
+    for block in self.blocks:
+      x_BxTxD = block(x_BxTxD, valid_BxT, kernels)
+    return self.ln_final(x_BxTxD)
+
+  def item_embeddings(self) -> jax.Array:
+    """The `(N + 1)×D` item table (row 0 is padding), the output layer by weight tying."""
+    return self.item_emb.embedding
+
+  def score_last(self, inputs_BxT: jax.Array) -> jax.Array:
+    """Scores `B×(N + 1)` of every item after the newest position (column 0 is padding)."""
+    hidden_BxD = self(inputs_BxT)[:, -1]
+    return hidden_BxD @ self.item_embeddings().T

@@ -1,0 +1,251 @@
+"""Training: the train state, the jitted step, the epoch loop, early stopping and checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+from absl import logging
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from pka_jax import checkpoint
+from pka_jax import data
+from pka_jax import evaluate
+from pka_jax import losses
+from pka_jax import metric_writer
+from pka_jax.data.pipeline import TrainInput
+from pka_jax.data.sequences import SplitDataset
+from pka_jax.models import Encoder, ModelConfig
+
+
+def create_model(config: ml_collections.ConfigDict, num_items: int, *,
+                 deterministic: bool) -> Encoder:
+  model_config = ModelConfig.from_config(config, num_items)
+  return Encoder(dataclasses.replace(model_config, deterministic=deterministic))
+
+
+def create_train_state(model: Encoder, config: ml_collections.ConfigDict,
+                       rng: jax.Array) -> train_state.TrainState:
+  inputs_1xT = jnp.zeros((1, config.maxlen), jnp.int32)
+  params = model.init(rng, inputs_1xT)['params']
+  tx = optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2)
+  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+
+
+def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
+              loss_name: str) -> tuple[jax.Array, jax.Array]:
+  """`(sum, count)` of the loss over the real targets of `batch`."""
+  dropout_rng, negatives_rng = jax.random.split(rng)
+  hidden_BxTxD = apply_fn({'params': params}, batch['inputs'], rngs={'dropout': dropout_rng})
+  item_emb_VxD = params['item_emb']['embedding']
+  if loss_name == 'ce':
+    return losses.full_cross_entropy(hidden_BxTxD, item_emb_VxD, batch['targets'])
+  if loss_name == 'bce':
+    return losses.sampled_bce(hidden_BxTxD, item_emb_VxD, batch['targets'], negatives_rng)
+  raise ValueError(f'Unknown loss {loss_name!r}: expected ce or bce')
+
+
+def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: jax.Array,
+               *, loss_name: str) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+  """One Adam step on the mean loss; metrics leave as sums and counts."""
+  step_rng = jax.random.fold_in(rng, state.step)
+
+  def mean_loss(params):
+    total, count = loss_sums(params, state.apply_fn, batch, step_rng, loss_name)
+    return total / jnp.maximum(count, 1.0), (total, count)
+
+  grads, (total, count) = jax.grad(mean_loss, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads), {'loss_sum': total, 'loss_count': count}
+
+
+@dataclasses.dataclass
+class Progress:
+  """What a checkpoint records about the run besides the parameters (saved as JSON)."""
+
+  epoch: int = 0  # completed epochs
+  data_iterator: dict | None = None  # grain state inside the current epoch, None at its start
+  best_ndcg: float = -1.0
+  best_step: int = -1
+  bad_validations: int = 0
+  history: list = dataclasses.field(default_factory=list)  # validation metrics per epoch
+
+
+class Run:
+  """One training run in a workdir: data, model, mesh, compiled functions and checkpoints."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    self.config, self.workdir = config, workdir
+    self.dataset: SplitDataset = data.load_dataset(config)
+    self.model = create_model(config, self.dataset.num_items, deterministic=False)
+    self.eval_model = create_model(config, self.dataset.num_items, deterministic=True)
+    self.mesh = jax.make_mesh(
+        (jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+    self.replicated = NamedSharding(self.mesh, P())
+    self.batch_sharding = NamedSharding(self.mesh, P('data'))
+    if config.batch_size % jax.device_count():
+      raise ValueError(
+          f'batch_size {config.batch_size} must be divisible by {jax.device_count()} devices')
+    init_rng, self.dropout_rng = jax.random.split(jax.random.key(config.seed))
+    self.state = jax.jit(
+        functools.partial(create_train_state, self.model, config),
+        out_shardings=self.replicated)(init_rng)
+    self.step_fn = jax.jit(
+        functools.partial(train_step, loss_name=config.loss),
+        in_shardings=(self.replicated, self.batch_sharding, self.replicated),
+        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    self.score_fn = jax.jit(
+        lambda params, inputs_BxT: self.eval_model.apply(
+            {'params': params}, inputs_BxT, method=Encoder.score_last),
+        in_shardings=(self.replicated, self.replicated), out_shardings=self.replicated)
+    self.inputs = TrainInput(
+        self.dataset.train, maxlen=config.maxlen, batch_size=config.batch_size,
+        seed=config.seed, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    self.checkpoints = checkpoint.manager(workdir)
+    self.progress = Progress()
+
+  def restore_latest(self) -> bool:
+    step = self.checkpoints.latest_step()
+    if step is None:
+      return False
+    self.state, progress = checkpoint.restore(self.checkpoints, step, self.state)
+    self.progress = Progress(**progress)
+    logging.info('Resumed from step %d (epoch %d done)', step, self.progress.epoch)
+    return True
+
+  def restore_best(self) -> None:
+    if self.progress.best_step < 0:
+      raise FileNotFoundError(f'No validated checkpoint in {self.workdir}')
+    self.state, _ = checkpoint.restore(self.checkpoints, self.progress.best_step, self.state)
+
+  def evaluate(self, part: str) -> dict[str, float]:
+    params = self.state.params
+    return evaluate.evaluate(
+        lambda inputs_BxT: self.score_fn(params, inputs_BxT), self.dataset, part,
+        maxlen=self.config.maxlen, batch_size=self.config.eval_batch_size,
+        top_k=self.config.top_k)
+
+  def save(self, metrics: dict | None = None) -> None:
+    checkpoint.save(
+        self.checkpoints, int(self.state.step), state=self.state,
+        progress=dataclasses.asdict(self.progress), config=self.config, metrics=metrics)
+
+  def _global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local_batch.items()}
+
+  def train_epoch(self, writer: metric_writer.MetricWriter) -> None:
+    """Runs the rest of the current epoch, checkpointing every `checkpoint_every_steps`."""
+    config, steps = self.config, self.inputs.steps_per_epoch
+    iterator = self.inputs.epoch(self.progress.epoch, self.progress.data_iterator)
+    done = (self.progress.data_iterator or {}).get('next_index', 0)
+    bar = tqdm.tqdm(total=steps, initial=done, desc=f'epoch {self.progress.epoch + 1}',
+                    disable=jax.process_index() != 0, leave=False)
+    pending, window_loss, window_count, window_start = None, 0.0, 0.0, time.perf_counter()
+    for local_batch in iterator:
+      self.state, metrics = self.step_fn(self.state, self._global_batch(local_batch),
+                                         self.dropout_rng)
+      if pending is not None:  # read the previous step's metrics: dispatch stays ahead
+        loss_sum, loss_count = (float(v) for v in jax.device_get(
+            (pending['loss_sum'], pending['loss_count'])))
+        if not np.isfinite(loss_sum):
+          raise FloatingPointError(f'Loss became {loss_sum} at step {int(self.state.step) - 1}')
+        window_loss, window_count = window_loss + loss_sum, window_count + loss_count
+      pending = metrics
+      bar.update(1)
+      step = int(self.state.step)
+      if step % config.log_every_steps == 0 and window_count:
+        seconds = time.perf_counter() - window_start
+        scalars = {'train/loss': window_loss / window_count,
+                   'train/sequences_per_s': config.log_every_steps * config.batch_size / seconds}
+        writer.write(step, scalars)
+        bar.set_postfix(loss=f'{scalars["train/loss"]:.4f}',
+                        seq_per_s=f'{scalars["train/sequences_per_s"]:.0f}')
+        window_loss, window_count, window_start = 0.0, 0.0, time.perf_counter()
+      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+        self.progress.data_iterator = iterator.get_state()
+        self.save()
+    bar.close()
+    if pending is not None and not np.isfinite(float(pending['loss_sum'])):
+      raise FloatingPointError(f'Loss became non-finite at step {int(self.state.step)}')
+    self.progress.epoch += 1
+    self.progress.data_iterator = None
+
+  def validate_and_checkpoint(self, writer: metric_writer.MetricWriter) -> dict[str, float]:
+    metrics = {f'valid/{k}': v for k, v in self.evaluate('valid').items()}
+    step = int(self.state.step)
+    ndcg = metrics[checkpoint.BEST_METRIC]
+    if ndcg > self.progress.best_ndcg:
+      self.progress.best_ndcg, self.progress.best_step = ndcg, step
+      self.progress.bad_validations = 0
+    else:
+      self.progress.bad_validations += 1
+    self.progress.history.append({'epoch': self.progress.epoch, 'step': step, **metrics})
+    writer.write(step, {**metrics, 'epoch': self.progress.epoch})
+    self.save(metrics)
+    return metrics
+
+  def finished(self) -> bool:
+    return (self.progress.epoch >= self.config.max_epochs
+            or self.progress.bad_validations >= self.config.patience)
+
+
+def _write_json_atomic(path: str, payload: dict) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def test_best(run: Run) -> dict[str, dict[str, float]]:
+  """Validation and test metrics of the best checkpoint, also written to results.json."""
+  run.restore_best()
+  results = {'best_step': run.progress.best_step, 'epochs': run.progress.epoch,
+             'valid': run.evaluate('valid'), 'test': run.evaluate('test')}
+  if jax.process_index() == 0:
+    _write_json_atomic(os.path.join(run.workdir, 'results.json'), results)
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains until early stopping (resuming from the latest checkpoint), then tests the best."""
+  run = Run(config, workdir)
+  run.restore_latest()
+  writer = metric_writer.MetricWriter(workdir)
+  logging.info('%d training users, %d items, %d steps per epoch', len(run.inputs.users),
+               run.dataset.num_items, run.inputs.steps_per_epoch)
+  try:
+    while not run.finished():
+      run.train_epoch(writer)
+      metrics = run.validate_and_checkpoint(writer)
+      logging.info('epoch %d: valid ndcg@10 %.4f (best %.4f at step %d)', run.progress.epoch,
+                   metrics[checkpoint.BEST_METRIC], run.progress.best_ndcg,
+                   run.progress.best_step)
+    run.checkpoints.wait_until_finished()
+    results = test_best(run)
+    writer.write(run.progress.best_step, {f'test/{k}': v for k, v in results['test'].items()})
+  finally:
+    writer.close()
+    run.checkpoints.close()
+  return results
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Restores the best checkpoint of `workdir` and evaluates it without training."""
+  run = Run(config, workdir)
+  try:
+    if not run.restore_latest():
+      raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}')
+    return test_best(run)
+  finally:
+    run.checkpoints.close()

@@ -1,0 +1,161 @@
+"""Model tests: kernels equal their formulas, causality, padding, jit, parameter count."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pka_jax import attention
+from pka_jax.models import POSITION_MODES, Encoder, ModelConfig
+
+T, D, N = 6, 8, 20
+
+
+def make_config(position_mode='kernel', **overrides) -> ModelConfig:
+  fields = dict(num_items=N, maxlen=T, num_blocks=2, hidden_units=D, num_heads=2, dropout=0.0,
+                position_mode=position_mode, deterministic=True)
+  return ModelConfig(**{**fields, **overrides})
+
+
+INPUTS = jnp.array([[0, 0, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], dtype=jnp.int32)
+
+
+def init(config: ModelConfig, inputs=INPUTS):
+  return Encoder(config).init(jax.random.key(0), inputs)
+
+
+def test_toeplitz_kernel_equals_formula():
+  kernel = attention.ToeplitzKernel(maxlen=T, init_std=0.02)
+  params = kernel.init(jax.random.key(1))
+  tail = np.asarray(params['params']['g_tail'])
+  assert (tail >= 0).all() and tail.max() > 0  # |N(0, 0.02)|, not all zero
+  g = np.concatenate([[1.0], tail])
+  g /= np.linalg.norm(g)
+  expected = np.array([[g[i - j] if i >= j else 0.0 for j in range(T)] for i in range(T)])
+  np.testing.assert_allclose(kernel.apply(params), expected, rtol=1e-6)
+
+
+def test_value_side_toeplitz_learns_its_first_entry():
+  kernel = attention.ToeplitzKernel(maxlen=T, init_std=0.02, learn_first=True)
+  params = kernel.init(jax.random.key(1))
+  params['params']['g_first'] = jnp.array([3.0])
+  g = np.concatenate([[3.0], np.asarray(params['params']['g_tail'])])
+  np.testing.assert_allclose(np.diag(kernel.apply(params)), np.full(T, 3.0 / np.linalg.norm(g)),
+                             rtol=1e-6)
+
+
+def test_full_kernel_equals_formula():
+  kernel = attention.FullKernel(maxlen=T, init_std=0.02)
+  params = kernel.init(jax.random.key(2))
+  raw = np.asarray(params['params']['f'])
+  np.testing.assert_array_equal(np.diag(raw), np.ones(T))  # I + |N| strictly below
+  below = raw[np.tril_indices(T, k=-1)]
+  assert (below >= 0).all() and below.max() > 0
+  triangle = np.tril(raw)
+  np.testing.assert_allclose(kernel.apply(params), triangle / np.linalg.norm(triangle),
+                             rtol=1e-6)
+  # Entries above the diagonal never reach the matrix, whatever the parameters hold.
+  params['params']['f'] = params['params']['f'] + jnp.triu(jnp.ones((T, T)), k=1)
+  np.testing.assert_allclose(kernel.apply(params), triangle / np.linalg.norm(triangle),
+                             rtol=1e-6)
+
+
+@pytest.mark.parametrize('mode', POSITION_MODES)
+def test_shapes_and_finite_scores(mode):
+  config = make_config(mode)
+  variables = init(config)
+  hidden = Encoder(config).apply(variables, INPUTS)
+  scores = Encoder(config).apply(variables, INPUTS, method=Encoder.score_last)
+  chex.assert_shape(hidden, (2, T, D))
+  chex.assert_shape(scores, (2, N + 1))
+  chex.assert_tree_all_finite((hidden, scores))
+
+
+KERNEL_LAYOUTS = [
+    dict(),  # Toeplitz-Full, layer-wise (the paper's best)
+    dict(kernel_k_side='toeplitz', kernel_v_side='toeplitz'),  # "ll"
+    dict(kernel_k_side='full', kernel_v_side='toeplitz'),  # "al"
+    dict(kernel_q_side='toeplitz', kernel_k_side='toeplitz', kernel_v_side='none'),
+    dict(share_toeplitz=True, share_full=False),
+]
+
+
+@pytest.mark.parametrize('mode,overrides',
+                         [(m, {}) for m in POSITION_MODES] + [('kernel', o) for o in KERNEL_LAYOUTS])
+def test_causal_through_gradients(mode, overrides):
+  config = make_config(mode, **overrides)
+  variables = init(config)
+  model = Encoder(config)
+  perturbations = variables['perturbations']
+  # A random read-out: the plain sum of a LayerNorm output is constant, its gradient zero.
+  readout = jax.random.normal(jax.random.key(3), (D,))
+
+  for t in range(T):
+    def output_at_t(perturbations):
+      hidden = model.apply({**variables, 'perturbations': perturbations}, INPUTS)
+      return hidden[:, t] @ readout
+
+    grad = jax.grad(lambda p: output_at_t(p).sum())(perturbations)['embeddings']
+    np.testing.assert_array_equal(grad[:, t + 1:], 0.0, err_msg=f'position {t} sees the future')
+    assert np.abs(grad[1, :t + 1]).max() > 0, f'position {t} sees nothing of its past'
+
+
+@pytest.mark.parametrize('mode', POSITION_MODES)
+def test_padding_embedding_cannot_change_real_positions(mode):
+  config = make_config(mode)
+  variables = init(config)
+  changed = jax.tree.map(lambda x: x, variables)
+  table = changed['params']['item_emb']['embedding']
+  changed['params']['item_emb']['embedding'] = table.at[0].set(100.0)
+  real = INPUTS != 0
+  before = Encoder(config).apply(variables, INPUTS)
+  after = Encoder(config).apply(changed, INPUTS)
+  np.testing.assert_allclose(after[real], before[real], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['none', 'rotary'])
+def test_amount_of_padding_is_invisible_when_padding_keys_are_masked(mode):
+  # These modes have no parameter shaped by T: the same parameters read any length.
+  short, long = jnp.array([[0, 4, 5, 6]]), jnp.array([[0, 0, 0, 4, 5, 6]])
+  for mask_padding_keys, invisible in ((True, True), (False, False)):
+    config = make_config(mode, maxlen=6, mask_padding_keys=mask_padding_keys)
+    params = init(config, long)['params']
+    # Nonzero biases: with unmasked padding keys these are what padding contributes.
+    variables = {'params': jax.tree.map(lambda x: x + 0.1, params)}
+    out_short = Encoder(dataclasses.replace(config, maxlen=4)).apply(variables, short)[:, 1:]
+    out_long = Encoder(config).apply(variables, long)[:, 3:]
+    assert np.allclose(out_short, out_long, atol=1e-5) == invisible, mask_padding_keys
+
+
+@pytest.mark.parametrize('mode', POSITION_MODES)
+def test_jit_equals_no_jit(mode):
+  config = make_config(mode)
+  variables = init(config)
+  apply = lambda v, x: Encoder(config).apply(v, x)
+  np.testing.assert_allclose(jax.jit(apply)(variables, INPUTS), apply(variables, INPUTS),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_is_active_only_in_training():
+  config = make_config('kernel', dropout=0.5, deterministic=False)
+  variables = init(config)
+  apply = lambda key: Encoder(config).apply(variables, INPUTS, rngs={'dropout': key})
+  assert not np.allclose(apply(jax.random.key(1)), apply(jax.random.key(2)))
+
+
+def test_parameter_count_is_exact():
+  config = make_config('kernel')
+  params = init(config)['params']
+  # item table (N + 1) * D = 21 * 8 = 168; final LayerNorm 2D = 16.
+  # Per block: q, k, v, out dense 4 * (D*D + D) = 288; ffn 2 * (D*D + D) = 144;
+  #   two LayerNorms 4D = 32; own Toeplitz tail T - 1 = 5  ->  469.
+  # Shared full kernel T * T = 36.  Total: 168 + 16 + 2 * 469 + 36 = 1158.
+  assert sum(x.size for x in jax.tree.leaves(params)) == 1158
+  # No positions: 168 + 16 + 2 * 464 = 1112. SASRec adds a T * D = 48 table, ALL-APE one per
+  # block (2 * 48), CoPE a T * head_dim = 6 * 4 = 24 table per block (2 * 24).
+  counts = {m: sum(x.size for x in jax.tree.leaves(init(make_config(m))['params']))
+            for m in ('none', 'absolute', 'absolute_all', 'contextual')}
+  assert counts == {'none': 1112, 'absolute': 1160, 'absolute_all': 1208, 'contextual': 1160}
