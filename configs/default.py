@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.patience = 10  # stop after this many validations without a better NDCG@10
   config.seed = 0  # parameters, dropout and data order
   config.log_every_steps = 50  # train metrics written every this many steps
+  config.checkpoint_every_steps = 0  # extra mid-epoch checkpoints (0: only after validation)
 
   # ---- evaluation ----
   config.top_k = 10  # metrics at k

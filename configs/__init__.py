@@ -1,0 +1,1 @@
+"""Experiment configurations: `default.py`, and one file per dataset that imports it."""
