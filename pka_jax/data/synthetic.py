@@ -5,9 +5,9 @@ probability `1 - noise`, `σ(x[t - k])`: a fixed random permutation `σ` of the 
 to the item seen `k` steps back, where the lag `k` is drawn at each step from `LAGS` (several
 distances, none of them 1, so the most recent item alone does not reveal the answer). With
 probability `noise` it is a draw from a Zipf popularity law. Items never repeat within a
-user's history: when the rule names an item already seen, a popular unseen item is drawn
-instead (so every held-out target is a legal recommendation under seen-item masking). The
-first `max(LAGS)` items of a history are popularity draws.
+user's history (so every held-out target is a legal recommendation under seen-item masking):
+when `σ(x[t - k])` was seen already, the other lags are tried in random order, and when all
+were seen, a popular unseen item is drawn. The first `max(LAGS)` items are popularity draws.
 
 A model must know which item stands 2, 3 or 5 positions back to fit the rule; a model that
 sees the history as a set (no positional information beyond the causal mask) cannot tell
@@ -26,6 +26,11 @@ from pka_jax.data.interactions import Interactions
 LAGS = (2, 3, 5)
 
 
+def rule_permutation(num_items: int, seed: int) -> np.ndarray:
+  """The permutation `σ` of the rule (item codes `0..num_items-1`) for a seed."""
+  return np.random.default_rng([seed, 0]).permutation(num_items)
+
+
 def _popular_unseen(rng: np.random.Generator, cdf: np.ndarray, seen: set[int]) -> int:
   while True:
     item = int(np.searchsorted(cdf, rng.random()))
@@ -37,10 +42,11 @@ def _history(rng, length, permutation, cdf, noise) -> list[int]:
   history: list[int] = []
   seen: set[int] = set()
   for t in range(length):
-    item = -1
+    candidates = []
     if t >= max(LAGS) and rng.random() >= noise:
-      item = int(permutation[history[t - LAGS[rng.integers(len(LAGS))]]])
-    if item < 0 or item in seen:
+      candidates = [int(permutation[history[t - k]]) for k in rng.permutation(LAGS)]
+    item = next((c for c in candidates if c not in seen), None)
+    if item is None:
       item = _popular_unseen(rng, cdf, seen)
     history.append(item)
     seen.add(item)
@@ -59,8 +65,8 @@ def generate(
   """Generates the interactions; identical arguments give identical data."""
   if max_length >= num_items:
     raise ValueError(f'synthetic: max_length {max_length} must be below num_items {num_items}')
-  rng = np.random.default_rng(seed)
-  permutation = rng.permutation(num_items)
+  permutation = rule_permutation(num_items, seed)
+  rng = np.random.default_rng([seed, 1])
   popularity = 1.0 / np.arange(1, num_items + 1)
   cdf = np.cumsum(rng.permutation(popularity))
   cdf /= cdf[-1]

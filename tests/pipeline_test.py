@@ -1,0 +1,69 @@
+"""The grain input pipeline: windows, epochs, reshuffling, resumption and host slices."""
+
+import numpy as np
+import pytest
+
+from pka_jax.data.pipeline import TrainInput, training_window
+from pka_jax.data.sequences import SequenceStore
+
+
+def test_training_window_right_aligns_the_last_items():
+  window = training_window(np.array([5, 6, 7, 8, 9]), maxlen=3)
+  np.testing.assert_array_equal(window['inputs'], [6, 7, 8])
+  np.testing.assert_array_equal(window['targets'], [7, 8, 9])
+  window = training_window(np.array([5, 6]), maxlen=4)
+  np.testing.assert_array_equal(window['inputs'], [0, 0, 0, 5])
+  np.testing.assert_array_equal(window['targets'], [0, 0, 0, 6])
+
+
+def store_of(num_users: int) -> SequenceStore:
+  # User u has u + 2 items (its first item is 100 * u + 1); the last user has one item only.
+  sequences = [np.arange(u + 2) + 100 * u + 1 for u in range(num_users)] + [np.array([7])]
+  offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])])
+  return SequenceStore(offsets=offsets, items=np.concatenate(sequences).astype(np.int32))
+
+
+def first_items(batches) -> list[int]:
+  return [int(row[row > 0][0]) for batch in batches for row in batch['inputs']]
+
+
+def test_epoch_is_each_trainable_user_once_in_full_batches():
+  inputs = TrainInput(store_of(10), maxlen=16, batch_size=3, seed=0)
+  assert len(inputs.users) == 10  # the one-item user has no target
+  assert inputs.steps_per_epoch == 3  # floor(10 / 3)
+  batches = list(inputs.epoch(0))
+  assert len(batches) == 3 and all(b['inputs'].shape == (3, 16) for b in batches)
+  users = first_items(batches)
+  assert len(set(users)) == 9 and set(users) <= {100 * u + 1 for u in range(10)}
+
+
+def test_epochs_are_reshuffled_and_seeded():
+  inputs = TrainInput(store_of(30), maxlen=16, batch_size=5, seed=0)
+  assert first_items(inputs.epoch(0)) != first_items(inputs.epoch(1))
+  assert first_items(inputs.epoch(1)) == first_items(
+      TrainInput(store_of(30), maxlen=16, batch_size=5, seed=0).epoch(1))
+  assert first_items(inputs.epoch(1)) != first_items(
+      TrainInput(store_of(30), maxlen=16, batch_size=5, seed=1).epoch(1))
+
+
+def test_iterator_state_resumes_mid_epoch():
+  inputs = TrainInput(store_of(30), maxlen=16, batch_size=5, seed=0)
+  iterator = inputs.epoch(2)
+  next(iterator), next(iterator)
+  state = iterator.get_state()
+  rest = list(iterator)
+  resumed = list(inputs.epoch(2, state))
+  assert first_items(resumed) == first_items(rest) and len(rest) == inputs.steps_per_epoch - 2
+
+
+def test_hosts_read_disjoint_slices_of_equal_length():
+  hosts = [TrainInput(store_of(11), maxlen=16, batch_size=4, seed=0, process_index=i,
+                      process_count=2) for i in range(2)]
+  assert {h.steps_per_epoch for h in hosts} == {2}  # smallest slice 5 // local batch 2
+  seen = [set(first_items(h.epoch(0))) for h in hosts]
+  assert not seen[0] & seen[1]
+
+
+def test_too_few_users_for_one_batch_is_an_error():
+  with pytest.raises(ValueError, match='fewer than one batch'):
+    TrainInput(store_of(3), maxlen=16, batch_size=8, seed=0)
