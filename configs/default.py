@@ -59,6 +59,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.max_epochs = 200  # hard limit on epochs
   config.patience = 10  # stop after this many validations without a better NDCG@10
   config.seed = 0  # parameters, dropout and data order
+  # PRNG for parameters and dropout. 'rbg' draws bits with XLA's RngBitGenerator: on CPU a
+  # model compiles ~5x faster than with 'threefry2x32' (~1 s per dropout site), and it is
+  # faster on accelerators; 'threefry2x32' gives bits independent of backend and sharding.
+  config.prng_impl = 'rbg'
   config.log_every_steps = 50  # train metrics written every this many steps
   config.checkpoint_every_steps = 0  # extra mid-epoch checkpoints (0: only after validation)
 

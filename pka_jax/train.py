@@ -12,6 +12,7 @@ from absl import logging
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
@@ -80,22 +81,36 @@ class Progress:
   history: list = dataclasses.field(default_factory=list)  # validation metrics per epoch
 
 
+def load_dataset_once(config: ml_collections.ConfigDict) -> SplitDataset:
+  """Process 0 prepares the dataset while the others wait, then they all load it."""
+  if jax.process_count() == 1:
+    return data.load_dataset(config)
+  if jax.process_index() == 0:
+    dataset = data.load_dataset(config)
+  multihost_utils.sync_global_devices('pka_jax: dataset prepared')
+  if jax.process_index() != 0:
+    dataset = data.load_dataset(config)
+  return dataset
+
+
 class Run:
   """One training run in a workdir: data, model, mesh, compiled functions and checkpoints."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     self.config, self.workdir = config, workdir
-    self.dataset: SplitDataset = data.load_dataset(config)
+    self.dataset: SplitDataset = load_dataset_once(config)
     self.model = create_model(config, self.dataset.num_items, deterministic=False)
     self.eval_model = create_model(config, self.dataset.num_items, deterministic=True)
     self.mesh = jax.make_mesh(
         (jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
-    if config.batch_size % jax.device_count():
-      raise ValueError(
-          f'batch_size {config.batch_size} must be divisible by {jax.device_count()} devices')
-    init_rng, self.dropout_rng = jax.random.split(jax.random.key(config.seed))
+    for name in ('batch_size', 'eval_batch_size'):
+      if config[name] % jax.device_count():
+        raise ValueError(
+            f'{name} {config[name]} must be divisible by {jax.device_count()} devices')
+    init_rng, self.dropout_rng = jax.random.split(
+        jax.random.key(config.seed, impl=config.prng_impl))
     self.state = jax.jit(
         functools.partial(create_train_state, self.model, config),
         out_shardings=self.replicated)(init_rng)
@@ -106,7 +121,7 @@ class Run:
     self.score_fn = jax.jit(
         lambda params, inputs_BxT: self.eval_model.apply(
             {'params': params}, inputs_BxT, method=Encoder.score_last),
-        in_shardings=(self.replicated, self.replicated), out_shardings=self.replicated)
+        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
     self.inputs = TrainInput(
         self.dataset.train, maxlen=config.maxlen, batch_size=config.batch_size,
         seed=config.seed, process_index=jax.process_index(),
@@ -128,10 +143,16 @@ class Run:
       raise FileNotFoundError(f'No validated checkpoint in {self.workdir}')
     self.state, _ = checkpoint.restore(self.checkpoints, self.progress.best_step, self.state)
 
+  def _score(self, params, inputs_BxT: np.ndarray) -> jax.Array:
+    # Every host holds the whole evaluation batch; each device scores its rows.
+    sharded_BxT = jax.make_array_from_callback(
+        inputs_BxT.shape, self.batch_sharding, lambda index: inputs_BxT[index])
+    return self.score_fn(params, sharded_BxT)
+
   def evaluate(self, part: str) -> dict[str, float]:
     params = self.state.params
     return evaluate.evaluate(
-        lambda inputs_BxT: self.score_fn(params, inputs_BxT), self.dataset, part,
+        lambda inputs_BxT: self._score(params, inputs_BxT), self.dataset, part,
         maxlen=self.config.maxlen, batch_size=self.config.eval_batch_size,
         top_k=self.config.top_k)
 

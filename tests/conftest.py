@@ -10,3 +10,8 @@ jax.config.update('jax_numpy_rank_promotion', 'raise')
 
 # Configs are imported as `configs.<name>` from the repository root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Tests compile the same small programs again and again; a persistent cache shares them.
+jax.config.update('jax_compilation_cache_dir',
+                  os.path.join(os.environ.get('TMPDIR', '/tmp'), 'pka_jax_tests_xla_cache'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)

@@ -25,11 +25,12 @@ def test_histories_follow_the_lag_rule_without_repeats():
   seqs = histories(data)
   assert all(len(s) == len(set(s.tolist())) for s in seqs)
   assert all(SETTINGS['min_length'] <= len(s) <= SETTINGS['max_length'] for s in seqs)
-  sigma = synthetic.rule_permutation(SETTINGS['num_items'], SETTINGS['seed'])
+  sigma = synthetic.rule_permutations(SETTINGS['num_items'], SETTINGS['seed'])
   start = max(synthetic.LAGS)
   steps = [(s, t) for s in seqs for t in range(start, len(s))]
-  explained = sum(any(sigma[s[t - k]] == s[t] for k in synthetic.LAGS) for s, t in steps)
+  explained = sum(any(sigma[j, s[t - k]] == s[t] for j, k in enumerate(synthetic.LAGS))
+                  for s, t in steps)
   # 1 - noise of the steps follow the rule (less the repeats it had to redraw).
   assert explained / len(steps) > 0.75
   # The rule needs the lags: the item right before explains almost nothing.
-  assert sum(sigma[s[t - 1]] == s[t] for s, t in steps) / len(steps) < 0.05
+  assert sum(sigma[0, s[t - 1]] == s[t] for s, t in steps) / len(steps) < 0.05

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
-from pka_jax.data import prepare, synthetic
+from pka_jax.data import prepare, store, synthetic
 from pka_jax.data.sequences import SplitDataset
-from pka_jax.data.split import temporal_split
 
 
 def load_dataset(config: ml_collections.ConfigDict) -> SplitDataset:
@@ -15,10 +16,17 @@ def load_dataset(config: ml_collections.ConfigDict) -> SplitDataset:
   Raises `DataError` (its subclass `DataUnavailableError` when the raw file is missing) with a
   message meant for the user.
   """
-  if config.dataset == 'synthetic':
-    interactions = synthetic.generate(**config.synthetic)
-    return temporal_split(
-        interactions, q_valid=config.q_valid, q_test=config.q_test, max_eval=config.max_eval)
   split = prepare.SplitSettings(
       q_valid=config.q_valid, q_test=config.q_test, max_eval=config.max_eval)
-  return prepare.load_prepared(config.dataset, config.data_dir, split=split)
+  if config.dataset != 'synthetic':
+    return prepare.load_prepared(config.dataset, config.data_dir, split=split)
+  # The generated data takes the real datasets' path: split, prepared store, memory map.
+  settings = {'synthetic': config.synthetic.to_dict(), 'split': dataclasses.asdict(split)}
+
+  def build():
+    interactions = synthetic.generate(**config.synthetic)
+    return interactions, {'preprocessed': prepare.interaction_stats(interactions)}, {}
+
+  prepared = prepare.prepare_store('synthetic', config.data_dir, settings=settings,
+                                   raw_files=[], split=split, build=build)
+  return store.load_split(prepared.directory)

@@ -153,6 +153,23 @@ def prepare(name: str, data_dir: str, *, split: SplitSettings = SplitSettings(),
                                       allow_download=allow_download, opener=opener)
   settings = {**dataset.settings(), 'split': dataclasses.asdict(split)}
   raw_files = [fingerprint_file(raw_path)]
+
+  def build():
+    interactions, stats = read_and_filter(dataset, raw_path)
+    return interactions, stats, {'title': dataset.title, 'interaction': dataset.interaction}
+
+  return prepare_store(name, data_dir, settings=settings, raw_files=raw_files, split=split,
+                       build=build, force=force, source=raw_path)
+
+
+def prepare_store(name: str, data_dir: str, *, settings: dict, raw_files: list[dict],
+                  split: SplitSettings, build, force: bool = False,
+                  source: str | None = None) -> Prepared:
+  """Reuses the store of `name` when its cache key matches, else builds and saves it.
+
+  `build()` returns `(interactions, stats, extra_meta)`; it runs only when a rebuild is due.
+  `source` names the origin of the data in error messages.
+  """
   key = cache_key(settings, raw_files)
   directory = store_directory(name, data_dir)
   meta = store.read_meta(directory)
@@ -161,17 +178,17 @@ def prepare(name: str, data_dir: str, *, split: SplitSettings = SplitSettings(),
     return Prepared(directory, meta, reused=True)
 
   start = time.monotonic()
-  interactions, stats = read_and_filter(dataset, raw_path)
+  interactions, stats, extra_meta = build()
   try:
     split_dataset = temporal_split(interactions, q_valid=split.q_valid, q_test=split.q_test,
                                    max_eval=split.max_eval)
   except ValueError as e:  # degenerate data, e.g. every interaction at the same time
-    raise DataError(f'{raw_path}: cannot split: {e}') from None
+    raise DataError(f'{source or name}: cannot split: {e}') from None
   stats['split'] = split_stats(split_dataset)
   meta = {
-      'dataset': name, 'title': dataset.title, 'store_format': STORE_FORMAT_VERSION,
-      'cache_key': key, 'settings': settings, 'raw_files': raw_files, 'stats': stats,
-      'interaction': dataset.interaction, 'build_seconds': time.monotonic() - start,
+      'dataset': name, 'store_format': STORE_FORMAT_VERSION, 'cache_key': key,
+      'settings': settings, 'raw_files': raw_files, 'stats': stats,
+      'build_seconds': time.monotonic() - start, **extra_meta,
   }
   store.save_split(split_dataset, directory, meta)
   logging.info('%s: prepared store written to %s in %.1f s', name, directory,
