@@ -4,14 +4,6 @@
   python -m pka_jax.main --config=configs/beauty.py:model=sasrec
 """
 
-import os
-import sys
-
-# ml_collections loads this file by path: make `configs` importable from any directory.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
 from configs import default
 
 # Every best configuration in the authors' logs: maxlen 128, dropout 0.3, one head.
@@ -35,7 +27,4 @@ PER_MODEL = {
 
 
 def get_config(arg=None):
-  config = default.get_config()
-  config.dataset = 'beauty'
-  default.apply_variant(config, arg, per_model=PER_MODEL)
-  return config
+  return default.for_dataset('beauty', arg, PER_MODEL)

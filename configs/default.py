@@ -74,6 +74,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
+def for_dataset(dataset: str, arg: str | None,
+                per_model: dict[str, dict]) -> ml_collections.ConfigDict:
+  """The default config on `dataset`, with the model picked by `arg` and its hyper-parameters."""
+  config = get_config()
+  config.dataset = dataset
+  apply_variant(config, arg, per_model)
+  return config
+
+
 def apply_variant(
     config: ml_collections.ConfigDict,
     arg: str | None,

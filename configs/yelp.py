@@ -4,14 +4,6 @@
   python -m pka_jax.main --config=configs/yelp.py:model=sasrec
 """
 
-import os
-import sys
-
-# ml_collections loads this file by path: make `configs` importable from any directory.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
 from configs import beauty, default
 
 # untuned: from beauty (sparse reviews with short histories, like Amazon Beauty).
@@ -19,7 +11,4 @@ PER_MODEL = beauty.PER_MODEL
 
 
 def get_config(arg=None):
-  config = default.get_config()
-  config.dataset = 'yelp'
-  default.apply_variant(config, arg, per_model=PER_MODEL)
-  return config
+  return default.for_dataset('yelp', arg, PER_MODEL)

@@ -9,7 +9,6 @@ config's per-model hyper-parameters apply; on the synthetic config all models sh
 
 import importlib.util
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -25,7 +24,6 @@ FLAGS = flags.FLAGS
 
 
 def load_config(path: str, model: str):
-  sys.path.insert(0, os.getcwd())
   spec = importlib.util.spec_from_file_location('experiment_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -1,15 +1,11 @@
 """Test-wide JAX settings: eight CPU devices and strict rank promotion."""
 
 import os
-import sys
 
 import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_numpy_rank_promotion', 'raise')
-
-# Configs are imported as `configs.<name>` from the repository root.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Tests compile the same small programs again and again; a persistent cache shares them.
 jax.config.update('jax_compilation_cache_dir',

@@ -1,0 +1,38 @@
+"""The command line as a user runs it: train, evaluate, and a dataset that is not there."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(*args, tmp_path):
+  env = {**os.environ, 'PKA_JAX_NO_DOWNLOAD': '1',
+         'JAX_COMPILATION_CACHE_DIR': os.path.join(str(tmp_path), 'xla_cache')}
+  return subprocess.run([sys.executable, '-m', 'pka_jax.main', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_train_then_eval_print_the_same_test_metrics(tmp_path):
+  common = ['--config=configs/test.py', f'--workdir={tmp_path}/run',
+            f'--config.data_dir={tmp_path}/data', '--config.max_epochs=2']
+  trained = run_main(*common, tmp_path=tmp_path)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  evaluated = run_main(*common, '--mode=eval', tmp_path=tmp_path)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  table = [line for line in trained.stdout.splitlines() if line.startswith('pka ')]
+  assert [line.split()[1] for line in table] == ['valid', 'test']
+  assert table == [line for line in evaluated.stdout.splitlines() if line.startswith('pka ')]
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_missing_dataset_explains_where_to_put_it(tmp_path, mode):
+  data_dir = tmp_path / 'data'
+  result = run_main('--config=configs/ml1m.py', f'--workdir={tmp_path}/run',
+                    f'--config.data_dir={data_dir}', f'--mode={mode}', tmp_path=tmp_path)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  assert 'ml-1m.zip' in result.stderr and str(data_dir / 'ml1m') in result.stderr
