@@ -36,7 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- model (pka_jax.models.ModelConfig) ----
   config.model = 'pka'  # key of MODEL_POSITIONS; sets position_mode
-  config.position_mode = MODEL_POSITIONS['pka']  # none|absolute|absolute_all|rotary|contextual|kernel
+  # none | absolute | absolute_all | rotary | contextual | kernel (set by `model`)
+  config.position_mode = MODEL_POSITIONS['pka']
   config.maxlen = 128  # T: sequence length the model reads (left-padded)
   config.num_blocks = 3  # transformer blocks
   config.hidden_units = 128  # d

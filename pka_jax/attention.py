@@ -151,8 +151,13 @@ class CausalSelfAttention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f'hidden size {d} is not divisible by {self.num_heads} heads')
     head_dim = d // self.num_heads
-    dense = lambda name: nn.Dense(d, kernel_init=nn.initializers.xavier_uniform(), name=name)
-    split_heads = lambda x: x.reshape(*x.shape[:2], self.num_heads, head_dim)
+
+    def dense(name: str) -> nn.Dense:
+      return nn.Dense(d, kernel_init=nn.initializers.xavier_uniform(), name=name)
+
+    def split_heads(x_BxTxD: jax.Array) -> jax.Array:
+      return x_BxTxD.reshape(*x_BxTxD.shape[:2], self.num_heads, head_dim)
+
     q_BxTxHxK = split_heads(dense('query')(q_in_BxTxD))
     k_BxTxHxK = split_heads(dense('key')(k_in_BxTxD))
     v_BxTxHxK = split_heads(dense('value')(v_in_BxTxD))

@@ -5,6 +5,7 @@
   python -m pka_jax.main --config=configs/synthetic.py --workdir=runs/synthetic --mode=eval
 """
 
+import logging as std_logging
 import sys
 
 from absl import app
@@ -25,9 +26,15 @@ flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+  """Orbax logs every checkpoint step at INFO; keep its warnings, drop the rest."""
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_orbax)
   logging.info('JAX devices: %s (%d processes)', jax.devices(), jax.process_count())
   run = train.train_and_evaluate if FLAGS.mode == 'train' else train.evaluate_checkpoint
   try:

@@ -69,6 +69,7 @@ def test_loads_by_path_from_another_directory(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   path = os.path.join(REPO, 'configs', 'yelp.py')
   result = subprocess.run([sys.executable, '-c', _LOAD_BY_PATH, f'{path}:model=rope'],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+                          check=False)
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == ['yelp', 'rope', '64']

@@ -83,8 +83,9 @@ KERNEL_LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize('mode,overrides',
-                         [(m, {}) for m in POSITION_MODES] + [('kernel', o) for o in KERNEL_LAYOUTS])
+@pytest.mark.parametrize(
+    'mode,overrides',
+    [(m, {}) for m in POSITION_MODES] + [('kernel', o) for o in KERNEL_LAYOUTS])
 def test_causal_through_gradients(mode, overrides):
   config = make_config(mode, **overrides)
   variables = init(config)

@@ -2,7 +2,7 @@
 
 
 class DataError(ValueError):
-  """A raw file is malformed; the message names the file, the line or field and what was expected."""
+  """A raw file is malformed; the message names the file, the line or field, and the expectation."""
 
 
 class DataUnavailableError(DataError):
