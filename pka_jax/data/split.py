@@ -24,6 +24,11 @@ def split_quantiles(n: int, q_valid: float, q_test: float, max_eval: int) -> tup
   return e, r
 
 
+def _used_codes(codes: np.ndarray, size: int) -> np.ndarray:
+  """The distinct codes in increasing order (np.unique without its sort: codes are dense)."""
+  return np.flatnonzero(np.bincount(codes, minlength=size))
+
+
 def _time_quantile(timestamp: np.ndarray, q: float) -> int:
   return int(np.quantile(timestamp, q, method='nearest'))
 
@@ -54,7 +59,7 @@ def temporal_split(
   is_valid = ~is_train & (time < valid_end)
   is_test = ~is_train & (time >= valid_end)
 
-  train_items = np.unique(item[is_train])  # sorted raw-code order: deterministic ids
+  train_items = _used_codes(item[is_train], len(interactions.item_ids))
   dense_item = np.zeros(len(interactions.item_ids), dtype=np.int32)
   dense_item[train_items] = np.arange(1, len(train_items) + 1, dtype=np.int32)
   known = dense_item[item] > 0
@@ -62,7 +67,7 @@ def temporal_split(
   is_test &= known
 
   kept = is_train | is_valid | is_test
-  kept_users = np.unique(user[kept])
+  kept_users = _used_codes(user[kept], len(interactions.user_ids))
   user_of = np.full(len(interactions.user_ids), -1, dtype=np.int64)
   user_of[kept_users] = np.arange(len(kept_users))
   num_users = len(kept_users)
