@@ -19,8 +19,9 @@ ITEMS = ('state', 'progress', 'config')
 def manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(1),
+      # Ties go to the earlier step, as in the run's own record of its best (Progress).
       checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: metrics[BEST_METRIC], n=1,
+          get_metric_fn=lambda metrics: (metrics[BEST_METRIC], -metrics['step']), n=1,
           keep_checkpoints_without_metrics=False),
   ])
   options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only)
@@ -33,7 +34,8 @@ def save(mngr: ocp.CheckpointManager, step: int, *, state, progress: dict,
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       progress=ocp.args.JsonSave(progress),
-      config=ocp.args.JsonSave(config.to_dict())), metrics=metrics)
+      config=ocp.args.JsonSave(config.to_dict())),
+      metrics=None if metrics is None else {**metrics, 'step': step})
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, state_target) -> tuple[object, dict]:
