@@ -53,6 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- training ----
   config.loss = 'ce'  # ce: full-catalog softmax cross-entropy; bce: sampled negatives
+  # ce over items in blocks of this size (exact; memory of one B·T × block slab instead of the
+  # B·T × N logits, about 2x the loss FLOPs); 0 computes all logits at once.
+  config.ce_block_size = 0
   config.learning_rate = 1e-3  # Adam, constant
   config.adam_b1 = 0.9  # Adam beta1
   config.adam_b2 = 0.98  # Adam beta2
@@ -75,11 +78,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   return config
 
 
-def for_dataset(dataset: str, arg: str | None,
-                per_model: dict[str, dict]) -> ml_collections.ConfigDict:
-  """The default config on `dataset`, with the model picked by `arg` and its hyper-parameters."""
+def for_dataset(dataset: str, arg: str | None, per_model: dict[str, dict],
+                **fields) -> ml_collections.ConfigDict:
+  """The default config on `dataset` with `fields` set, the model picked by `arg` and its
+  hyper-parameters."""
   config = get_config()
   config.dataset = dataset
+  config.update(fields)
   apply_variant(config, arg, per_model)
   return config
 

@@ -11,4 +11,6 @@ PER_MODEL = beauty.PER_MODEL
 
 
 def get_config(arg=None):
-  return default.for_dataset('yelp', arg, PER_MODEL)
+  # Catalogs of 10^5-10^6 items: full logits would take tens of GB; the blockwise loss
+  # is exact and holds one block.
+  return default.for_dataset('yelp', arg, PER_MODEL, ce_block_size=16_384)

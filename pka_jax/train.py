@@ -44,11 +44,14 @@ def create_train_state(model: Encoder, config: ml_collections.ConfigDict,
 
 
 def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
-              loss_name: str) -> tuple[jax.Array, jax.Array]:
+              loss_name: str, ce_block_size: int = 0) -> tuple[jax.Array, jax.Array]:
   """`(sum, count)` of the loss over the real targets of `batch`."""
   dropout_rng, negatives_rng = jax.random.split(rng)
   hidden_BxTxD = apply_fn({'params': params}, batch['inputs'], rngs={'dropout': dropout_rng})
   item_emb_VxD = params['item_emb']['embedding']
+  if loss_name == 'ce' and ce_block_size:
+    return losses.blockwise_cross_entropy(
+        hidden_BxTxD, item_emb_VxD, batch['targets'], ce_block_size)
   if loss_name == 'ce':
     return losses.full_cross_entropy(hidden_BxTxD, item_emb_VxD, batch['targets'])
   if loss_name == 'bce':
@@ -57,12 +60,13 @@ def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
 
 
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               *, loss_name: str) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+               *, loss_name: str, ce_block_size: int = 0
+               ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One Adam step on the mean loss; metrics leave as sums and counts."""
   step_rng = jax.random.fold_in(rng, state.step)
 
   def mean_loss(params):
-    total, count = loss_sums(params, state.apply_fn, batch, step_rng, loss_name)
+    total, count = loss_sums(params, state.apply_fn, batch, step_rng, loss_name, ce_block_size)
     return total / jnp.maximum(count, 1.0), (total, count)
 
   grads, (total, count) = jax.grad(mean_loss, has_aux=True)(state.params)
@@ -115,7 +119,7 @@ class Run:
         functools.partial(create_train_state, self.model, config),
         out_shardings=self.replicated)(init_rng)
     self.step_fn = jax.jit(
-        functools.partial(train_step, loss_name=config.loss),
+        functools.partial(train_step, loss_name=config.loss, ce_block_size=config.ce_block_size),
         in_shardings=(self.replicated, self.batch_sharding, self.replicated),
         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
     self.score_fn = jax.jit(

@@ -1,0 +1,63 @@
+"""Losses: the blockwise cross-entropy equals the full one in value and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pka_jax import losses
+
+B, T, D, N = 3, 5, 4, 23  # N + 1 rows in the table; 23 is no multiple of the block sizes
+
+
+def inputs():
+  keys = jax.random.split(jax.random.key(0), 3)
+  hidden = jax.random.normal(keys[0], (B, T, D))
+  table = jax.random.normal(keys[1], (N + 1, D))
+  targets = jax.random.randint(keys[2], (B, T), 0, N + 1)  # 0 (padding) included
+  return hidden, table, targets.at[0, :2].set(0)
+
+
+def test_full_cross_entropy_by_hand():
+  hidden = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+  table = jnp.array([[9.0, 9.0], [2.0, 0.0], [0.0, 1.0]])  # row 0 (padding) is no class
+  total, count = losses.full_cross_entropy(hidden, table, jnp.array([[2, 0]]))
+  # Position 0: logits (2, 0), target item 2 -> -log(e^0 / (e^2 + e^0)); position 1 padded.
+  assert float(count) == 1.0
+  assert float(total) == pytest.approx(np.log(np.exp(2) + 1))
+
+
+@pytest.mark.parametrize('block_size', [1, 5, 8, 23, 64])
+def test_blockwise_equals_full(block_size):
+  hidden, table, targets = inputs()
+
+  def full(h, e):
+    return losses.full_cross_entropy(h, e, targets)[0]
+
+  def blockwise(h, e):
+    return losses.blockwise_cross_entropy(h, e, targets, block_size)[0]
+
+  np.testing.assert_allclose(jax.jit(blockwise)(hidden, table), full(hidden, table), rtol=1e-5)
+  expected = jax.grad(full, argnums=(0, 1))(hidden, table)
+  got = jax.jit(jax.grad(blockwise, argnums=(0, 1)))(hidden, table)
+  for g, e in zip(got, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+  assert float(losses.blockwise_cross_entropy(hidden, table, targets, block_size)[1]) == float(
+      jnp.sum(targets > 0))
+
+
+def test_blockwise_memory_is_one_block():
+  # B·T = 4096 positions, 20,000 items: full logits are 328 MB in float32.
+  hidden = jax.ShapeDtypeStruct((32, 128, 64), jnp.float32)
+  table = jax.ShapeDtypeStruct((20_001, 64), jnp.float32)
+  targets = jax.ShapeDtypeStruct((32, 128), jnp.int32)
+
+  def temp_bytes(loss):
+    grad = jax.grad(lambda h, e, t: loss(h, e, t)[0], argnums=(0, 1))
+    compiled = jax.jit(grad).lower(hidden, table, targets).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  full = temp_bytes(losses.full_cross_entropy)
+  blockwise = temp_bytes(lambda h, e, t: losses.blockwise_cross_entropy(h, e, t, 1024))
+  assert full > 4096 * 20_000 * 4  # at least the logits
+  assert blockwise < full / 5
