@@ -39,7 +39,7 @@ def main(argv):
   run = train.train_and_evaluate if FLAGS.mode == 'train' else train.evaluate_checkpoint
   try:
     results = run(FLAGS.config, FLAGS.workdir)
-  except (DataError, FileNotFoundError) as error:
+  except (DataError, FileNotFoundError, train.WorkdirMismatchError) as error:
     sys.exit(f'error: {error}')
   if jax.process_index() == 0:
     print(report.results_table({FLAGS.config.model: results}))

@@ -97,6 +97,31 @@ def load_dataset_once(config: ml_collections.ConfigDict) -> SplitDataset:
   return dataset
 
 
+# Fields that define the parameters or the data a checkpoint belongs to.
+RUN_DEFINING_FIELDS = tuple(sorted(
+    {f.name for f in dataclasses.fields(ModelConfig)} - {'num_items', 'deterministic'}
+    | {'dataset', 'q_valid', 'q_test', 'max_eval', 'synthetic', 'seed'}))
+
+
+class WorkdirMismatchError(ValueError):
+  """The workdir's checkpoints belong to a run of another configuration."""
+
+
+def check_same_run(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict,
+                   workdir: str) -> None:
+  """Refuses to resume or evaluate a workdir whose checkpoints come from another model."""
+  differences = [f'{name}: {saved.get(name)!r} there, {config.get(name)!r} here'
+                 for name in RUN_DEFINING_FIELDS
+                 if _plain(saved.get(name)) != _plain(config.get(name))]
+  if differences:
+    raise WorkdirMismatchError(f'{workdir} holds a run of another configuration ('
+                     + '; '.join(differences) + '): use another --workdir')
+
+
+def _plain(value):
+  return value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+
+
 class Run:
   """One training run in a workdir: data, model, mesh, compiled functions and checkpoints."""
 
@@ -137,6 +162,7 @@ class Run:
     step = self.checkpoints.latest_step()
     if step is None:
       return False
+    check_same_run(self.config, checkpoint.restore_config(self.workdir), self.workdir)
     self.state, progress = checkpoint.restore(self.checkpoints, step, self.state)
     self.progress = Progress(**progress)
     logging.info('Resumed from step %d (epoch %d done)', step, self.progress.epoch)

@@ -136,3 +136,11 @@ def test_blockwise_loss_trains_like_the_full_one(tmp_path):
     # logits): they hold rounding noise only, which Adam scales up.
     if "['key']['bias']" not in jax.tree_util.keystr(path):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_workdir_of_another_configuration_is_refused(tmp_path):
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config(max_epochs=1), workdir)
+  with pytest.raises(train.WorkdirMismatchError, match=r'hidden_units: 16 there, 32 here'):
+    train.evaluate_checkpoint(config(hidden_units=32), workdir)
+  assert train.evaluate_checkpoint(config(max_epochs=5, eval_batch_size=128), workdir)['test']
