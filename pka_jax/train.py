@@ -115,7 +115,7 @@ def check_same_run(config: ml_collections.ConfigDict, saved: ml_collections.Conf
                  if _plain(saved.get(name)) != _plain(config.get(name))]
   if differences:
     raise WorkdirMismatchError(f'{workdir} holds a run of another configuration ('
-                     + '; '.join(differences) + '): use another --workdir')
+                               + '; '.join(differences) + '): use another --workdir')
 
 
 def _plain(value):
@@ -197,38 +197,26 @@ class Run:
 
   def train_epoch(self, writer: metric_writer.MetricWriter) -> None:
     """Runs the rest of the current epoch, checkpointing every `checkpoint_every_steps`."""
-    config, steps = self.config, self.inputs.steps_per_epoch
+    config = self.config
     iterator = self.inputs.epoch(self.progress.epoch, self.progress.data_iterator)
-    done = (self.progress.data_iterator or {}).get('next_index', 0)
-    bar = tqdm.tqdm(total=steps, initial=done, desc=f'epoch {self.progress.epoch + 1}',
+    bar = tqdm.tqdm(total=self.inputs.steps_per_epoch,
+                    initial=(self.progress.data_iterator or {}).get('next_index', 0),
+                    desc=f'epoch {self.progress.epoch + 1}',
                     disable=jax.process_index() != 0, leave=False)
-    pending, window_loss, window_count, window_start = None, 0.0, 0.0, time.perf_counter()
+    log = _TrainLog(writer, bar, config.batch_size)
+    step = int(self.state.step)  # counted on the host: reading the state would block
     for local_batch in iterator:
       self.state, metrics = self.step_fn(self.state, self._global_batch(local_batch),
                                          self.dropout_rng)
-      if pending is not None:  # read the previous step's metrics: dispatch stays ahead
-        loss_sum, loss_count = (float(v) for v in jax.device_get(
-            (pending['loss_sum'], pending['loss_count'])))
-        if not np.isfinite(loss_sum):
-          raise FloatingPointError(f'Loss became {loss_sum} at step {int(self.state.step) - 1}')
-        window_loss, window_count = window_loss + loss_sum, window_count + loss_count
-      pending = metrics
-      bar.update(1)
-      step = int(self.state.step)
-      if step % config.log_every_steps == 0 and window_count:
-        seconds = time.perf_counter() - window_start
-        scalars = {'train/loss': window_loss / window_count,
-                   'train/sequences_per_s': config.log_every_steps * config.batch_size / seconds}
-        writer.write(step, scalars)
-        bar.set_postfix(loss=f'{scalars["train/loss"]:.4f}',
-                        seq_per_s=f'{scalars["train/sequences_per_s"]:.0f}')
-        window_loss, window_count, window_start = 0.0, 0.0, time.perf_counter()
+      step += 1
+      log.add(step, metrics)
+      if step % config.log_every_steps == 0:
+        log.write(step)
       if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
         self.progress.data_iterator = iterator.get_state()
         self.save()
+    log.flush()
     bar.close()
-    if pending is not None and not np.isfinite(float(pending['loss_sum'])):
-      raise FloatingPointError(f'Loss became non-finite at step {int(self.state.step)}')
     self.progress.epoch += 1
     self.progress.data_iterator = None
 
@@ -249,6 +237,48 @@ class Run:
   def finished(self) -> bool:
     return (self.progress.epoch >= self.config.max_epochs
             or self.progress.bad_validations >= self.config.patience)
+
+
+class _TrainLog:
+  """Train loss and throughput, read one step late so that dispatch stays ahead."""
+
+  def __init__(self, writer: metric_writer.MetricWriter, bar: tqdm.tqdm, batch_size: int):
+    self.writer, self.bar, self.batch_size = writer, bar, batch_size
+    self.pending: tuple[int, dict[str, jax.Array]] | None = None
+    self._reset()
+
+  def _reset(self) -> None:
+    self.loss_sum, self.loss_count, self.steps, self.start = 0.0, 0.0, 0, time.perf_counter()
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    self.flush()
+    self.pending = step, metrics
+    self.bar.update(1)
+
+  def flush(self) -> None:
+    """Reads the pending step's metrics; stops the run on a non-finite loss."""
+    if self.pending is None:
+      return
+    step, metrics = self.pending
+    self.pending = None
+    loss_sum, loss_count = (float(v) for v in jax.device_get(
+        (metrics['loss_sum'], metrics['loss_count'])))
+    if not np.isfinite(loss_sum):
+      raise FloatingPointError(f'Loss became {loss_sum} at step {step}')
+    self.loss_sum, self.loss_count, self.steps = (
+        self.loss_sum + loss_sum, self.loss_count + loss_count, self.steps + 1)
+
+  def write(self, step: int) -> None:
+    """Writes the mean loss and sequences/s of the steps read since the last write."""
+    if not self.loss_count:
+      return
+    scalars = {'train/loss': self.loss_sum / self.loss_count,
+               'train/sequences_per_s':
+                   self.steps * self.batch_size / (time.perf_counter() - self.start)}
+    self.writer.write(step, scalars)
+    self.bar.set_postfix(loss=f'{scalars["train/loss"]:.4f}',
+                         seq_per_s=f'{scalars["train/sequences_per_s"]:.0f}')
+    self._reset()
 
 
 def _write_json_atomic(path: str, payload: dict) -> None:
