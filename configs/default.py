@@ -16,6 +16,20 @@ MODEL_POSITIONS = {
     'cope': 'contextual',  # contextual (CoPE-style) positions
 }
 
+KERNEL_FIELDS = ('kernel_q_side', 'kernel_k_side', 'kernel_v_side', 'share_toeplitz',
+                  'share_full')
+# The paper's PKA ablations (`:model=pka,kernel=NAME`), as values of KERNEL_FIELDS.
+KERNEL_LAYOUTS = {
+    'toeplitz_full': ('none', 'toeplitz', 'full', False, True),  # the best: layer-wise U, shared L
+    'toeplitz_toeplitz': ('none', 'toeplitz', 'toeplitz', False, False),  # "ll", per block
+    'full_toeplitz': ('none', 'full', 'toeplitz', False, True),  # "al": shared full U
+    'toeplitz_full_shared': ('none', 'toeplitz', 'full', True, True),  # one U for all blocks
+    # Where the kernel applies (our reading: Toeplitz on Q/K, full on V).
+    'k_only': ('none', 'toeplitz', 'none', False, True),
+    'v_only': ('none', 'none', 'full', False, True),
+    'q_and_k': ('toeplitz', 'toeplitz', 'none', False, True),
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -94,22 +108,27 @@ def apply_variant(
     arg: str | None,
     per_model: dict[str, dict] | None = None,
 ) -> None:
-  """Applies `model=NAME` from `--config=file.py:model=NAME`.
+  """Applies `model=NAME[,kernel=LAYOUT]` from `--config=file.py:model=NAME,kernel=LAYOUT`.
 
   `per_model[NAME]` holds that model's hyper-parameters for the dataset (DESIGN §2); they
   are applied with the model, so `model=sasrec` on ml1m gets SASRec's tuned width and rate.
+  `kernel=LAYOUT` (PKA only) picks one of the paper's ablations in KERNEL_LAYOUTS.
   """
-  if not arg:
-    arg = f'model={config.model}'
-
-  for item in arg.split(','):
+  variant = dict(model=config.model)
+  for item in (arg or '').split(',') if arg else ():
     key, sep, value = item.partition('=')
-    if not sep:
-      raise ValueError(f'Config variant {item!r}: expected key=value (e.g. model=sasrec)')
-    if key != 'model':
-      raise ValueError(f'Config variant {key!r}: only model=NAME is supported')
-    if value not in MODEL_POSITIONS:
-      raise ValueError(f'Config variant model={value}: expected one of {sorted(MODEL_POSITIONS)}')
-    config.model = value
-    config.position_mode = MODEL_POSITIONS[value]
-    config.update((per_model or {}).get(value, {}))
+    if not sep or key not in ('model', 'kernel'):
+      raise ValueError(f'Config variant {item!r}: expected model=NAME or kernel=LAYOUT')
+    variant[key] = value
+  model, kernel = variant['model'], variant.get('kernel')
+  if model not in MODEL_POSITIONS:
+    raise ValueError(f'Config variant model={model}: expected one of {sorted(MODEL_POSITIONS)}')
+  config.model = model
+  config.position_mode = MODEL_POSITIONS[model]
+  config.update((per_model or {}).get(model, {}))
+  if kernel is not None:
+    if model != 'pka':
+      raise ValueError(f'Config variant kernel={kernel} needs model=pka, not {model}')
+    if kernel not in KERNEL_LAYOUTS:
+      raise ValueError(f'Config variant kernel={kernel}: expected one of {sorted(KERNEL_LAYOUTS)}')
+    config.update(dict(zip(KERNEL_FIELDS, KERNEL_LAYOUTS[kernel])))

@@ -73,3 +73,22 @@ def test_loads_by_path_from_another_directory(tmp_path):
                           check=False)
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == ['yelp', 'rope', '64']
+
+
+@pytest.mark.parametrize('layout', sorted(default.KERNEL_LAYOUTS))
+def test_kernel_ablations_build_models(layout):
+  from pka_jax.models import ModelConfig
+  config = importlib.import_module('configs.ml1m').get_config(f'model=pka,kernel={layout}')
+  model_config = ModelConfig.from_config(config, num_items=10)
+  sides = tuple(model_config.kernel_kind(s) for s in 'qkv')
+  assert sides == default.KERNEL_LAYOUTS[layout][:3]
+  assert config.hidden_units == 128  # PKA's tuned width still applies
+
+
+def test_bad_variants_are_named():
+  with pytest.raises(ValueError, match='needs model=pka'):
+    default.get_config('model=sasrec,kernel=k_only')
+  with pytest.raises(ValueError, match='expected one of'):
+    default.get_config('model=pka,kernel=diagonal')
+  with pytest.raises(ValueError, match='expected model=NAME or kernel=LAYOUT'):
+    default.get_config('lr=1')

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import default
 from pka_jax import attention
 from pka_jax.models import POSITION_MODES, Encoder, ModelConfig
 
@@ -74,13 +75,9 @@ def test_shapes_and_finite_scores(mode):
   chex.assert_tree_all_finite((hidden, scores))
 
 
-KERNEL_LAYOUTS = [
-    dict(),  # Toeplitz-Full, layer-wise (the paper's best)
-    dict(kernel_k_side='toeplitz', kernel_v_side='toeplitz'),  # "ll"
-    dict(kernel_k_side='full', kernel_v_side='toeplitz'),  # "al"
-    dict(kernel_q_side='toeplitz', kernel_k_side='toeplitz', kernel_v_side='none'),
-    dict(share_toeplitz=True, share_full=False),
-]
+# Every ablation the configs name (configs/default.py), plus per-block full kernels.
+KERNEL_LAYOUTS = [dict(zip(default.KERNEL_FIELDS, fields))
+                  for fields in default.KERNEL_LAYOUTS.values()] + [dict(share_full=False)]
 
 
 @pytest.mark.parametrize(
