@@ -13,10 +13,12 @@ def _cell(metrics: dict[str, float], name: str, k: int) -> str:
 
 def results_table(results_by_model: dict[str, dict], k: int = 10) -> str:
   """One row per (model, split): HR/NDCG/MRR at k with standard errors, and COV."""
-  header = f'{"model":<10} {"split":<6}' + ''.join(f'{f"{c.upper()}@{k}":>20}' for c in COLUMNS)
+  width = max([10, *map(len, results_by_model)])
+  header = f'{"model":<{width}} {"split":<6}' + ''.join(
+      f'{f"{c.upper()}@{k}":>20}' for c in COLUMNS)
   lines = [header, '-' * len(header)]
   for model, results in results_by_model.items():
     for split in ('valid', 'test'):
       cells = ''.join(f'{_cell(results[split], c, k):>20}' for c in COLUMNS)
-      lines.append(f'{model:<10} {split:<6}{cells}')
+      lines.append(f'{model:<{width}} {split:<6}{cells}')
   return '\n'.join(lines)
