@@ -122,7 +122,6 @@ def successive_steps(dataset: SplitDataset, part: str, *, maxlen: int) -> Succes
       maxlen=maxlen)
 
 
-@functools.partial(jax.jit, static_argnames='top_k')
 def top_k_ranks(
     scores_BxV: jax.Array, seen_BxS: jax.Array, targets_B: jax.Array, *, top_k: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -130,6 +129,7 @@ def top_k_ranks(
 
   Ranks are 0-based positions in the top-k list, -1 when the target is not in it. List slots
   whose score is -inf (fewer than k items left unmasked) hold item 0 and never count as hits.
+  Row-wise throughout, so it runs on rows sharded over devices without communication.
   """
   rows_Bx1 = jnp.arange(scores_BxV.shape[0])[:, None]
   scores_BxV = scores_BxV.at[rows_Bx1, seen_BxS].set(-jnp.inf).at[:, 0].set(-jnp.inf)
@@ -138,6 +138,23 @@ def top_k_ranks(
   hit_BxK = top_items_BxK == targets_B[:, None]
   ranks_B = jnp.where(hit_BxK.any(axis=1), jnp.argmax(hit_BxK, axis=1), -1)
   return top_items_BxK.astype(jnp.int32), ranks_B.astype(jnp.int32)
+
+
+_top_k_ranks_jit = jax.jit(top_k_ranks, static_argnames='top_k')
+
+# rank_fn(batch) -> (top_items_BxK, ranks_B): scoring, masking and top-k for one batch.
+RankFn = Callable[[EvalBatch], tuple[jax.Array, jax.Array]]
+
+
+def ranker_from_scores(score_fn: ScoreFn, num_items: int, top_k: int) -> RankFn:
+  """A rank function from `score_fn(inputs_BxT) -> scores_BxV` (column 0 is padding)."""
+
+  def rank(batch: EvalBatch) -> tuple[jax.Array, jax.Array]:
+    scores_BxV = score_fn(batch.inputs_BxT)
+    _check_vocab(scores_BxV, num_items)
+    return _top_k_ranks_jit(scores_BxV, batch.seen_BxS, batch.targets_B, top_k=top_k)
+
+  return rank
 
 
 def evaluate(
@@ -156,6 +173,22 @@ def evaluate(
   padding); the caller closes over the parameters. `progress=None` shows a progress bar only
   when absl logs at INFO.
   """
+  return evaluate_ranked(
+      ranker_from_scores(score_fn, dataset.num_items, top_k), dataset, part, maxlen=maxlen,
+      batch_size=batch_size, top_k=top_k, progress=progress)
+
+
+def evaluate_ranked(
+    rank_fn: RankFn,
+    dataset: SplitDataset,
+    part: str,
+    *,
+    maxlen: int,
+    batch_size: int,
+    top_k: int = 10,
+    progress: bool | None = None,
+) -> dict[str, float]:
+  """`evaluate` with the scoring, masking and top-k of a batch fused in `rank_fn`."""
   steps = successive_steps(dataset, part, maxlen=maxlen)
   accumulator = metrics.RankingAccumulator(k=top_k, num_items=dataset.num_items)
   if progress is None:
@@ -168,9 +201,7 @@ def evaluate(
   # Batch i + 1 is built and dispatched before batch i's results are pulled to the host.
   pending = None
   for batch in batches:
-    scores_BxV = score_fn(batch.inputs_BxT)
-    _check_vocab(scores_BxV, dataset.num_items)
-    outputs = top_k_ranks(scores_BxV, batch.seen_BxS, batch.targets_B, top_k=top_k)
+    outputs = rank_fn(batch)
     if pending is not None:
       _accumulate(accumulator, *pending)
     pending = outputs, batch.valid_B

@@ -147,10 +147,16 @@ class Run:
         functools.partial(train_step, loss_name=config.loss, ce_block_size=config.ce_block_size),
         in_shardings=(self.replicated, self.batch_sharding, self.replicated),
         out_shardings=(self.replicated, self.replicated), donate_argnums=0)
+    score = functools.partial(self.eval_model.apply, method=Encoder.score_last)
     self.score_fn = jax.jit(
-        lambda params, inputs_BxT: self.eval_model.apply(
-            {'params': params}, inputs_BxT, method=Encoder.score_last),
+        lambda params, inputs_BxT: score({'params': params}, inputs_BxT),
         in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
+    # Evaluation scores, masks and ranks each device's rows; only the top-k leave it.
+    self.rank_fn = jax.jit(
+        lambda params, inputs_BxT, seen_BxS, targets_B: evaluate.top_k_ranks(
+            score({'params': params}, inputs_BxT), seen_BxS, targets_B, top_k=config.top_k),
+        in_shardings=(self.replicated,) + (self.batch_sharding,) * 3,
+        out_shardings=self.replicated)
     self.inputs = TrainInput(
         self.dataset.train, maxlen=config.maxlen, batch_size=config.batch_size,
         seed=config.seed, process_index=jax.process_index(),
@@ -173,18 +179,24 @@ class Run:
       raise FileNotFoundError(f'No validated checkpoint in {self.workdir}')
     self.state, _ = checkpoint.restore(self.checkpoints, self.progress.best_step, self.state)
 
+  def _shard_rows(self, array: np.ndarray) -> jax.Array:
+    # Every host holds the whole evaluation batch; each device takes its rows.
+    return jax.make_array_from_callback(
+        array.shape, self.batch_sharding, lambda index: array[index])
+
   def _score(self, params, inputs_BxT: np.ndarray) -> jax.Array:
-    # Every host holds the whole evaluation batch; each device scores its rows.
-    sharded_BxT = jax.make_array_from_callback(
-        inputs_BxT.shape, self.batch_sharding, lambda index: inputs_BxT[index])
-    return self.score_fn(params, sharded_BxT)
+    return self.score_fn(params, self._shard_rows(inputs_BxT))
 
   def evaluate(self, part: str) -> dict[str, float]:
     params = self.state.params
-    return evaluate.evaluate(
-        lambda inputs_BxT: self._score(params, inputs_BxT), self.dataset, part,
-        maxlen=self.config.maxlen, batch_size=self.config.eval_batch_size,
-        top_k=self.config.top_k)
+
+    def rank(batch: evaluate.EvalBatch):
+      return self.rank_fn(params, *map(
+          self._shard_rows, (batch.inputs_BxT, batch.seen_BxS, batch.targets_B)))
+
+    return evaluate.evaluate_ranked(
+        rank, self.dataset, part, maxlen=self.config.maxlen,
+        batch_size=self.config.eval_batch_size, top_k=self.config.top_k)
 
   def save(self, metrics: dict | None = None) -> None:
     checkpoint.save(
