@@ -9,7 +9,6 @@ item still joins the user's history.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 

@@ -91,14 +91,15 @@ def test_causal_through_gradients(mode, overrides):
   # A random read-out: the plain sum of a LayerNorm output is constant, its gradient zero.
   readout = jax.random.normal(jax.random.key(3), (D,))
 
-  for t in range(T):
-    def output_at_t(perturbations):
-      hidden = model.apply({**variables, 'perturbations': perturbations}, INPUTS)
-      return hidden[:, t] @ readout
+  def outputs_BxT(perturbations):
+    return model.apply({**variables, 'perturbations': perturbations}, INPUTS) @ readout
 
-    grad = jax.grad(lambda p: output_at_t(p).sum())(perturbations)['embeddings']
-    np.testing.assert_array_equal(grad[:, t + 1:], 0.0, err_msg=f'position {t} sees the future')
-    assert np.abs(grad[1, :t + 1]).max() > 0, f'position {t} sees nothing of its past'
+  # d output[b, t] / d input[b', s] for every pair: B x T x B x T x D.
+  jacobian = jax.jacrev(outputs_BxT)(perturbations)['embeddings']
+  for t in range(T):
+    np.testing.assert_array_equal(jacobian[:, t, :, t + 1:], 0.0,
+                                  err_msg=f'position {t} sees the future')
+    assert np.abs(jacobian[1, t, 1, :t + 1]).max() > 0, f'position {t} sees nothing of its past'
 
 
 @pytest.mark.parametrize('mode', POSITION_MODES)
