@@ -61,3 +61,19 @@ def test_blockwise_memory_is_one_block():
   blockwise = temp_bytes(lambda h, e, t: losses.blockwise_cross_entropy(h, e, t, 1024))
   assert full > 4096 * 20_000 * 4  # at least the logits
   assert blockwise < full / 5
+
+
+def test_sampled_bce_by_hand():
+  hidden, table, targets = inputs()
+  rng = jax.random.key(7)
+  total, count = losses.sampled_bce(hidden, table, targets, rng)
+  negatives = np.asarray(jax.random.randint(rng, targets.shape, 1, N + 1))
+  h, e, t = np.asarray(hidden), np.asarray(table), np.asarray(targets)
+  expected = 0.0
+  for b in range(B):
+    for i in range(T):
+      if t[b, i]:
+        positive, negative = h[b, i] @ e[t[b, i]], h[b, i] @ e[negatives[b, i]]
+        expected += np.log1p(np.exp(-positive)) + np.log1p(np.exp(negative))
+  assert float(count) == np.count_nonzero(t)
+  assert float(total) == pytest.approx(expected, rel=1e-5)
