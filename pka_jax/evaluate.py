@@ -156,25 +156,15 @@ def ranker_from_scores(score_fn: ScoreFn, num_items: int, top_k: int) -> RankFn:
   return rank
 
 
-def evaluate(
-    score_fn: ScoreFn,
-    dataset: SplitDataset,
-    part: str,
-    *,
-    maxlen: int,
-    batch_size: int,
-    top_k: int = 10,
-    progress: bool | None = None,
-) -> dict[str, float]:
+def evaluate(score_fn: ScoreFn, dataset: SplitDataset, part: str, *, top_k: int = 10,
+             **options) -> dict[str, float]:
   """Runs the successive protocol on `part` and returns the metrics at `top_k`.
 
   `score_fn(inputs_BxT) -> scores_BxV` scores the whole catalog (V = num_items + 1, column 0 is
-  padding); the caller closes over the parameters. `progress=None` shows a progress bar only
-  when absl logs at INFO.
+  padding); the caller closes over the parameters. `options` are `evaluate_ranked`'s.
   """
-  return evaluate_ranked(
-      ranker_from_scores(score_fn, dataset.num_items, top_k), dataset, part, maxlen=maxlen,
-      batch_size=batch_size, top_k=top_k, progress=progress)
+  return evaluate_ranked(ranker_from_scores(score_fn, dataset.num_items, top_k), dataset, part,
+                         top_k=top_k, **options)
 
 
 def evaluate_ranked(
@@ -187,7 +177,10 @@ def evaluate_ranked(
     top_k: int = 10,
     progress: bool | None = None,
 ) -> dict[str, float]:
-  """`evaluate` with the scoring, masking and top-k of a batch fused in `rank_fn`."""
+  """`evaluate` with the scoring, masking and top-k of a batch fused in `rank_fn`.
+
+  `progress=None` shows a progress bar only when absl logs at INFO.
+  """
   steps = successive_steps(dataset, part, maxlen=maxlen)
   accumulator = metrics.RankingAccumulator(k=top_k, num_items=dataset.num_items)
   if progress is None:

@@ -84,6 +84,11 @@ class Progress:
   bad_validations: int = 0
   history: list = dataclasses.field(default_factory=list)  # validation metrics per epoch
 
+  def best_validation(self) -> dict[str, float]:
+    """The validation metrics recorded at `best_step` (without the 'valid/' prefix)."""
+    record = next(r for r in self.history if r['step'] == self.best_step)
+    return {k.removeprefix('valid/'): v for k, v in record.items() if k.startswith('valid/')}
+
 
 def load_dataset_once(config: ml_collections.ConfigDict) -> SplitDataset:
   """Process 0 prepares the dataset while the others wait, then they all load it."""
@@ -304,7 +309,7 @@ def test_best(run: Run) -> dict[str, dict[str, float]]:
   """Validation and test metrics of the best checkpoint, also written to results.json."""
   run.restore_best()
   results = {'best_step': run.progress.best_step, 'epochs': run.progress.epoch,
-             'valid': run.evaluate('valid'), 'test': run.evaluate('test')}
+             'valid': run.progress.best_validation(), 'test': run.evaluate('test')}
   if jax.process_index() == 0:
     _write_json_atomic(os.path.join(run.workdir, 'results.json'), results)
   return results

@@ -350,22 +350,26 @@ def _read_json_lines(path: str, fields: Mapping[str, str]) -> pa.Table:
   return table
 
 
+def _read_rated_json_lines(path: str, *, user: str, item: str, time: str, time_kind: str,
+                           rating: str, min_rating: float | None) -> Interactions:
+  """JSON-lines reviews; the rating column is read only when a threshold is set."""
+  fields = {user: STR, item: STR, time: time_kind}
+  if min_rating is not None:
+    fields[rating] = FLOAT
+  table = _keep_rated(_read_json_lines(path, fields), rating, min_rating)
+  return _to_interactions(path, table, user, item, time)
+
+
 def read_amazon_reviews(path: str, *, min_rating: float | None = None) -> Interactions:
   """Amazon 2014 reviews JSON lines (e.g. the 5-core `reviews_Beauty_5.json.gz`)."""
-  fields = {'reviewerID': STR, 'asin': STR, 'unixReviewTime': INT}
-  if min_rating is not None:
-    fields['overall'] = FLOAT
-  table = _keep_rated(_read_json_lines(path, fields), 'overall', min_rating)
-  return _to_interactions(path, table, 'reviewerID', 'asin', 'unixReviewTime')
+  return _read_rated_json_lines(path, user='reviewerID', item='asin', time='unixReviewTime',
+                                time_kind=INT, rating='overall', min_rating=min_rating)
 
 
 def read_yelp_reviews(path: str, *, min_rating: float | None = None) -> Interactions:
   """Yelp academic dataset reviews: JSON lines with `user_id, business_id, stars, date`."""
-  fields = {'user_id': STR, 'business_id': STR, 'date': DATE}
-  if min_rating is not None:
-    fields['stars'] = FLOAT
-  table = _keep_rated(_read_json_lines(path, fields), 'stars', min_rating)
-  return _to_interactions(path, table, 'user_id', 'business_id', 'date')
+  return _read_rated_json_lines(path, user='user_id', item='business_id', time='date',
+                                time_kind=DATE, rating='stars', min_rating=min_rating)
 
 
 # ---- parquet: Zvuk, Yambda ----
