@@ -1,20 +1,37 @@
 """Position schemes for causal self-attention: PKA kernels, masks, RoPE and CoPE.
 
-PKA (DESIGN §1) keeps positions out of the item vectors: a Toeplitz kernel mixes the inputs
-of the keys (equivalently, multiplies the logits on the right by an upper-triangular `U`)
-and a full lower-triangular kernel mixes the inputs of the values (`L V`). Both matrices are
+PKA (DESIGN §1) keeps positions out of the item vectors: a Toeplitz kernel `Tk` mixes the
+inputs of the keys and a full lower-triangular kernel `F` the inputs of the values. Both are
 lower triangular over input positions, so no output can see a later input.
+
+The kernels can be applied on either side of the projections, with the same result:
+
+* on the inputs, `K = (Tk X) Wk + bk`, `V = (F X) Wv + bv` (one `T×T` by `T×d` product per
+  sequence); the form a fused attention kernel (cuDNN) takes;
+* on the logits and weights, as the paper reads it: `logits = (Q K'ᵀ) U` with `K' = X Wk`
+  and `U = Tkᵀ` (the key bias only shifts each row of logits, which the softmax ignores),
+  and `out = (A F) V' + rowsum(A) bv` with `V' = X Wv`. The kernel
+  products become plain `(B·H·Q) × T` by `T × T` matrix products with no transposes, and for
+  one query row (evaluation) they cost `T²` instead of `T²·d`. Used by the plain path
+  whenever it costs no more FLOPs (`num_heads · queries <= d`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pka_jax.dropout import Dropout
+
 KERNEL_KINDS = ('none', 'toeplitz', 'full')
+# plain: our masked softmax (kernels on the logits where cheaper; any dropout, CoPE);
+# xla / cudnn: jax.nn.dot_product_attention, wherever attention weights see no dropout;
+# auto: cudnn on GPU for 16-bit activations, else plain.
+ATTENTION_IMPLS = ('auto', 'plain', 'xla', 'cudnn')
 
 
 def _abs_normal(std: float):
@@ -80,32 +97,42 @@ def make_kernel(kind: str, *, maxlen: int, init_std: float, learn_first: bool, n
   raise ValueError(f'Unknown positional kernel {kind!r}; expected one of {KERNEL_KINDS}')
 
 
-def apply_kernel(kernel_TxT: jax.Array | None, x_BxTxD: jax.Array) -> jax.Array:
+def apply_kernel(kernel_QxT: jax.Array | None, x_BxTxD: jax.Array) -> jax.Array:
   """Mixes inputs over positions: row `i` of the result is `sum_j K[i, j] x[j]`."""
-  if kernel_TxT is None:
+  if kernel_QxT is None:
     return x_BxTxD
-  return jnp.einsum('ij,bjd->bid', kernel_TxT, x_BxTxD)
+  return jnp.einsum('ij,bjd->bid', kernel_QxT.astype(x_BxTxD.dtype), x_BxTxD)
+
+
+def visible_keys(num_queries: int, key_valid_BxT: jax.Array | None, size: int) -> jax.Array:
+  """Boolean mask broadcastable to `B×1×Q×T`: query row `r` stands at position `T - Q + r`
+  and sees key `j` iff `j` is not later (and, given `key_valid_BxT`, not padding)."""
+  position_Qx1 = size - num_queries + jnp.arange(num_queries)[:, None]
+  mask = (jnp.arange(size)[None, :] <= position_Qx1)[None, None]
+  if key_valid_BxT is not None:
+    mask = mask & key_valid_BxT[:, None, None, :]
+  return mask
 
 
 def attention_mask(valid_BxT: jax.Array, mask_padding_keys: bool) -> jax.Array:
   """Boolean `B×1×T×T` mask: key `j` is visible to query `i` iff `j <= i` (and `j` is real)."""
   size = valid_BxT.shape[1]
-  causal_TxT = jnp.tril(jnp.ones((size, size), dtype=bool))
-  mask_BxTxT = jnp.broadcast_to(causal_TxT, (valid_BxT.shape[0], size, size))
-  if mask_padding_keys:
-    mask_BxTxT = mask_BxTxT & valid_BxT[:, None, :]
-  return mask_BxTxT[:, None]
+  mask = visible_keys(size, valid_BxT if mask_padding_keys else None, size)
+  return jnp.broadcast_to(mask, (valid_BxT.shape[0], 1, size, size))
 
 
-def rotary(x_BxHxTxK: jax.Array, base: float = 10_000.0) -> jax.Array:
-  """Rotary position embedding over the last axis (pairs of halves), positions `0..T-1`."""
-  size, dim = x_BxHxTxK.shape[-2], x_BxHxTxK.shape[-1]
+def rotary(x_BxTxHxK: jax.Array, first_position: int = 0, base: float = 10_000.0) -> jax.Array:
+  """Rotary position embedding over the last axis (pairs of halves); axis 1 holds positions
+  `first_position, first_position + 1, ...`."""
+  size, dim = x_BxTxHxK.shape[1], x_BxTxHxK.shape[-1]
   if dim % 2:
     raise ValueError(f'rotary: head dimension {dim} must be even')
   inv_freq = base ** (-jnp.arange(0, dim // 2, dtype=jnp.float32) / (dim // 2))
-  angle_TxK2 = jnp.arange(size, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  cos, sin = jnp.cos(angle_TxK2)[None, None], jnp.sin(angle_TxK2)[None, None]
-  first, second = jnp.split(x_BxHxTxK, 2, axis=-1)
+  position_T = first_position + jnp.arange(size, dtype=jnp.float32)
+  angle_TxK2 = position_T[:, None] * inv_freq[None, :]
+  cos = jnp.cos(angle_TxK2)[None, :, None].astype(x_BxTxHxK.dtype)
+  sin = jnp.sin(angle_TxK2)[None, :, None].astype(x_BxTxHxK.dtype)
+  first, second = jnp.split(x_BxTxHxK, 2, axis=-1)
   return jnp.concatenate([first * cos - second * sin, first * sin + second * cos], axis=-1)
 
 
@@ -120,59 +147,132 @@ class ContextualPosition(nn.Module):
   maxlen: int
 
   @nn.compact
-  def __call__(self, q_BxHxTxK, logits_BxHxTxT, mask_Bx1xTxT) -> jax.Array:
-    head_dim = q_BxHxTxK.shape[-1]
+  def __call__(self, q_BxHxQxK, logits_BxHxQxT, mask_Bx1xQxT) -> jax.Array:
+    head_dim = q_BxHxQxK.shape[-1]
     table_PxK = self.param('positions', nn.initializers.xavier_uniform(), (self.maxlen, head_dim))
-    gates = jnp.where(mask_Bx1xTxT, 1.0 - jax.nn.sigmoid(logits_BxHxTxT), 0.0)
+    gates = jnp.where(mask_Bx1xQxT, 1.0 - jax.nn.sigmoid(logits_BxHxQxT), 0.0)
     position = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)
     position = jnp.clip(position, 0, self.maxlen - 1)
     floor = jnp.floor(position)
     weight_ceil = position - floor
-    per_position_BxHxTxP = jnp.einsum('bhik,pk->bhip', q_BxHxTxK, table_PxK)
+    per_position_BxHxQxP = jnp.einsum('bhik,pk->bhip', q_BxHxQxK.astype(jnp.float32), table_PxK)
     floor_i = floor.astype(jnp.int32)
     ceil_i = jnp.minimum(floor_i + 1, self.maxlen - 1)
-    at_floor = jnp.take_along_axis(per_position_BxHxTxP, floor_i, axis=-1)
-    at_ceil = jnp.take_along_axis(per_position_BxHxTxP, ceil_i, axis=-1)
+    at_floor = jnp.take_along_axis(per_position_BxHxQxP, floor_i, axis=-1)
+    at_ceil = jnp.take_along_axis(per_position_BxHxQxP, ceil_i, axis=-1)
     return (1.0 - weight_ceil) * at_floor + weight_ceil * at_ceil
 
 
+class Projection(nn.Module):
+  """`x W + b` with flax `Dense`'s parameters (and init order), the bias optional per call:
+  kernels on the logits add the key and value biases outside the projection."""
+
+  features: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array, *, with_bias: bool = True
+               ) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param('kernel', nn.initializers.xavier_uniform(),
+                        (x_BxTxD.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    y = jnp.dot(x_BxTxD.astype(self.dtype), kernel.astype(self.dtype))
+    return (y + bias[None, None] if with_bias else y), bias
+
+
+def resolve_impl(impl: str, dtype: Any, contextual: bool) -> str:
+  """The attention implementation `impl` ('auto' included) stands for on this backend."""
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'attention_impl {impl!r}: expected one of {ATTENTION_IMPLS}')
+  if contextual:
+    return 'plain'  # CoPE reads the logits
+  if impl == 'auto':
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return 'cudnn' if jax.default_backend() == 'gpu' and half else 'plain'
+  return impl
+
+
 class CausalSelfAttention(nn.Module):
-  """Multi-head causal attention with biases; optional RoPE or CoPE on the logits."""
+  """Multi-head causal attention with biases; PKA kernels, RoPE or CoPE on the logits.
+
+  Queries are the last `Q` positions of the `T` keys (`Q = T` in training, 1 when only the
+  newest position is scored). `k_kernel` and `v_kernel` are the `T×T` PKA kernels (or None).
+  """
 
   num_heads: int
   dropout: float
   deterministic: bool
   rope: bool = False
   cope_maxlen: int = 0  # > 0 turns on contextual positions
+  impl: str = 'plain'  # an ATTENTION_IMPLS entry
+  dtype: Any = jnp.float32
+  dropout_impl: str = 'hash'
+  kernels_on_logits: bool | None = None  # None: wherever it costs no more FLOPs
 
   @nn.compact
-  def __call__(self, q_in_BxTxD, k_in_BxTxD, v_in_BxTxD, mask_Bx1xTxT) -> jax.Array:
-    d = q_in_BxTxD.shape[-1]
+  def __call__(self, q_in_BxQxD, k_in_BxTxD, v_in_BxTxD, key_valid_BxT, *,
+               k_kernel_TxT=None, v_kernel_TxT=None) -> jax.Array:
+    batch, num_queries, d = q_in_BxQxD.shape
+    size = k_in_BxTxD.shape[1]
     if d % self.num_heads:
       raise ValueError(f'hidden size {d} is not divisible by {self.num_heads} heads')
-    head_dim = d // self.num_heads
-
-    def dense(name: str) -> nn.Dense:
-      return nn.Dense(d, kernel_init=nn.initializers.xavier_uniform(), name=name)
+    heads, head_dim = self.num_heads, d // self.num_heads
+    impl = resolve_impl(self.impl, self.dtype, bool(self.cope_maxlen))
+    weight_dropout = not self.deterministic and self.dropout > 0
+    fused = impl in ('xla', 'cudnn') and not weight_dropout
+    on_logits = not fused and (self.kernels_on_logits if self.kernels_on_logits is not None
+                               else heads * num_queries <= d)
+    k_on_logits = on_logits and k_kernel_TxT is not None
+    v_on_logits = on_logits and v_kernel_TxT is not None
 
     def split_heads(x_BxTxD: jax.Array) -> jax.Array:
-      return x_BxTxD.reshape(*x_BxTxD.shape[:2], self.num_heads, head_dim)
+      return x_BxTxD.reshape(*x_BxTxD.shape[:2], heads, head_dim)
 
-    q_BxTxHxK = split_heads(dense('query')(q_in_BxTxD))
-    k_BxTxHxK = split_heads(dense('key')(k_in_BxTxD))
-    v_BxTxHxK = split_heads(dense('value')(v_in_BxTxD))
-    q_BxHxTxK, k_BxHxTxK = (jnp.swapaxes(a, 1, 2) for a in (q_BxTxHxK, k_BxTxHxK))
+    def project(name, x_BxTxD, kernel_TxT, kernel_on_logits):
+      if not kernel_on_logits:
+        x_BxTxD = apply_kernel(kernel_TxT, x_BxTxD)
+      y, bias = Projection(d, self.dtype, name=name)(x_BxTxD, with_bias=not kernel_on_logits)
+      return split_heads(y), bias.reshape(heads, head_dim)
+
+    q_BxQxHxK, _ = project('query', q_in_BxQxD, None, False)
+    k_BxTxHxK, _ = project('key', k_in_BxTxD, k_kernel_TxT, k_on_logits)
+    v_BxTxHxK, value_bias_HxK = project('value', v_in_BxTxD, v_kernel_TxT, v_on_logits)
     if self.rope:
-      q_BxHxTxK, k_BxHxTxK = rotary(q_BxHxTxK), rotary(k_BxHxTxK)
-    logits_BxHxTxT = jnp.einsum('bhik,bhjk->bhij', q_BxHxTxK, k_BxHxTxK) / math.sqrt(head_dim)
-    if self.cope_maxlen:
-      logits_BxHxTxT = logits_BxHxTxT + ContextualPosition(self.cope_maxlen, name='cope')(
-          q_BxHxTxK, logits_BxHxTxT, mask_Bx1xTxT)
-    # A finite floor, not -inf: fully masked rows stay finite (and so do their gradients).
-    lowest = jnp.finfo(logits_BxHxTxT.dtype).min
-    weights = jax.nn.softmax(jnp.where(mask_Bx1xTxT, logits_BxHxTxT, lowest), axis=-1)
-    # A query with no visible key (a padded position) would get NaN; it gets zeros instead.
-    weights_BxHxTxT = jnp.where(mask_Bx1xTxT.any(-1, keepdims=True), weights, 0.0)
-    weights_BxHxTxT = nn.Dropout(self.dropout)(weights_BxHxTxT, deterministic=self.deterministic)
-    out_BxTxHxK = jnp.einsum('bhij,bjhk->bihk', weights_BxHxTxT, v_BxTxHxK)
-    return dense('out')(out_BxTxHxK.reshape(*out_BxTxHxK.shape[:2], d))
+      q_BxQxHxK = rotary(q_BxQxHxK, first_position=size - num_queries)
+      k_BxTxHxK = rotary(k_BxTxHxK)
+    mask_Bx1xQxT = visible_keys(num_queries, key_valid_BxT, size)
+    scale = 1.0 / math.sqrt(head_dim)
+
+    if fused:
+      mask = jnp.broadcast_to(mask_Bx1xQxT, (batch, 1, num_queries, size))
+      out_BxQxHxK = jax.nn.dot_product_attention(
+          q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask, scale=scale, implementation=impl)
+    else:
+      logits_BxHxQxT = jnp.einsum('bqhk,bthk->bhqt', q_BxQxHxK, k_BxTxHxK,
+                                  preferred_element_type=jnp.float32)
+      if k_on_logits:
+        # q_i · (Tk K')_j = (S Tkᵀ)[i, j]. The key bias would add q_i · bk to every logit of
+        # row i, a constant the softmax ignores: the logit form leaves it out.
+        logits_BxHxQxT = jnp.dot(logits_BxHxQxT.astype(self.dtype),
+                                 k_kernel_TxT.T.astype(self.dtype),
+                                 preferred_element_type=jnp.float32)
+      logits_BxHxQxT = logits_BxHxQxT * scale
+      if self.cope_maxlen:
+        logits_BxHxQxT = logits_BxHxQxT + ContextualPosition(self.cope_maxlen, name='cope')(
+            jnp.swapaxes(q_BxQxHxK, 1, 2), logits_BxHxQxT, mask_Bx1xQxT)
+      # A finite floor, not -inf: a query with no visible key (only a padded position, whose
+      # output the block zeroes) gets uniform weights instead of NaN.
+      lowest = jnp.finfo(logits_BxHxQxT.dtype).min
+      weights = jax.nn.softmax(jnp.where(mask_Bx1xQxT, logits_BxHxQxT, lowest), axis=-1)
+      weights_BxHxQxT = Dropout(self.dropout, self.deterministic, self.dropout_impl)(
+          weights.astype(self.dtype))
+      mixed_BxHxQxT = weights_BxHxQxT
+      if v_on_logits:
+        mixed_BxHxQxT = jnp.dot(weights_BxHxQxT, v_kernel_TxT.astype(self.dtype))
+      out_BxQxHxK = jnp.einsum('bhqt,bthk->bqhk', mixed_BxHxQxT, v_BxTxHxK)
+      if v_on_logits:
+        # Rows of A weigh the value bias by their sum (below 1 only under dropout).
+        out_BxQxHxK = out_BxQxHxK + jnp.einsum(
+            'bhq,hk->bqhk', weights_BxHxQxT.sum(axis=-1), value_bias_HxK)
+    out, _ = Projection(d, self.dtype, name='out')(out_BxQxHxK.reshape(batch, num_queries, d))
+    return out

@@ -11,8 +11,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from pka_jax import attention
+from pka_jax.dropout import DROPOUT_IMPLS, Dropout
 
 POSITION_MODES = ('none', 'absolute', 'absolute_all', 'rotary', 'contextual', 'kernel')
+DTYPES = ('float32', 'bfloat16')
 LN_EPSILON = 1e-8
 
 
@@ -34,11 +36,22 @@ class ModelConfig:
   share_toeplitz: bool = False
   share_full: bool = True
   kernel_init_std: float = 0.02
+  # Activations and matmuls; parameters, softmax and loss stay float32.
+  dtype: str = 'float32'
+  attention_impl: str = 'auto'  # attention.ATTENTION_IMPLS
+  dropout_impl: str = 'hash'  # dropout.DROPOUT_IMPLS
   deterministic: bool = False
 
   def __post_init__(self):
     if self.position_mode not in POSITION_MODES:
       raise ValueError(f'position_mode {self.position_mode!r}: expected one of {POSITION_MODES}')
+    if self.dtype not in DTYPES:
+      raise ValueError(f'dtype {self.dtype!r}: expected one of {DTYPES}')
+    if self.attention_impl not in attention.ATTENTION_IMPLS:
+      raise ValueError(f'attention_impl {self.attention_impl!r}: expected one of '
+                       f'{attention.ATTENTION_IMPLS}')
+    if self.dropout_impl not in DROPOUT_IMPLS:
+      raise ValueError(f'dropout_impl {self.dropout_impl!r}: expected one of {DROPOUT_IMPLS}')
     for side in ('q', 'k', 'v'):
       kind = getattr(self, f'kernel_{side}_side')
       if kind not in attention.KERNEL_KINDS:
@@ -47,7 +60,12 @@ class ModelConfig:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, num_items: int) -> ModelConfig:
     fields = {f.name for f in dataclasses.fields(cls)} - {'num_items', 'deterministic'}
-    return cls(num_items=num_items, **{name: config[name] for name in fields})
+    return cls(num_items=num_items,
+               **{name: config[name] for name in fields if name in config})
+
+  @property
+  def compute_dtype(self) -> jnp.dtype:
+    return jnp.dtype(self.dtype)
 
   def kernel_kind(self, side: str) -> str:
     return getattr(self, f'kernel_{side}_side') if self.position_mode == 'kernel' else 'none'
@@ -63,49 +81,59 @@ def _kernel(config: ModelConfig, side: str, name: str):
       learn_first=(side == 'v'), name=name)
 
 
-def _layer_norm(name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPSILON, name=name)
+def _layer_norm(name: str, dtype) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, name=name)
 
 
-def _dense(features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), name=name)
+def _dense(features: int, name: str, dtype) -> nn.Dense:
+  return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), dtype=dtype,
+                  name=name)
 
 
 class Block(nn.Module):
-  """One block in the authors' order: the residual is taken from the layer-normed input."""
+  """One block in the authors' order: the residual is taken from the layer-normed input.
+
+  With `last_only`, keys and values cover every position but only the newest position is
+  queried: the output is `B×1×D`, all the successive evaluation and recommendation need.
+  """
 
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, valid_BxT, shared_kernels: dict[str, jax.Array]) -> jax.Array:
-    config = self.config
+  def __call__(self, x_BxTxD, valid_BxT, shared_kernels: dict[str, jax.Array], *,
+               last_only: bool = False) -> jax.Array:
+    config, dtype = self.config, self.config.compute_dtype
+    num_queries = 1 if last_only else x_BxTxD.shape[1]
     kernels = dict(shared_kernels)
     for side in ('q', 'k', 'v'):
       if config.kernel_kind(side) != 'none' and not config.kernel_shared(side):
         kernels[side] = _kernel(config, side, f'{side}_{config.kernel_kind(side)}')()
 
-    q_in = _layer_norm('ln_attn')(x_BxTxD)
+    normed_BxTxD = _layer_norm('ln_attn', dtype)(x_BxTxD)
     k_in, v_in = x_BxTxD, x_BxTxD
     if config.position_mode == 'absolute_all':
       pos_TxD = self.param('pos_emb', nn.initializers.xavier_uniform(),
-                           (config.maxlen, config.hidden_units))
-      q_in, k_in, v_in = (a + pos_TxD[None] for a in (q_in, k_in, v_in))
+                           (config.maxlen, config.hidden_units)).astype(dtype)
+      normed_BxTxD, k_in, v_in = (a + pos_TxD[None] for a in (normed_BxTxD, k_in, v_in))
+    q_in_BxQxD = normed_BxTxD[:, -num_queries:]
+    query_BxQxD = q_in_BxQxD
+    if 'q' in kernels:
+      query_BxQxD = attention.apply_kernel(kernels['q'][-num_queries:], normed_BxTxD)
     attended = attention.CausalSelfAttention(
         num_heads=config.num_heads, dropout=config.dropout,
         deterministic=config.deterministic, rope=config.position_mode == 'rotary',
         cope_maxlen=config.maxlen if config.position_mode == 'contextual' else 0,
+        impl=config.attention_impl, dtype=dtype, dropout_impl=config.dropout_impl,
         name='attention')(
-            attention.apply_kernel(kernels.get('q'), q_in),
-            attention.apply_kernel(kernels.get('k'), k_in),
-            attention.apply_kernel(kernels.get('v'), v_in),
-            attention.attention_mask(valid_BxT, config.mask_padding_keys))
-    h_BxTxD = q_in + attended
+            query_BxQxD, k_in, v_in, valid_BxT if config.mask_padding_keys else None,
+            k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'))
+    h_BxQxD = q_in_BxQxD + attended
 
-    y_BxTxD = _layer_norm('ln_ffn')(h_BxTxD)
-    drop = nn.Dropout(config.dropout, deterministic=config.deterministic)
-    hidden = drop(nn.relu(_dense(config.hidden_units, 'ffn_in')(y_BxTxD)))
-    z_BxTxD = y_BxTxD + drop(_dense(config.hidden_units, 'ffn_out')(hidden))
-    return z_BxTxD * valid_BxT[..., None]
+    y_BxQxD = _layer_norm('ln_ffn', dtype)(h_BxQxD)
+    drop = Dropout(config.dropout, config.deterministic, config.dropout_impl)
+    hidden = drop(nn.relu(_dense(config.hidden_units, 'ffn_in', dtype)(y_BxQxD)))
+    z_BxQxD = y_BxQxD + drop(_dense(config.hidden_units, 'ffn_out', dtype)(hidden))
+    return z_BxQxD * valid_BxT[:, -num_queries:, None].astype(dtype)
 
 
 class Encoder(nn.Module):
@@ -127,22 +155,24 @@ class Encoder(nn.Module):
         for side in ('q', 'k', 'v')
         if config.kernel_kind(side) != 'none' and config.kernel_shared(side)}
     self.blocks = [Block(config, name=f'block_{i}') for i in range(config.num_blocks)]
-    self.ln_final = _layer_norm('ln_final')
-    self.embed_dropout = nn.Dropout(config.dropout, deterministic=config.deterministic)
+    self.ln_final = _layer_norm('ln_final', config.compute_dtype)
+    self.embed_dropout = Dropout(config.dropout, config.deterministic, config.dropout_impl)
 
-  def __call__(self, inputs_BxT: jax.Array) -> jax.Array:
-    """Hidden states after the final LayerNorm."""
-    config = self.config
+  def __call__(self, inputs_BxT: jax.Array, *, last_only: bool = False) -> jax.Array:
+    """Hidden states after the final LayerNorm: `B×T×D`, or `B×1×D` for the newest position
+    alone with `last_only` (the last block then queries that position only)."""
+    config, dtype = self.config, self.config.compute_dtype
     valid_BxT = inputs_BxT != 0
     x_BxTxD = self.item_emb(inputs_BxT) * math.sqrt(config.hidden_units)
     if config.position_mode == 'absolute':
       x_BxTxD = x_BxTxD + self.pos_emb(jnp.arange(inputs_BxT.shape[1]))[None]
-    x_BxTxD = self.embed_dropout(x_BxTxD) * valid_BxT[..., None]
+    x_BxTxD = self.embed_dropout(x_BxTxD.astype(dtype)) * valid_BxT[..., None].astype(dtype)
     # A zero no-op unless a 'perturbations' collection is passed: tests read input gradients.
     x_BxTxD = self.perturb('embeddings', x_BxTxD)
     kernels = {side: kernel() for side, kernel in self.shared_kernels.items()}
-    for block in self.blocks:
-      x_BxTxD = block(x_BxTxD, valid_BxT, kernels)
+    for i, block in enumerate(self.blocks):
+      x_BxTxD = block(x_BxTxD, valid_BxT, kernels,
+                      last_only=last_only and i == len(self.blocks) - 1)
     return self.ln_final(x_BxTxD)
 
   def item_embeddings(self) -> jax.Array:
@@ -151,5 +181,7 @@ class Encoder(nn.Module):
 
   def score_last(self, inputs_BxT: jax.Array) -> jax.Array:
     """Scores `B×(N + 1)` of every item after the newest position (column 0 is padding)."""
-    hidden_BxD = self(inputs_BxT)[:, -1]
-    return hidden_BxD @ self.item_embeddings().T
+    hidden_BxD = self(inputs_BxT, last_only=True)[:, -1]
+    dtype = self.config.compute_dtype
+    return jnp.dot(hidden_BxD, self.item_embeddings().T.astype(dtype),
+                   preferred_element_type=jnp.float32)

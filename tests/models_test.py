@@ -158,3 +158,46 @@ def test_parameter_count_is_exact():
   counts = {m: sum(x.size for x in jax.tree.leaves(init(make_config(m))['params']))
             for m in ('none', 'absolute', 'absolute_all', 'contextual')}
   assert counts == {'none': 1112, 'absolute': 1160, 'absolute_all': 1208, 'contextual': 1160}
+
+
+@pytest.mark.parametrize(
+    'mode,overrides',
+    [(m, {}) for m in POSITION_MODES] + [('kernel', o) for o in KERNEL_LAYOUTS])
+def test_scoring_the_newest_position_alone_equals_the_full_forward(mode, overrides):
+  # The last block queries only the newest position; keys and values still cover the window.
+  config = make_config(mode, **overrides)
+  variables = init(config)
+  model = Encoder(config)
+  full = model.apply(variables, INPUTS)
+  last = model.apply(variables, INPUTS, last_only=True)
+  chex.assert_shape(last, (2, 1, D))
+  np.testing.assert_allclose(last[:, 0], full[:, -1], rtol=1e-5, atol=1e-5)
+  table = variables['params']['item_emb']['embedding']
+  np.testing.assert_allclose(model.apply(variables, INPUTS, method=Encoder.score_last),
+                             full[:, -1] @ table.T, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_attention_in_training_with_dropout_falls_back_to_the_plain_path():
+  # jax.nn.dot_product_attention has no dropout on the attention weights.
+  config = make_config('kernel', dropout=0.5, deterministic=False, attention_impl='xla')
+  variables = init(config)
+  apply = lambda key: Encoder(config).apply(variables, INPUTS, rngs={'dropout': key})
+  chex.assert_tree_all_finite(apply(jax.random.key(1)))
+  eval_config = dataclasses.replace(config, deterministic=True)
+  plain = dataclasses.replace(eval_config, attention_impl='plain')
+  np.testing.assert_allclose(Encoder(eval_config).apply(variables, INPUTS),
+                             Encoder(plain).apply(variables, INPUTS), rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_activations_keep_float32_parameters_and_track_float32():
+  config = make_config('kernel')
+  variables = init(config)
+  half = dataclasses.replace(config, dtype='bfloat16')
+  assert {x.dtype for x in jax.tree.leaves(init(half)['params'])} == {jnp.dtype(jnp.float32)}
+  hidden = Encoder(half).apply(variables, INPUTS)
+  assert hidden.dtype == jnp.bfloat16
+  full = Encoder(config).apply(variables, INPUTS)
+  # LayerNorm outputs of unit scale; bfloat16 keeps 8 bits of mantissa (~0.4% per rounding).
+  np.testing.assert_allclose(np.asarray(hidden, np.float32), full, atol=0.1)
+  scores = Encoder(half).apply(variables, INPUTS, method=Encoder.score_last)
+  assert scores.dtype == jnp.float32
