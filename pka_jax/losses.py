@@ -1,18 +1,33 @@
-"""Training losses over the tied item table. Each returns `(sum, count)` over real targets."""
+"""Training losses over the tied item table. Each returns `(sum, count)` over real targets.
+
+Three exact implementations of the full-catalog cross-entropy, one definition:
+
+* `full_cross_entropy`: all `B·T × N` logits at once, differentiated by JAX (the reference);
+* `chunked_cross_entropy` (the default): rows in chunks whose logits fit in cache, the
+  gradients computed in the same pass as the loss, so no logits are ever stored or recomputed;
+* `blockwise_cross_entropy`: items in blocks, for catalogs whose logits for even a few rows
+  would not fit (memory of one block, about 2x the FLOPs).
+"""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+
+# Logits of one chunk of rows: cache-sized on CPU, large enough to fill an accelerator.
+CHUNK_LOGIT_BYTES = {'cpu': 16 << 20}
+ACCELERATOR_CHUNK_LOGIT_BYTES = 1 << 30
 
 
 def full_cross_entropy(
     hidden_BxTxD: jax.Array, item_emb_VxD: jax.Array, targets_BxT: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy over the whole catalog `1..N`; the padding id is not a class."""
-  logits_BxTxN = hidden_BxTxD @ item_emb_VxD[1:].T
+  logits_BxTxN = jnp.dot(hidden_BxTxD, item_emb_VxD[1:].T.astype(hidden_BxTxD.dtype),
+                         preferred_element_type=jnp.float32)
   log_z_BxT = jax.nn.logsumexp(logits_BxTxN, axis=-1)
   class_BxT = jnp.maximum(targets_BxT - 1, 0)
   target_logit_BxT = jnp.take_along_axis(logits_BxTxN, class_BxT[..., None], axis=-1)[..., 0]
@@ -118,3 +133,109 @@ def _blockwise_backward(block_size, residuals, grad_total):
 
 
 _blockwise_nll_sum.defvjp(_blockwise_forward, _blockwise_backward)
+
+
+def chunk_rows_for(num_items: int, num_rows: int, backend: str | None = None) -> int:
+  """Rows per chunk of `chunked_cross_entropy`: a power of two whose float32 logits come near
+  the backend's budget, at most all rows; at least 128, so that each chunk's products with the
+  item table stay compute-bound."""
+  budget = CHUNK_LOGIT_BYTES.get(backend or jax.default_backend(),
+                                 ACCELERATOR_CHUNK_LOGIT_BYTES)
+  rows = 1 << max(7, int(math.log2(max(budget // (4 * max(num_items, 1)), 1))))
+  return min(rows, num_rows)
+
+
+def chunked_cross_entropy(
+    hidden_BxTxD: jax.Array, item_emb_VxD: jax.Array, targets_BxT: jax.Array,
+    chunk_rows: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """`full_cross_entropy` over chunks of `chunk_rows` rows (0: `chunk_rows_for`).
+
+  Differentiated, each chunk's softmax becomes its gradient in place and meets the item table
+  and the hidden states at once (`g E` and `hᵀ g`): one pass, one chunk of logits in memory.
+  Logits and softmax are float32 whatever the activations' dtype.
+  """
+  d = hidden_BxTxD.shape[-1]
+  hidden_MxD = hidden_BxTxD.reshape(-1, d)
+  targets_M = targets_BxT.reshape(-1)
+  weight_M = (targets_M > 0).astype(jnp.float32)
+  rows = chunk_rows or chunk_rows_for(item_emb_VxD.shape[0] - 1, hidden_MxD.shape[0])
+  pad = -hidden_MxD.shape[0] % rows
+  if pad:
+    hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
+    targets_M, weight_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weight_M, (0, pad))
+  total = _chunked_nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows)
+  return total, jnp.sum(weight_M)
+
+
+def _chunks(rows: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+  return tuple(a.reshape(a.shape[0] // rows, rows, *a.shape[1:]) for a in arrays)
+
+
+def _chunk_softmax(hidden_RxD, items_NxD, targets_R):
+  """Logits' exponentials (shifted by the row max), their row sums, the log-sum-exp, the
+  target logit and the target's one-hot mask of one chunk; all float32."""
+  logits_RxN = jnp.dot(hidden_RxD, items_NxD.T, preferred_element_type=jnp.float32)
+  max_Rx1 = jnp.max(logits_RxN, axis=1, keepdims=True)
+  exp_RxN = jnp.exp(logits_RxN - max_Rx1)
+  sum_Rx1 = jnp.sum(exp_RxN, axis=1, keepdims=True)
+  log_z_R = (max_Rx1 + jnp.log(sum_Rx1))[:, 0]
+  onehot_RxN = jnp.arange(items_NxD.shape[0])[None, :] == (targets_R - 1)[:, None]
+  target_logit_R = jnp.sum(jnp.where(onehot_RxN, logits_RxN, 0.0), axis=1)
+  return exp_RxN, sum_Rx1, log_z_R, target_logit_R, onehot_RxN
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _chunked_nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
+  items_NxD = item_emb_VxD[1:].astype(hidden_MxD.dtype)
+
+  def chunk_nll(_, chunk):
+    hidden_RxD, targets_R, weight_R = chunk
+    _, _, log_z_R, target_logit_R, _ = _chunk_softmax(hidden_RxD, items_NxD, targets_R)
+    return None, jnp.sum((log_z_R - target_logit_R) * weight_R)
+
+  _, nll_C = jax.lax.scan(chunk_nll, None, _chunks(rows, hidden_MxD, targets_M, weight_M))
+  return jnp.sum(nll_C)
+
+
+def _chunked_forward(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
+  dtype = hidden_MxD.dtype
+  items_NxD = item_emb_VxD[1:].astype(dtype)
+
+  def chunk_grads(chunk):
+    hidden_RxD, targets_R, weight_R = chunk
+    exp_RxN, sum_Rx1, log_z_R, target_logit_R, onehot_RxN = _chunk_softmax(
+        hidden_RxD, items_NxD, targets_R)
+    nll = jnp.sum((log_z_R - target_logit_R) * weight_R)
+    # d nll / d logits = (softmax - onehot) * weight
+    grad_RxN = (exp_RxN * (weight_R[:, None] / sum_Rx1)
+                - jnp.where(onehot_RxN, weight_R[:, None], 0.0)).astype(dtype)
+    grad_hidden_RxD = jnp.dot(grad_RxN, items_NxD, preferred_element_type=jnp.float32)
+    # hᵀ g, not gᵀ h: the contraction runs over the chunk's rows without transposing g.
+    grad_items_DxN = jnp.einsum('rd,rn->dn', hidden_RxD, grad_RxN,
+                                preferred_element_type=jnp.float32)
+    return grad_items_DxN, nll, grad_hidden_RxD.astype(dtype)
+
+  def add_chunk(grad_items_DxN, chunk):
+    grads_DxN, nll, grad_hidden_RxD = chunk_grads(chunk)
+    return grad_items_DxN + grads_DxN, (nll, grad_hidden_RxD)
+
+  chunks = _chunks(rows, hidden_MxD, targets_M, weight_M)
+  # The first chunk seeds the running sum: under shard_map it carries the right sharding type.
+  first_DxN, first_nll, first_hidden_RxD = chunk_grads(jax.tree.map(lambda c: c[0], chunks))
+  grad_items_DxN, (nll_C, grad_hidden_CxRxD) = jax.lax.scan(
+      add_chunk, first_DxN, jax.tree.map(lambda c: c[1:], chunks))
+  grad_hidden_MxD = jnp.concatenate([first_hidden_RxD[None], grad_hidden_CxRxD]).reshape(
+      hidden_MxD.shape)
+  grad_item_emb_VxD = jnp.pad(grad_items_DxN.T, ((1, 0), (0, 0))).astype(item_emb_VxD.dtype)
+  return first_nll + jnp.sum(nll_C), (grad_hidden_MxD, grad_item_emb_VxD)
+
+
+def _chunked_backward(rows, residuals, grad_total):
+  del rows
+  grad_hidden_MxD, grad_item_emb_VxD = residuals
+  return (grad_hidden_MxD * grad_total.astype(grad_hidden_MxD.dtype),
+          grad_item_emb_VxD * grad_total, None, None)
+
+
+_chunked_nll_sum.defvjp(_chunked_forward, _chunked_backward)
