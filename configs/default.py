@@ -64,16 +64,32 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.share_toeplitz = False  # one Toeplitz kernel for all blocks instead of one per block
   config.share_full = True  # one full kernel for all blocks (the paper's best) or one per block
   config.kernel_init_std = 0.02  # kernel off-diagonal entries start at |N(0, std)|
+  # float32 | bfloat16: activations and matmuls; parameters, optimiser state, softmax and the
+  # loss's accumulation stay float32. bfloat16 is for GPU and TPU (no faster on most CPUs).
+  config.dtype = 'float32'
+  # auto | plain | xla | cudnn. auto: cuDNN's fused attention on GPU for bfloat16, else plain.
+  # xla/cudnn (jax.nn.dot_product_attention) run wherever the attention weights see no dropout
+  # (evaluation, or dropout 0); training with dropout uses plain, and CoPE always does.
+  config.attention_impl = 'auto'
+  # hash: keep-masks from a keyed integer hash of the element index (pka_jax/dropout.py), 50x
+  # cheaper than jax.random's bits on CPU; jax: flax's jax.random.bernoulli masks.
+  config.dropout_impl = 'hash'
 
   # ---- training ----
   config.loss = 'ce'  # ce: full-catalog softmax cross-entropy; bce: sampled negatives
   # ce over items in blocks of this size (exact; memory of one B·T × block slab instead of the
   # B·T × N logits, about 2x the loss FLOPs); 0 computes all logits at once.
   config.ce_block_size = 0
+  # With ce_block_size 0: rows per chunk of the fused loss (0: chunk logits of ~16 MB on CPU,
+  # ~1 GB on accelerators). Exact whatever the value; a speed and memory setting.
+  config.ce_chunk_rows = 0
   config.learning_rate = 1e-3  # Adam, constant
   config.adam_b1 = 0.9  # Adam beta1
   config.adam_b2 = 0.98  # Adam beta2
   config.batch_size = 256  # sequences per step, over all devices
+  # Gradient accumulated over this many slices of each step's batch (same gradient); 0: auto,
+  # slices of ~2,048 positions per device on CPU (they stay in cache), none on accelerators.
+  config.microbatches = 0
   config.max_epochs = 200  # hard limit on epochs
   config.patience = 10  # stop after this many validations without a better NDCG@10
   config.seed = 0  # parameters, dropout and data order

@@ -176,12 +176,15 @@ def evaluate_ranked(
     batch_size: int,
     top_k: int = 10,
     progress: bool | None = None,
+    steps: SuccessiveSteps | None = None,
 ) -> dict[str, float]:
   """`evaluate` with the scoring, masking and top-k of a batch fused in `rank_fn`.
 
-  `progress=None` shows a progress bar only when absl logs at INFO.
+  `progress=None` shows a progress bar only when absl logs at INFO. `steps` are the part's
+  `successive_steps`, when the caller keeps them between evaluations.
   """
-  steps = successive_steps(dataset, part, maxlen=maxlen)
+  if steps is None:
+    steps = successive_steps(dataset, part, maxlen=maxlen)
   accumulator = metrics.RankingAccumulator(k=top_k, num_items=dataset.num_items)
   if progress is None:
     progress = logging.level_info()

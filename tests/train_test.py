@@ -144,3 +144,56 @@ def test_a_workdir_of_another_configuration_is_refused(tmp_path):
   with pytest.raises(train.WorkdirMismatchError, match=r'hidden_units: 16 there, 32 here'):
     train.evaluate_checkpoint(config(hidden_units=32), workdir)
   assert train.evaluate_checkpoint(config(max_epochs=5, eval_batch_size=128), workdir)['test']
+
+
+def test_microbatch_rows_are_spread_and_merge_back():
+  x = np.arange(12).reshape(12, 1)
+  micro = np.asarray(train.split_microbatches(x, 3))
+  np.testing.assert_array_equal(micro[:, :, 0], [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])
+  np.testing.assert_array_equal(train.merge_microbatches(micro), x)
+
+
+def test_microbatch_count_follows_the_backend():
+  # CPU: ~2,048 positions a microbatch, a divisor of the rows; accelerators: the whole batch.
+  assert train.microbatches_for(256, 128, 'cpu') == 16
+  assert train.microbatches_for(96, 128, 'cpu') == 6
+  assert train.microbatches_for(64, 32, 'cpu') == 1
+  assert train.microbatches_for(256, 128, 'gpu') == 1
+
+
+def trainable_leaves(run: train.Run):
+  # Key biases have a true gradient of zero (softmax ignores a constant added to a row of
+  # logits): they hold rounding noise only, which Adam scales up.
+  return [(jax.tree_util.keystr(path), leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(params_of(run))[0]
+          if "['key']['bias']" not in jax.tree_util.keystr(path)]
+
+
+def test_microbatches_give_the_whole_batch_gradient(tmp_path):
+  runs = [train.Run(config(dropout=0.0, microbatches=n), str(tmp_path / str(n)))
+          for n in (1, 4)]
+  assert [run.train_microbatches for run in runs] == [1, 4]
+  batches = [run._global_batch(b) for run in runs[:1] for b in run.inputs.epoch(0)][:3]
+  for run in runs:
+    for batch in batches:
+      run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
+  for (path, a), (_, b) in zip(*map(trainable_leaves, runs)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+def test_bfloat16_loss_follows_float32(tmp_path):
+  losses_by_dtype = {}
+  for dtype in ('float32', 'bfloat16'):
+    run = train.Run(config(dropout=0.0, dtype=dtype, learning_rate=1e-2), str(tmp_path / dtype))
+    curve = []
+    for epoch in range(6):
+      for batch in run.inputs.epoch(epoch):
+        run.state, metrics = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
+        curve.append(float(metrics['loss_sum'] / metrics['loss_count']))
+    losses_by_dtype[dtype] = np.array(curve)
+  full, half = losses_by_dtype['float32'], losses_by_dtype['bfloat16']
+  assert len(full) >= 30
+  assert full[-1] < 0.9 * full[0]  # the curve moves, so following it means something
+  # bfloat16 activations (8-bit mantissa) with float32 parameters, softmax and loss sums:
+  # within 0.5% of the float32 loss at every one of the 36 steps (0.08% seen at worst).
+  np.testing.assert_allclose(half, full, rtol=0.005)
