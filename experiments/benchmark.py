@@ -1,0 +1,266 @@
+"""How close a config's training and evaluation come to the machine's peak.
+
+  python experiments/benchmark.py --config=configs/ml1m.py --synthetic_items=3416
+  python experiments/benchmark.py --config=configs/ml1m.py:model=sasrec --synthetic_items=3416
+  python experiments/benchmark.py --config=configs/ml1m.py --synthetic_items=3416 \
+      --config.dtype=bfloat16 --json=/tmp/bench.json
+
+Measures, in one process on the default backend: the dense-matmul peak in float32 and
+bfloat16; the train step's compile time, step time (median and spread), sequences/s, model
+FLOPs (pka_jax/flops.py, cross-checked with XLA's cost analysis of the same step without
+microbatches or loss chunks, whose loops XLA would count once), MFU against the measured
+peak of the config's dtype, peak memory; the successive evaluation's pairs/s (the whole
+protocol, host batches included, and the device alone) and its MFU; with `--epochs`, the
+share of an epoch spent outside training steps and validation. Real-dataset configs run
+without their data on a synthetic catalog of `--synthetic_items` items.
+"""
+
+import functools
+import json
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from pka_jax import flops
+from pka_jax import metric_writer
+from pka_jax import train
+from pka_jax.models import Encoder
+
+config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Config file.')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps after the warm-up.')
+_WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed train steps after the compiling one.')
+_EPOCHS = flags.DEFINE_integer('epochs', 0, 'Epochs of the real loop to time (0: none).')
+_SYNTHETIC_ITEMS = flags.DEFINE_integer(
+    'synthetic_items', 0, 'Replace the dataset by synthetic data with this many items.')
+_EVAL_REPEATS = flags.DEFINE_integer('eval_repeats', 2, 'Timed validation passes.')
+_JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch workdir (default: a temporary one).')
+
+
+def matmul_peak(dtype, size: int, repeats: int = 10) -> float:
+  """FLOP/s of the fastest of `repeats` `size × size` matrix products on the default device."""
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.standard_normal((size, size)), dtype) for _ in range(2))
+  product = jax.jit(jnp.matmul)
+  product(a, b).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size**3 / best
+
+
+def use_synthetic_data(config, num_items: int) -> None:
+  """The config's shapes on generated data: enough users for a few epochs of batches."""
+  config.dataset = 'synthetic'
+  config.synthetic.num_items = num_items
+  config.synthetic.num_users = max(config.batch_size * 4, 2000)
+  config.synthetic.max_length = min(config.maxlen + 1, num_items - 1)
+  config.synthetic.min_length = config.synthetic.max_length // 2
+
+
+def peak_memory(compiled) -> dict:
+  """Device peak bytes where the runtime reports them, and XLA's plan for the program."""
+  analysis = compiled.memory_analysis()
+  planned = (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+             + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return {'device_peak_bytes': stats.get('peak_bytes_in_use'), 'compiled_bytes': planned,
+          'compiled_temp_bytes': analysis.temp_size_in_bytes}
+
+
+def xla_flops(fn, *args) -> float:
+  return float(jax.jit(fn).lower(*args).compile().cost_analysis().get('flops', float('nan')))
+
+
+def time_train(run: train.Run) -> dict:
+  batches = []
+  while len(batches) < 1 + _WARMUP.value + _STEPS.value:
+    batches.extend(run._global_batch(b) for b in run.inputs.epoch(len(batches)))
+  start = time.perf_counter()
+  compiled = run.step_fn.lower(run.state, batches[0], run.dropout_rng).compile()
+  compile_seconds = time.perf_counter() - start
+  seconds = []
+  # Through the jitted function the loop uses (its first call compiles again, untimed).
+  for i, batch in enumerate(batches[:1 + _WARMUP.value + _STEPS.value]):
+    start = time.perf_counter()
+    run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
+    jax.block_until_ready(metrics)
+    if i > _WARMUP.value:
+      seconds.append(time.perf_counter() - start)
+  return {'compile_seconds': compile_seconds, 'seconds': np.array(seconds),
+          'memory': peak_memory(compiled), 'batch': batches[0]}
+
+
+def reference_step_flops(run: train.Run, batch) -> float:
+  """XLA's FLOPs for the train step with no microbatches and one loss chunk."""
+  config = run.config
+  rows = config.batch_size * config.maxlen // jax.device_count()
+  step = functools.partial(
+      train.train_step, loss_name=config.loss, ce_block_size=0, ce_chunk_rows=rows,
+      microbatches=1, mesh=run.mesh)
+  return xla_flops(step, run.state, batch, run.dropout_rng)
+
+
+def time_eval(run: train.Run) -> dict:
+  """The validation pass end to end, and the device's share alone on one batch."""
+  steps = run.successive_steps('valid')
+  run.evaluate('valid')  # compiles for every seen-width of the pass
+  seconds = []
+  for _ in range(_EVAL_REPEATS.value):
+    start = time.perf_counter()
+    run.evaluate('valid')
+    seconds.append(time.perf_counter() - start)
+  batch = steps.batch(0, run.config.eval_batch_size)
+  arrays = [run._shard_rows(a) for a in (batch.inputs_BxT, batch.seen_BxS, batch.targets_B)]
+  jax.block_until_ready(run.rank_fn(run.state.params, *arrays))
+  device_seconds = []
+  for _ in range(5):
+    start = time.perf_counter()
+    jax.block_until_ready(run.rank_fn(run.state.params, *arrays))
+    device_seconds.append(time.perf_counter() - start)
+  score = lambda params, inputs: run.eval_model.apply(
+      {'params': params}, inputs, method=Encoder.score_last)
+  xla = xla_flops(score, run.state.params, arrays[0]) / run.config.eval_batch_size
+  return {'pairs': len(steps), 'seconds': float(np.median(seconds)),
+          'device_batch_seconds': float(np.median(device_seconds)), 'xla_flops_per_pair': xla}
+
+
+def time_epochs(run: train.Run, workdir: str) -> dict:
+  writer = metric_writer.MetricWriter(workdir)
+  records = []
+  try:
+    for _ in range(_EPOCHS.value):
+      run.run_epoch(writer)
+      records.append(dict(run.epoch_seconds))
+      start = time.perf_counter()
+      run.checkpoints.wait_until_finished()
+      records[-1]['save_wait'] = time.perf_counter() - start
+  finally:
+    writer.close()
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    times = [json.loads(line) for line in f if 'time/other_s' in line]
+  return {'epochs': times, 'steps_per_epoch': run.inputs.steps_per_epoch}
+
+
+def main(argv):
+  del argv
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # no progress bars between the figures
+  config = FLAGS.config
+  if _SYNTHETIC_ITEMS.value:
+    use_synthetic_data(config, _SYNTHETIC_ITEMS.value)
+  device = jax.devices()[0]
+  backend = jax.default_backend()
+  size = 2048 if backend == 'cpu' else 8192
+  peaks = {'float32': matmul_peak(jnp.float32, size),
+           'bfloat16': matmul_peak(jnp.bfloat16, size)}
+  peak = peaks[config.dtype]
+
+  workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='pka_jax_benchmark_')
+  run = train.Run(config, workdir)
+  model_config = run.model.config
+  step_flops = flops.train_step_flops(model_config, config.batch_size, config.loss)
+  train_figures = time_train(run)
+  step_seconds = train_figures['seconds']
+  median = float(np.median(step_seconds))
+  xla_step = reference_step_flops(run, train_figures['batch'])
+  eval_figures = time_eval(run)
+  pair_flops = flops.eval_pair_flops(model_config)
+  pairs_per_second = eval_figures['pairs'] / eval_figures['seconds']
+  device_pairs_per_second = config.eval_batch_size / eval_figures['device_batch_seconds']
+
+  report = {
+      'device': f'{device.platform} {device.device_kind} x{jax.device_count()}',
+      'jax': jax.__version__,
+      'config': {'model': config.model, 'num_blocks': config.num_blocks,
+                 'hidden_units': config.hidden_units, 'maxlen': config.maxlen,
+                 'num_heads': config.num_heads, 'batch_size': config.batch_size,
+                 'num_items': run.dataset.num_items, 'dtype': config.dtype,
+                 'microbatches': run.train_microbatches,
+                 'attention_impl': config.attention_impl, 'loss': config.loss,
+                 'eval_batch_size': config.eval_batch_size},
+      'peak_flops': peaks,
+      'train': {
+          'compile_seconds': train_figures['compile_seconds'],
+          'step_seconds': median,
+          'step_seconds_min': float(step_seconds.min()),
+          'step_seconds_max': float(step_seconds.max()),
+          'steps_timed': len(step_seconds),
+          'sequences_per_second': config.batch_size / median,
+          'model_flops': step_flops,
+          'xla_flops': xla_step,
+          'mfu': step_flops / median / peak,
+          'memory': train_figures['memory'],
+      },
+      'eval': {
+          'pairs': eval_figures['pairs'],
+          'pairs_per_second': pairs_per_second,
+          'device_pairs_per_second': device_pairs_per_second,
+          'model_flops_per_pair': pair_flops,
+          'xla_flops_per_pair': eval_figures['xla_flops_per_pair'],
+          'mfu': pairs_per_second * pair_flops / peak,
+          'device_mfu': device_pairs_per_second * pair_flops / peak,
+      },
+  }
+  if _EPOCHS.value:
+    report['epochs'] = time_epochs(run, workdir)
+  run.checkpoints.close()
+  print_report(report)
+  if _JSON.value:
+    tmp = _JSON.value + '.tmp'
+    with open(tmp, 'w') as f:
+      json.dump(report, f, indent=2)
+    os.replace(tmp, _JSON.value)
+
+
+def print_report(report: dict) -> None:
+  c, t, e = report['config'], report['train'], report['eval']
+  gflops = lambda x: f'{x / 1e9:,.1f} GFLOP'
+  print(f"device      {report['device']} (jax {report['jax']})")
+  print(f"peak        float32 {report['peak_flops']['float32'] / 1e12:.3f} TFLOP/s, "
+        f"bfloat16 {report['peak_flops']['bfloat16'] / 1e12:.3f} TFLOP/s (measured matmul)")
+  print(f"model       {c['model']}: {c['num_blocks']} blocks, d {c['hidden_units']}, "
+        f"T {c['maxlen']}, {c['num_heads']} head(s), {c['num_items']:,} items, "
+        f"batch {c['batch_size']} ({c['microbatches']} microbatches), {c['dtype']}, "
+        f"attention {c['attention_impl']}")
+  print(f"train step  {t['step_seconds'] * 1e3:,.1f} ms median "
+        f"[{t['step_seconds_min'] * 1e3:,.1f}, {t['step_seconds_max'] * 1e3:,.1f}] over "
+        f"{t['steps_timed']} steps; compile {t['compile_seconds']:.1f} s; "
+        f"{t['sequences_per_second']:,.0f} sequences/s")
+  print(f"            {gflops(t['model_flops'])} model FLOPs/step (XLA: {gflops(t['xla_flops'])},"
+        f" ratio {t['xla_flops'] / t['model_flops']:.3f}); MFU {100 * t['mfu']:.1f}%")
+  memory = t['memory']
+  device_peak = memory['device_peak_bytes']
+  print(f"            memory: compiled {memory['compiled_bytes'] / 2**20:,.0f} MiB "
+        f"(temporaries {memory['compiled_temp_bytes'] / 2**20:,.0f} MiB)"
+        + (f", device peak {device_peak / 2**20:,.0f} MiB" if device_peak else ''))
+  print(f"evaluation  {e['pairs']:,} pairs: {e['pairs_per_second']:,.0f} pairs/s "
+        f"(MFU {100 * e['mfu']:.1f}%), device alone {e['device_pairs_per_second']:,.0f} "
+        f"pairs/s (MFU {100 * e['device_mfu']:.1f}%)")
+  print(f"            {e['model_flops_per_pair'] / 1e6:,.1f} model MFLOP/pair "
+        f"(XLA: {e['xla_flops_per_pair'] / 1e6:,.1f})")
+  for i, epoch in enumerate(report.get('epochs', {}).get('epochs', [])):
+    total = epoch['time/train_s'] + epoch['time/valid_s'] + epoch['time/other_s']
+    steps = report['epochs']['steps_per_epoch']
+    device_train = steps * t['step_seconds']
+    outside = total - device_train - epoch['time/valid_s']
+    print(f"epoch {i + 1}     {total:.2f} s: train loop {epoch['time/train_s']:.2f} s "
+          f"({steps} steps x median = {device_train:.2f} s), validation "
+          f"{epoch['time/valid_s']:.2f} s, outside both {outside:.2f} s "
+          f"({100 * outside / total:.1f}%)")
+
+
+FLAGS = flags.FLAGS
+
+if __name__ == '__main__':
+  app.run(main)

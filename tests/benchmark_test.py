@@ -1,0 +1,38 @@
+"""The benchmark script runs on the tiny config and writes the figures other tools read."""
+
+import json
+import os
+import subprocess
+import sys
+
+from configs import test as test_config
+from pka_jax import flops, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_writes_its_json_contract(tmp_path):
+  out = tmp_path / 'bench.json'
+  result = subprocess.run(
+      [sys.executable, 'experiments/benchmark.py', '--config=configs/test.py',
+       f'--config.data_dir={tmp_path / "data"}', f'--workdir={tmp_path / "work"}',
+       '--steps=3', '--warmup=1', '--eval_repeats=1', '--epochs=1', f'--json={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env={**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')})
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report['device'].startswith('cpu')
+  assert report['peak_flops']['float32'] > 0 and report['peak_flops']['bfloat16'] > 0
+  train_figures, eval_figures = report['train'], report['eval']
+  assert train_figures['step_seconds_min'] <= train_figures['step_seconds']
+  assert train_figures['step_seconds'] <= train_figures['step_seconds_max']
+  # The FLOPs are the library's formula for this config; XLA's count adds the elementwise
+  # work, a large share at this tiny width (flops_test checks the two at a real one).
+  config = test_config.get_config()
+  model_config = train.create_model(config, 60, deterministic=False).config
+  assert train_figures['model_flops'] == flops.train_step_flops(model_config, config.batch_size)
+  assert train_figures['xla_flops'] > train_figures['model_flops']
+  assert eval_figures['pairs'] > 0 and eval_figures['pairs_per_second'] > 0
+  assert 0 < eval_figures['mfu'] and 0 < train_figures['mfu']
+  assert len(report['epochs']['epochs']) == 1
+  assert 'MFU' in result.stdout and 'pairs/s' in result.stdout
