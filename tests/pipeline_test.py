@@ -3,17 +3,19 @@
 import numpy as np
 import pytest
 
-from pka_jax.data.pipeline import TrainInput, training_window
+from pka_jax.data.pipeline import TrainInput, training_windows
 from pka_jax.data.sequences import SequenceStore
 
 
-def test_training_window_right_aligns_the_last_items():
-  window = training_window(np.array([5, 6, 7, 8, 9]), maxlen=3)
-  np.testing.assert_array_equal(window['inputs'], [6, 7, 8])
-  np.testing.assert_array_equal(window['targets'], [7, 8, 9])
-  window = training_window(np.array([5, 6]), maxlen=4)
-  np.testing.assert_array_equal(window['inputs'], [0, 0, 0, 5])
-  np.testing.assert_array_equal(window['targets'], [0, 0, 0, 6])
+def test_training_windows_right_align_the_last_items():
+  store = SequenceStore(offsets=np.array([0, 5, 7, 10]),
+                        items=np.array([5, 6, 7, 8, 9, 3, 4, 11, 12, 13], np.int32))
+  windows = training_windows(store, np.array([0, 1, 2]), maxlen=4)
+  np.testing.assert_array_equal(windows['inputs'], [[5, 6, 7, 8],
+                                                    [0, 0, 0, 3], [0, 0, 11, 12]])
+  # No target where the input is padding, though the window's first item sits there.
+  np.testing.assert_array_equal(windows['targets'], [[6, 7, 8, 9], [0, 0, 0, 4],
+                                                     [0, 0, 12, 13]])
 
 
 def store_of(num_users: int) -> SequenceStore:
