@@ -1,92 +1,623 @@
-"""Top-k recommendations from the best checkpoint of a run, in the dataset's raw item ids.
+"""Top-k recommendations from a workdir alone: raw item ids in, raw item ids and scores out.
 
   python -m pka_jax.recommend --workdir=runs/synthetic --history=12,7,33 --k=10
   python -m pka_jax.recommend --workdir=runs/synthetic --user=42
+  python -m pka_jax.recommend --workdir=runs/synthetic --input=histories.csv --output=top10.jsonl
+
+A workdir is self-contained once `WORKDIR/serving/` exists (written at the end of training by
+`write_serving_files`, or on first use from the run's dataset): the raw item and user ids, the
+items' training popularity and every user's history. The parameters come from the checkpoint
+alone, so a moved or copied workdir keeps working from any directory.
+
+Histories are scored by the evaluation's model call (`Encoder.score_last` on the last `maxlen`
+items), the history's items are masked as in evaluation, and the top k are taken, in batches of
+a few fixed shapes (BATCH_SHAPES), each compiled once.
 """
 
 from __future__ import annotations
 
+import csv
+import dataclasses
+import functools
+import json
+import logging as std_logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple
+
 from absl import app
 from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
 
 from pka_jax import checkpoint
-from pka_jax import train
-from pka_jax.data.sequences import SplitDataset
+from pka_jax import data
+from pka_jax.data.errors import DataError
+from pka_jax.data.sequences import SequenceStore, SplitDataset
+from pka_jax.models import Encoder, ModelConfig
+
+SERVING_DIR = 'serving'
+SERVING_FORMAT_VERSION = 1
+# Histories are scored in batches of these sizes (the smallest that holds the rest of the input),
+# so one history costs a batch of 1, not of 512.
+BATCH_SHAPES = (1, 8, 64, 512)
+_UNKNOWN_NAMED = 20  # unknown ids named in the warning; the rest are counted
+
+
+# ---- the serving files ----
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingData:
+  """What recommending needs besides the parameters; dense item `i` is raw `item_ids[i - 1]`."""
+
+  item_ids: np.ndarray  # raw id of dense item i at index i - 1
+  user_ids: np.ndarray  # raw id of dense user u at index u
+  item_counts: np.ndarray  # int64 [N]: training interactions of dense item i at index i - 1
+  histories: SequenceStore  # per dense user: train, then validation, then test items
+
+  @property
+  def num_items(self) -> int:
+    return len(self.item_ids)
+
+  @classmethod
+  def from_dataset(cls, dataset: SplitDataset) -> ServingData:
+    counts = np.bincount(np.asarray(dataset.train.items), minlength=dataset.num_items + 1)
+    return cls(item_ids=_savable(dataset.item_ids), user_ids=_savable(dataset.user_ids),
+               item_counts=counts[1:].astype(np.int64), histories=full_histories(dataset))
+
+  def save(self, workdir: str) -> None:
+    """Writes `WORKDIR/serving/` under a temporary name, then renames it into place."""
+    directory = os.path.join(workdir, SERVING_DIR)
+    tmp = tempfile.mkdtemp(prefix=f'.tmp-{SERVING_DIR}-', dir=workdir)
+    try:
+      arrays = {'item_ids': self.item_ids, 'user_ids': self.user_ids,
+                'item_counts': self.item_counts, 'history_offsets': self.histories.offsets,
+                'history_items': self.histories.items}
+      for name, array in arrays.items():
+        np.save(os.path.join(tmp, name + '.npy'), np.asarray(array), allow_pickle=False)
+      meta = {'format_version': SERVING_FORMAT_VERSION, 'num_items': self.num_items,
+              'num_users': len(self.user_ids)}
+      with open(os.path.join(tmp, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+      replace_directory(tmp, directory)
+    except BaseException:
+      shutil.rmtree(tmp, ignore_errors=True)
+      raise
+
+  @classmethod
+  def load(cls, workdir: str) -> ServingData | None:
+    """The workdir's serving files (memory-mapped), or None when it has none."""
+    directory = os.path.join(workdir, SERVING_DIR)
+    if not os.path.exists(os.path.join(directory, 'meta.json')):
+      return None
+
+    def load(name):
+      return np.load(os.path.join(directory, name + '.npy'), mmap_mode='r', allow_pickle=False)
+
+    return cls(item_ids=load('item_ids'), user_ids=load('user_ids'),
+               item_counts=load('item_counts'),
+               histories=SequenceStore(offsets=load('history_offsets'),
+                                       items=load('history_items')))
+
+
+def _savable(ids: np.ndarray) -> np.ndarray:
+  """Object arrays (pyarrow strings) become fixed-width unicode so they save without pickle."""
+  ids = np.array(ids)  # a copy: the dataset's arrays may map files about to be removed
+  return ids.astype(str) if ids.dtype == object else ids
+
+
+def replace_directory(tmp: str, directory: str) -> None:
+  if os.path.exists(directory):
+    old = tmp + '.old'
+    os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old)
+  else:
+    os.rename(tmp, directory)
+
+
+def full_histories(dataset: SplitDataset) -> SequenceStore:
+  """Every user's items in time order: train, then the user's validation and test events."""
+  lengths = dataset.train.lengths()
+  users = np.concatenate([np.repeat(np.arange(len(lengths)), lengths),
+                          dataset.valid.user, dataset.test.user])
+  items = np.concatenate([dataset.train.items, dataset.valid.item, dataset.test.item])
+  order = np.argsort(users, kind='stable')  # each user's train items, then events in time order
+  return SequenceStore.from_sorted(users[order], items[order], len(lengths))
+
+
+def write_serving_files(workdir: str, dataset: SplitDataset) -> None:
+  """Makes `workdir` self-contained for recommending (process 0 writes, the others return)."""
+  if jax.process_index() == 0:
+    ServingData.from_dataset(dataset).save(workdir)
+
+
+def serving_data(workdir: str, config: ml_collections.ConfigDict,
+                 data_dir: str | None = None) -> ServingData:
+  """The workdir's serving files; for a workdir trained before they existed, builds them from
+  the run's dataset (under `data_dir`, default the saved config's) and writes them."""
+  served = ServingData.load(workdir)
+  if served is not None:
+    return served
+  logging.info('%s has no serving files: building them from dataset %r', workdir, config.dataset)
+  served = _served_from_run_dataset(workdir, config, data_dir)
+  try:
+    served.save(workdir)
+  except OSError as error:  # a read-only workdir still serves, from memory
+    logging.warning('Could not write serving files to %s: %s', workdir, error)
+  return served
+
+
+def _served_from_run_dataset(workdir: str, config: ml_collections.ConfigDict,
+                             data_dir: str | None) -> ServingData:
+  config = ml_collections.ConfigDict(config.to_dict())
+  if data_dir is None and config.dataset == 'synthetic':
+    # Regenerated from its seed, in a scratch directory rather than the caller's directory.
+    with tempfile.TemporaryDirectory() as scratch:
+      config.data_dir = scratch
+      return ServingData.from_dataset(data.load_dataset(config))
+  config.data_dir = data_dir or config.data_dir
+  try:
+    return ServingData.from_dataset(data.load_dataset(config))
+  except DataError as error:
+    raise DataError(
+        f'{workdir} has no serving files and its dataset could not be loaded from data_dir '
+        f'{os.path.abspath(config.data_dir)!r} ({error}); run once from the directory training '
+        'ran in, or give --data_dir') from None
+
+
+# ---- scoring ----
+
+
+def top_k_scores(model: Encoder, params, inputs_BxT: jax.Array, seen_BxS: jax.Array,
+                 allowed_V: jax.Array, popularity_V: jax.Array, *, k: int,
+                 ) -> tuple[jax.Array, jax.Array]:
+  """The k best items after each history and their scores: `(items_BxK int32, scores_BxK)`.
+
+  Rows whose input is all padding are scored by `popularity_V`; then padding, the `seen_BxS`
+  items (dense ids, 0-padded) and items outside `allowed_V` are masked. Slots left without an
+  item hold item 0 and score -inf.
+  """
+  scores_BxV = model.apply({'params': params}, inputs_BxT, method=Encoder.score_last)
+  empty_Bx1 = ~jnp.any(inputs_BxT != 0, axis=1, keepdims=True)
+  scores_BxV = jnp.where(empty_Bx1, popularity_V[None].astype(jnp.float32), scores_BxV)
+  rows_Bx1 = jnp.arange(scores_BxV.shape[0])[:, None]
+  scores_BxV = scores_BxV.at[rows_Bx1, seen_BxS].set(-jnp.inf).at[:, 0].set(-jnp.inf)
+  scores_BxV = jnp.where(allowed_V[None], scores_BxV, -jnp.inf)
+  top_scores_BxK, top_items_BxK = jax.lax.top_k(scores_BxV, k)
+  top_items_BxK = jnp.where(top_scores_BxK > -jnp.inf, top_items_BxK, 0)
+  return top_items_BxK.astype(jnp.int32), top_scores_BxK
+
+
+def left_padded(histories: Sequence[np.ndarray], rows: int, width: int) -> np.ndarray:
+  """The last `width` items of each history, right-aligned in `rows × width` zeros."""
+  out = np.zeros((rows, width), np.int32)
+  for row, history in enumerate(histories):
+    recent = history[len(history) - width:] if len(history) > width else history
+    out[row, width - len(recent):] = recent
+  return out
+
+
+def _batch_shape(rows: int) -> int:
+  return next(b for b in BATCH_SHAPES if b >= rows)
+
+
+def _power_of_two_at_least(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+class Recommendations(NamedTuple):
+  """Best first. For one history: `items` and `scores` of shape K; for many: B×K."""
+
+  items: np.ndarray  # raw item ids
+  scores: np.ndarray  # float32: the model's scores (for empty histories, popularity shares)
+  popular: np.ndarray  # bool, per history: no known item in it, so popularity ranked it
+
+
+class TooFewItemsError(ValueError):
+  """`k` exceeds the items left for a history; `row` is its index in the call."""
+
+  def __init__(self, message: str, row: int):
+    super().__init__(message)
+    self.row = row
 
 
 class Recommender:
-  """The best parameters of a workdir's run, its config and its dataset's id maps."""
+  """A trained model and its serving data: top-k recommendations in raw ids."""
 
-  def __init__(self, workdir: str):
-    self.run = train.Run(checkpoint.restore_config(workdir), workdir)
-    self.run.restore_latest()
-    self.run.restore_best()
-    dataset: SplitDataset = self.run.dataset
-    self.item_ids = np.asarray(dataset.item_ids)
-    self.user_ids = np.asarray(dataset.user_ids)
-    self._dense_item = {raw: dense for dense, raw in enumerate(self.item_ids.tolist(), 1)}
-    self._dense_user = {raw: dense for dense, raw in enumerate(self.user_ids.tolist())}
+  def __init__(self, *, config: ml_collections.ConfigDict, params, served: ServingData,
+               step: int):
+    self.config, self.params, self.served, self.step = config, params, served, step
+    self.model = create_model(config, served.num_items)
+    self.maxlen: int = config.maxlen
+    counts = np.asarray(served.item_counts, np.float64)
+    popularity_V = np.concatenate([[0.0], counts / counts.sum()]).astype(np.float32)
+    self.popularity_V = jnp.asarray(popularity_V)
+    self._all_allowed_V = jnp.asarray(np.arange(served.num_items + 1) > 0)
+    self._top_k = jax.jit(functools.partial(top_k_scores, self.model), static_argnames='k')
+
+  @classmethod
+  def from_workdir(cls, workdir: str, step: int | str = 'best', *,
+                   data_dir: str | None = None) -> Recommender:
+    """The parameters of checkpoint `step` ('best', 'latest' or a number) of `workdir`.
+
+    Reads only the workdir (`data_dir` serves workdirs trained before the serving files, once).
+    """
+    if not os.path.isdir(workdir):
+      raise FileNotFoundError(f'No workdir at {workdir}')
+    config = checkpoint.restore_config(workdir)
+    served = serving_data(workdir, config, data_dir)
+    number, params = restore_params(workdir, config, served.num_items, step)
+    return cls(config=config, params=params, served=served, step=number)
+
+  @property
+  def item_ids(self) -> np.ndarray:
+    return self.served.item_ids
+
+  @property
+  def user_ids(self) -> np.ndarray:
+    return self.served.user_ids
+
+  @functools.cached_property
+  def _dense_item(self) -> dict:
+    return {raw: dense for dense, raw in enumerate(self.item_ids.tolist(), 1)}
+
+  @functools.cached_property
+  def _dense_user(self) -> dict:
+    return {raw: dense for dense, raw in enumerate(self.user_ids.tolist())}
 
   def user_history(self, raw_user) -> list:
     """Every item of a known user (train, then validation, then test), as raw ids."""
-    if raw_user not in self._dense_user:
-      raise KeyError(f'user {raw_user!r} is not in dataset {self.run.config.dataset!r}')
-    user, dataset = self._dense_user[raw_user], self.run.dataset
-    parts = [np.asarray(dataset.train[user])]
-    parts += [np.asarray(e.item)[np.asarray(e.user) == user] for e in (dataset.valid, dataset.test)]
-    return self.item_ids[np.concatenate(parts) - 1].tolist()
+    dense = self._dense_user.get(raw_user)
+    if dense is None:
+      raise KeyError(f'user {raw_user!r} is not a user of dataset {self.config.dataset!r}')
+    return self.item_ids[np.asarray(self.served.histories[dense]) - 1].tolist()
 
-  def recommend(self, history: list, k: int = 10) -> list[tuple[object, float]]:
-    """The k best unseen items after `history` (raw ids, oldest first), with their scores."""
-    unknown = [item for item in history if item not in self._dense_item]
-    if unknown:
-      raise KeyError(f'items not in the catalog of {self.run.config.dataset!r}: {unknown[:10]}')
-    dense = np.array([self._dense_item[item] for item in history], dtype=np.int32)
-    maxlen = self.run.config.maxlen
-    inputs_1xT = np.zeros((1, maxlen), np.int32)
-    recent = dense[-maxlen:]
-    inputs_1xT[0, maxlen - len(recent):] = recent
-    batch = np.repeat(inputs_1xT, self.run.config.eval_batch_size, axis=0)  # fixed shape
-    scores_V = jnp.asarray(self.run._score(self.run.state.params, batch)[0])
-    scores_V = scores_V.at[0].set(-jnp.inf).at[dense].set(-jnp.inf)
-    top_scores, top_items = jax.lax.top_k(scores_V, k)
-    return [(self.item_ids[i - 1].item(), float(s))
-            for i, s in zip(np.asarray(top_items), np.asarray(top_scores)) if np.isfinite(s)]
+  def dense_items(self, raw_items: Iterable) -> tuple[np.ndarray, list]:
+    """`(dense ids of the known items, in order; the unknown raw ids)`."""
+    dense, unknown = [], []
+    for raw in raw_items:
+      item = self._dense_item.get(raw)
+      if item is None:
+        unknown.append(raw)
+      else:
+        dense.append(item)
+    return np.array(dense, np.int32), unknown
+
+  def recommend(self, histories: Sequence, k: int = 10, *, exclude_seen: bool = True,
+                candidates: Iterable | None = None) -> Recommendations:
+    """The k best items after each history (raw ids, oldest first), from `candidates` only if
+    given, never an item of the history itself with `exclude_seen`.
+
+    `histories` is one history (a sequence of raw ids, possibly empty) or a sequence of them.
+    Unknown ids are skipped with one warning; a history left empty gets the most popular
+    training items. Raises TooFewItemsError when fewer than `k` items are left for a history.
+    """
+    single = _is_single_history(histories)
+    rows = [histories] if single else list(histories)
+    dense_rows, unknown = [], []
+    for history in rows:
+      dense, missing = self.dense_items(history)
+      dense_rows.append(dense)
+      unknown += missing
+    allowed_V = None
+    if candidates is not None:
+      allowed_V, missing = self.candidate_mask(candidates)
+      warn_unknown(missing, 'candidate')
+    warn_unknown(unknown, 'history')
+    top = self.recommend_dense(dense_rows, k, exclude_seen=exclude_seen, allowed_V=allowed_V)
+    return Recommendations(*(a[0] for a in top)) if single else top
+
+  def candidate_mask(self, candidates: Iterable) -> tuple[np.ndarray, list]:
+    """`(bool mask over dense ids 0..N, the unknown raw ids)`."""
+    dense, unknown = self.dense_items(candidates)
+    allowed_V = np.zeros(self.served.num_items + 1, bool)
+    allowed_V[dense] = True
+    return allowed_V, unknown
+
+  def recommend_dense(self, histories: Sequence[np.ndarray], k: int, *,
+                      exclude_seen: bool = True, allowed_V: np.ndarray | None = None,
+                      progress: bool = False) -> Recommendations:
+    """`recommend` on dense-id histories (no unknown ids), returning raw ids."""
+    self.check_k(histories, k, exclude_seen=exclude_seen, allowed_V=allowed_V)
+    allowed = self._all_allowed_V if allowed_V is None else jnp.asarray(allowed_V)
+    items, scores = [], []
+    chunk = BATCH_SHAPES[-1]
+    starts = range(0, len(histories), chunk)
+    for start in tqdm.tqdm(starts, desc='recommend', disable=not progress or len(starts) < 2):
+      rows = histories[start:start + chunk]
+      top_items, top_scores = self._score_rows(rows, k, exclude_seen, allowed)
+      items.append(top_items[:len(rows)])
+      scores.append(top_scores[:len(rows)])
+    items_BxK = np.concatenate(items) if items else np.zeros((0, k), np.int32)
+    scores_BxK = np.concatenate(scores) if scores else np.zeros((0, k), np.float32)
+    popular_B = np.array([len(h) == 0 for h in histories], bool)
+    return Recommendations(self.item_ids[items_BxK - 1], scores_BxK, popular_B)
+
+  def _score_rows(self, rows: Sequence[np.ndarray], k: int, exclude_seen: bool,
+                  allowed_V: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+    batch = _batch_shape(len(rows))
+    inputs_BxT = left_padded(rows, batch, self.maxlen)
+    if exclude_seen:
+      width = _power_of_two_at_least(max([self.maxlen] + [len(r) for r in rows]))
+      seen_BxS = np.zeros((batch, width), np.int32)
+      for row, history in enumerate(rows):
+        seen_BxS[row, :len(history)] = history
+    else:
+      seen_BxS = np.zeros((batch, 1), np.int32)
+    return jax.device_get(self._top_k(self.params, inputs_BxT, seen_BxS, allowed_V,
+                                      self.popularity_V, k=k))
+
+  def check_k(self, histories: Sequence[np.ndarray], k: int, *, exclude_seen: bool = True,
+              allowed_V: np.ndarray | None = None) -> None:
+    """Raises TooFewItemsError naming the first history that leaves fewer than `k` items."""
+    if k < 1:
+      raise ValueError(f'k must be at least 1, got {k}')
+    num_items = self.served.num_items
+    pool = num_items if allowed_V is None else int(np.count_nonzero(allowed_V))
+    if k <= pool - max([len(h) for h in histories if exclude_seen], default=0):
+      return
+    pool_name = (f'the {num_items} catalog items' if allowed_V is None
+                 else f'the {pool} known candidates')
+    for row, history in enumerate(histories):
+      seen = np.unique(history) if exclude_seen else np.zeros(0, np.int32)
+      if allowed_V is not None:
+        seen = seen[allowed_V[seen]]
+      if k > pool - len(seen):
+        raise TooFewItemsError(
+            f'k={k} but only {pool - len(seen)} items are left for history {row}: '
+            f'{pool_name} less the {len(seen)} of them in the history', row)
 
 
-def typed_ids(tokens: list[str], ids: np.ndarray) -> list:
-  """Command-line tokens as the dataset's raw id type: ints when its ids are integers."""
-  return [int(t) for t in tokens] if np.issubdtype(ids.dtype, np.integer) else list(tokens)
+def _is_single_history(histories) -> bool:
+  if isinstance(histories, np.ndarray):
+    return histories.ndim == 1
+  return len(histories) == 0 or not isinstance(histories[0], (list, tuple, np.ndarray))
 
 
-flags.DEFINE_string('workdir', None, 'A training run directory with checkpoints.')
-flags.DEFINE_list('history', [], 'Raw item ids, oldest first.')
-flags.DEFINE_string('user', None, "A dataset user's raw id: recommend after their history.")
-flags.DEFINE_integer('k', 10, 'How many items.')
+def warn_unknown(unknown: list, what: str) -> None:
+  """One warning naming the unknown ids (the first _UNKNOWN_NAMED of them, then a count)."""
+  if not unknown:
+    return
+  distinct = list(dict.fromkeys(unknown))
+  named = ', '.join(map(repr, distinct[:_UNKNOWN_NAMED]))
+  more = (f' and {len(distinct) - _UNKNOWN_NAMED} more' if len(distinct) > _UNKNOWN_NAMED
+          else '')
+  logging.warning('Skipped %d %s item id(s) not in the training catalog: %s%s', len(distinct),
+                  what, named, more)
+
+
+def create_model(config: ml_collections.ConfigDict, num_items: int) -> Encoder:
+  """The evaluation model of `config` (train.create_model with deterministic=True; built here
+  so that train.py can import this module)."""
+  return Encoder(dataclasses.replace(ModelConfig.from_config(config, num_items),
+                                     deterministic=True))
+
+
+def restore_params(workdir: str, config: ml_collections.ConfigDict, num_items: int,
+                   step: int | str = 'best') -> tuple[int, dict]:
+  """`(step number, parameters)` of a checkpoint, on one device; the optimizer state is not
+  read. 'best' is the step the run recorded as best (the one its test metrics came from)."""
+  model = create_model(config, num_items)
+  inputs_1xT = jnp.zeros((1, config.maxlen), jnp.int32)
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = {'params': jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+      jax.eval_shape(lambda: model.init(jax.random.key(0), inputs_1xT)['params']))}
+  mngr = checkpoint.manager(workdir, read_only=True)
+  try:
+    number = _step_number(mngr, workdir, step)
+    restored = mngr.restore(number, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  finally:
+    mngr.close()
+  return number, restored.state['params']
+
+
+def _step_number(mngr: ocp.CheckpointManager, workdir: str, step: int | str) -> int:
+  latest = mngr.latest_step()
+  if latest is None:
+    raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}')
+  if step == 'latest':
+    return latest
+  if step == 'best':
+    progress = mngr.restore(latest, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    best = progress.progress['best_step']
+    if best < 0:
+      raise FileNotFoundError(f'No validated checkpoint in {workdir}')
+    return best
+  number = int(step)
+  if number not in mngr.all_steps():
+    raise FileNotFoundError(f'No checkpoint of step {number} in {workdir}: it holds steps '
+                            f'{sorted(mngr.all_steps())}')
+  return number
+
+
+# ---- command line ----
+
+
+class InputError(ValueError):
+  """A problem with the user's input that one line of text explains."""
+
+
+def typed_id(token, ids: np.ndarray, where: str):
+  """A raw id as the dataset's id type: int when its ids are integers, else str."""
+  if not np.issubdtype(ids.dtype, np.integer):
+    return str(token)
+  if isinstance(token, bool) or not isinstance(token, (int, str)):
+    raise InputError(f'{where}: {token!r} is not an integer id')
+  try:
+    return int(token)
+  except ValueError:
+    raise InputError(f'{where}: {token!r} is not an integer id') from None
+
+
+class Query(NamedTuple):
+  """One line of input: a history of raw ids, and what the output line echoes."""
+
+  history: list
+  echo: dict
+
+
+def parse_line(line: str, where: str, recommender: Recommender) -> Query:
+  """A CSV line of raw item ids, or a JSON object {"history": [...]} or {"user": ...}
+  (optionally with an "id" echoed to the output)."""
+  if not line.lstrip().startswith('{'):
+    tokens = [t.strip() for t in next(csv.reader([line]), [])]
+    return Query([typed_id(t, recommender.item_ids, where) for t in tokens if t], {})
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as error:
+    raise InputError(f'{where}: not a JSON object ({error.msg} at column {error.colno})') from None
+  if not isinstance(record, dict) or ('history' in record) == ('user' in record):
+    raise InputError(f'{where}: expected an object with exactly one of "history" and "user"')
+  echo = {key: record[key] for key in ('id', 'user') if key in record}
+  if 'user' in record:
+    user = typed_id(record['user'], recommender.user_ids, f'{where}: field "user"')
+    try:
+      return Query(recommender.user_history(user), echo)
+    except KeyError as error:
+      raise InputError(f'{where}: {error.args[0]}') from None
+  if not isinstance(record['history'], list):
+    raise InputError(f'{where}: field "history" must be a list of item ids')
+  return Query([typed_id(t, recommender.item_ids, f'{where}: field "history"')
+                for t in record['history']], echo)
+
+
+def read_queries(path: str, recommender: Recommender) -> Iterator[Query]:
+  if not os.path.isfile(path):
+    raise InputError(f'{path}: no such file')
+  with open(path, newline='') as f:
+    for number, line in enumerate(f, 1):
+      yield parse_line(line.rstrip('\r\n'), f'{path}:{number}', recommender)
+
+
+def recommend_file(recommender: Recommender, path: str, k: int, *, exclude_seen: bool,
+                   allowed_V: np.ndarray | None) -> Iterator[dict]:
+  """The output records of every line of `path`, in order; one warning for unknown ids."""
+  queries, unknown, dense_rows = [], [], []
+  for query in read_queries(path, recommender):
+    dense, missing = recommender.dense_items(query.history)
+    queries.append(query)
+    dense_rows.append(dense)
+    unknown += missing
+  warn_unknown(unknown, 'history')
+  try:
+    top = recommender.recommend_dense(dense_rows, k, exclude_seen=exclude_seen,
+                                      allowed_V=allowed_V, progress=logging.level_info())
+  except TooFewItemsError as error:
+    raise InputError(f'{path}:{error.row + 1}: {error}') from None
+  for query, items, scores, popular in zip(queries, *top):
+    yield _record(items, scores, popular, query.echo)
+
+
+def _record(items: np.ndarray, scores: np.ndarray, popular: bool, echo: dict) -> dict:
+  return {**echo, 'items': items.tolist(), 'scores': scores.tolist(),
+          'source': 'popularity' if popular else 'model'}
+
+
+def write_json_lines(records: Iterable[dict], path: str | None) -> None:
+  """To stdout, or to `path` under a temporary name renamed into place when complete."""
+  if path is None:
+    for record in records:
+      print(json.dumps(record))
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix='.tmp-', dir=directory)
+  try:
+    with os.fdopen(fd, 'w') as f:
+      for record in records:
+        f.write(json.dumps(record) + '\n')
+    os.replace(tmp, path)
+  except BaseException:
+    os.unlink(tmp)
+    raise
+
+
+def define_flags() -> None:
+  """The command line's flags (defined on demand: train.py imports this module)."""
+  flags.DEFINE_string('workdir', None, 'A training run directory (its checkpoints/ and serving/).')
+  flags.DEFINE_list('history', None, 'Raw item ids, oldest first (may be empty: --history=).')
+  flags.DEFINE_string('user', None, "A dataset user's raw id: recommend after their history.")
+  flags.DEFINE_string('input', None, 'A file of histories: CSV (one history of raw item ids a '
+                      'line) or JSON lines ({"history": [...]} or {"user": ...}, optional "id").')
+  flags.DEFINE_string('output', None, 'Write JSON lines here (written whole or not at all); '
+                      'default: a table (--history, --user) or JSON lines (--input) on stdout.')
+  flags.DEFINE_integer('k', 10, 'How many items.', lower_bound=1)
+  flags.DEFINE_string('step', 'best', "Checkpoint: 'best', 'latest' or a step number.")
+  flags.DEFINE_bool('exclude_seen', True, "Never recommend an item of the history itself.")
+  flags.DEFINE_list('candidates', None, 'Recommend only among these raw item ids.')
+  flags.DEFINE_string('data_dir', None, 'Only for workdirs trained before serving files existed: '
+                      "where the run's dataset is (default: the saved config's data_dir).")
+
+
 FLAGS = flags.FLAGS
+
+
+def quiet_orbax(record: std_logging.LogRecord) -> bool:
+  """Orbax logs every restore at INFO; keep its warnings, drop the rest."""
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def _records(recommender: Recommender) -> Iterator[dict]:
+  allowed_V = None
+  if FLAGS.candidates is not None:
+    candidates = [typed_id(t, recommender.item_ids, '--candidates') for t in FLAGS.candidates]
+    allowed_V, missing = recommender.candidate_mask(candidates)
+    warn_unknown(missing, 'candidate')
+  if FLAGS.input:
+    yield from recommend_file(recommender, FLAGS.input, FLAGS.k,
+                              exclude_seen=FLAGS.exclude_seen, allowed_V=allowed_V)
+    return
+  if FLAGS.user is not None:
+    try:
+      history = recommender.user_history(typed_id(FLAGS.user, recommender.user_ids, '--user'))
+    except KeyError as error:
+      raise InputError(f'--user: {error.args[0]}') from None
+  else:
+    history = [typed_id(t, recommender.item_ids, '--history') for t in FLAGS.history]
+  dense, missing = recommender.dense_items(history)
+  warn_unknown(missing, 'history')
+  try:
+    top = recommender.recommend_dense([dense], FLAGS.k, exclude_seen=FLAGS.exclude_seen,
+                                      allowed_V=allowed_V)
+  except TooFewItemsError as error:
+    raise InputError(f'--k: {error}') from None
+  yield _record(top.items[0], top.scores[0], top.popular[0], {})
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  if bool(FLAGS.history) == bool(FLAGS.user):
-    raise app.UsageError('Give exactly one of --history and --user')
-  recommender = Recommender(FLAGS.workdir)
+  given = [name for name in ('history', 'user', 'input') if FLAGS[name].value is not None]
+  if len(given) != 1:
+    raise app.UsageError('Give exactly one of --history, --user and --input')
+  logging.get_absl_handler().addFilter(quiet_orbax)
   try:
-    if FLAGS.user:
-      history = recommender.user_history(typed_ids([FLAGS.user], recommender.user_ids)[0])
+    recommender = Recommender.from_workdir(FLAGS.workdir, FLAGS.step, data_dir=FLAGS.data_dir)
+    records = _records(recommender)
+    if FLAGS.input or FLAGS.output:
+      write_json_lines(records, FLAGS.output)
     else:
-      history = typed_ids(FLAGS.history, recommender.item_ids)
-    recommendations = recommender.recommend(history, FLAGS.k)
-  except KeyError as error:
-    raise app.UsageError(str(error.args[0])) from None
-  for rank, (item, score) in enumerate(recommendations, 1):
-    print(f'{rank:>3}  {item}  {score:.4f}')
+      record = next(records)
+      for rank, (item, score) in enumerate(zip(record['items'], record['scores']), 1):
+        print(f'{rank:>3}  {item}  {score:.4f}')
+  except (InputError, DataError, FileNotFoundError) as error:
+    sys.exit(f'error: {error}')
 
 
 if __name__ == '__main__':
+  define_flags()
   flags.mark_flags_as_required(['workdir'])
   app.run(main)
