@@ -137,11 +137,14 @@ def rotary(x_BxTxHxK: jax.Array, first_position: int = 0, base: float = 10_000.0
 
 
 class ContextualPosition(nn.Module):
-  """CoPE-style contextual positions, as the paper's baseline computes them.
+  """Contextual positions (CoPE) as the authors' baseline defines them (DESIGN §1).
 
-  Gate `1 - sigmoid(logit[i, m])` for each visible key `m`; the position of key `j` seen from
-  query `i` is the sum of gates over `j <= m <= i`. Learned embeddings at integer positions,
-  linearly interpolated at fractional ones and dotted with the query, are added to the logits.
+  Gate `1 - sigmoid(logit[i, m])` for each visible key `m` (future keys gate 0); the position of
+  key `j` seen from query `i` is the sum of gates over `j <= m <= i`, clamped to `maxlen - 1`.
+  Per block and shared by the heads: the query passes `Linear(head_dim, head_dim)` and SiLU,
+  then meets a `maxlen × head_dim` position table that starts at zeros (so an untrained model
+  has no position signal), linearly interpolated between the floor and ceiling positions. The
+  result is added to the logits.
   """
 
   maxlen: int
@@ -149,13 +152,15 @@ class ContextualPosition(nn.Module):
   @nn.compact
   def __call__(self, q_BxHxQxK, logits_BxHxQxT, mask_Bx1xQxT) -> jax.Array:
     head_dim = q_BxHxQxK.shape[-1]
-    table_PxK = self.param('positions', nn.initializers.xavier_uniform(), (self.maxlen, head_dim))
+    table_PxK = self.param('positions', nn.initializers.zeros, (self.maxlen, head_dim))
+    query_BxHxQxK = nn.silu(nn.Dense(head_dim, kernel_init=nn.initializers.xavier_uniform(),
+                                     name='query')(q_BxHxQxK.astype(jnp.float32)))
     gates = jnp.where(mask_Bx1xQxT, 1.0 - jax.nn.sigmoid(logits_BxHxQxT), 0.0)
     position = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)
     position = jnp.clip(position, 0, self.maxlen - 1)
     floor = jnp.floor(position)
     weight_ceil = position - floor
-    per_position_BxHxQxP = jnp.einsum('bhik,pk->bhip', q_BxHxQxK.astype(jnp.float32), table_PxK)
+    per_position_BxHxQxP = jnp.einsum('bhik,pk->bhip', query_BxHxQxK, table_PxK)
     floor_i = floor.astype(jnp.int32)
     ceil_i = jnp.minimum(floor_i + 1, self.maxlen - 1)
     at_floor = jnp.take_along_axis(per_position_BxHxQxP, floor_i, axis=-1)
@@ -264,6 +269,8 @@ class CausalSelfAttention(nn.Module):
       # output the block zeroes) gets uniform weights instead of NaN.
       lowest = jnp.finfo(logits_BxHxQxT.dtype).min
       weights = jax.nn.softmax(jnp.where(mask_Bx1xQxT, logits_BxHxQxT, lowest), axis=-1)
+      # For figures (pka_jax/figures.py); free unless 'intermediates' is mutable.
+      self.sow('intermediates', 'attention_weights', weights)
       weights_BxHxQxT = Dropout(self.dropout, self.deterministic, self.dropout_impl)(
           weights.astype(self.dtype))
       mixed_BxHxQxT = weights_BxHxQxT

@@ -1,11 +1,14 @@
 """Position schemes against their formulas: masks, RoPE's relative property, CoPE positions."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pka_jax import attention
+from pka_jax import models
 
 
 def test_mask_hides_the_future_and_optionally_padding_keys():
@@ -30,26 +33,75 @@ def test_rotary_logits_depend_only_on_the_distance():
                              np.linalg.norm(q, axis=-1), rtol=1e-5)
 
 
-def test_contextual_positions_follow_the_gate_sums():
-  size, dim = 3, 2
-  q = jax.random.normal(jax.random.key(0), (1, 1, size, dim))
-  logits = jax.random.normal(jax.random.key(1), (1, 1, size, size))
-  mask = jnp.tril(jnp.ones((size, size), bool))[None, None]
-  module = attention.ContextualPosition(maxlen=size)
-  params = module.init(jax.random.key(2), q, logits, mask)
-  out = np.asarray(module.apply(params, q, logits, mask))[0, 0]
+def _cope_reading_positions(maxlen: int, head_dim: int, q, logits, mask):
+  """ContextualPosition whose output is the position itself: the query layer sends every
+  query to silu(1)·1 and the table's row p is p·e0/silu(1), linear in p, so interpolation
+  between floor and ceiling is exact."""
+  module = attention.ContextualPosition(maxlen=maxlen)
+  params = module.init(jax.random.key(2), q, logits, mask)['params']
+  silu_1 = 1.0 / (1.0 + np.exp(-1.0))
+  params = {'positions': jnp.zeros((maxlen, head_dim)).at[:, 0].set(jnp.arange(maxlen) / silu_1),
+            'query': {'kernel': jnp.zeros((head_dim, head_dim)), 'bias': jnp.ones(head_dim)}}
+  return np.asarray(module.apply({'params': params}, q, logits, mask))
 
-  table = np.asarray(params['params']['positions'])
-  q_, logits_ = np.asarray(q)[0, 0], np.asarray(logits)[0, 0]
-  for i in range(size):
-    for j in range(size):
-      gates = [1 - 1 / (1 + np.exp(-logits_[i, m])) for m in range(j, i + 1)]
-      position = min(sum(gates), size - 1) if j <= i else 0.0
-      low = int(np.floor(position))
-      high = min(low + 1, size - 1)
-      frac = position - low
-      expected = (1 - frac) * q_[i] @ table[low] + frac * q_[i] @ table[high]
-      np.testing.assert_allclose(out[i, j], expected, rtol=1e-5, atol=1e-6)
+
+COPE_SIZE, COPE_DIM = 6, 4
+COPE_MASK = jnp.tril(jnp.ones((COPE_SIZE, COPE_SIZE), bool))[None, None]
+
+
+def test_contextual_positions_are_sums_of_gates_growing_from_the_query_back():
+  q = jax.random.normal(jax.random.key(0), (1, 1, COPE_SIZE, COPE_DIM))
+  logits = 2.0 * jax.random.normal(jax.random.key(1), (1, 1, COPE_SIZE, COPE_SIZE))
+  position = _cope_reading_positions(COPE_SIZE + 10, COPE_DIM, q, logits, COPE_MASK)[0, 0]
+  gate = 1.0 - 1.0 / (1.0 + np.exp(-np.asarray(logits)[0, 0]))
+  for i in range(COPE_SIZE):
+    for j in range(i + 1):
+      # Key j sits at the number of (soft) counted keys from itself up to the query.
+      np.testing.assert_allclose(position[i, j], sum(gate[i, m] for m in range(j, i + 1)),
+                                 rtol=1e-5, atol=1e-6)
+    steps = position[i, :i] - position[i, 1:i + 1]  # one step further back each
+    assert (steps > 0).all() and (steps < 1).all()
+    assert 0 < position[i, i] < 1
+    np.testing.assert_array_equal(position[i, i + 1:], 0.0)  # future keys: position 0
+
+
+def test_contextual_positions_are_clamped_to_the_table():
+  q = jnp.ones((1, 1, COPE_SIZE, COPE_DIM))
+  # Logits far below zero: every gate is 1 and positions count keys, 1 for the query itself.
+  logits = jnp.full((1, 1, COPE_SIZE, COPE_SIZE), -50.0)
+  maxlen = 4
+  position = _cope_reading_positions(maxlen, COPE_DIM, q, logits, COPE_MASK)[0, 0]
+  distance = np.arange(COPE_SIZE)[:, None] - np.arange(COPE_SIZE)[None, :]
+  expected = np.where(distance >= 0, np.minimum(distance + 1, maxlen - 1), 0)
+  np.testing.assert_allclose(position, expected, atol=1e-5)
+
+
+def test_contextual_positions_never_read_the_future():
+  q = jax.random.normal(jax.random.key(0), (1, 1, COPE_SIZE, COPE_DIM))
+  logits = jax.random.normal(jax.random.key(1), (1, 1, COPE_SIZE, COPE_SIZE))
+  module = attention.ContextualPosition(maxlen=COPE_SIZE)
+  params = module.init(jax.random.key(2), q, logits, COPE_MASK)
+  params = jax.tree.map(lambda p: jax.random.normal(jax.random.key(3), p.shape), params)
+  out = np.asarray(module.apply(params, q, logits, COPE_MASK))[0, 0]
+  future = ~np.asarray(COPE_MASK)[0, 0]
+  changed = np.asarray(module.apply(params, q, jnp.where(future, 100.0, logits),
+                                    COPE_MASK))[0, 0]
+  np.testing.assert_allclose(changed[~future], out[~future], rtol=1e-6)
+
+
+def test_untrained_contextual_model_is_nope():
+  # The position table starts at zeros: at initialisation CoPE adds nothing to the logits.
+  inputs = jnp.array([[0, 0, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], dtype=jnp.int32)
+  config = models.ModelConfig(num_items=20, maxlen=6, num_blocks=2, hidden_units=8,
+                              num_heads=2, dropout=0.0, position_mode='contextual',
+                              deterministic=True)
+  variables = models.Encoder(config).init(jax.random.key(0), inputs)
+  tables = [variables['params'][f'block_{i}']['attention']['cope']['positions']
+            for i in range(2)]
+  np.testing.assert_array_equal(np.asarray(tables), 0.0)
+  nope = dataclasses.replace(config, position_mode='none')
+  np.testing.assert_allclose(models.Encoder(config).apply(variables, inputs),
+                             models.Encoder(nope).apply(variables, inputs), rtol=1e-6)
 
 
 def test_rotary_of_the_last_rows_equals_the_last_rows_of_rotary():

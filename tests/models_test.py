@@ -154,10 +154,11 @@ def test_parameter_count_is_exact():
   # Shared full kernel T * T = 36.  Total: 168 + 16 + 2 * 469 + 36 = 1158.
   assert sum(x.size for x in jax.tree.leaves(params)) == 1158
   # No positions: 168 + 16 + 2 * 464 = 1112. SASRec adds a T * D = 48 table, ALL-APE one per
-  # block (2 * 48), CoPE a T * head_dim = 6 * 4 = 24 table per block (2 * 24).
+  # block (2 * 48). CoPE, per block: a T * head_dim = 6 * 4 = 24 position table and the query's
+  # Linear(head_dim, head_dim) = 4 * 4 + 4 = 20, 44 in all (2 * 44 = 88).
   counts = {m: sum(x.size for x in jax.tree.leaves(init(make_config(m))['params']))
             for m in ('none', 'absolute', 'absolute_all', 'contextual')}
-  assert counts == {'none': 1112, 'absolute': 1160, 'absolute_all': 1208, 'contextual': 1160}
+  assert counts == {'none': 1112, 'absolute': 1160, 'absolute_all': 1208, 'contextual': 1200}
 
 
 @pytest.mark.parametrize(
