@@ -1,0 +1,56 @@
+"""The paper's tables over seeds: datasets × models × PKA kernel layouts × seeds, resumable.
+
+  python experiments/reproduce.py --config=configs/ml1m.py --models=pka,sasrec,nope \
+      --seeds=3 --root=runs/paper
+  python experiments/reproduce.py --config=configs/synthetic.py --models=pka,sasrec,nope \
+      --kernels=toeplitz_toeplitz,full_toeplitz,toeplitz_full_shared,k_only,v_only,q_and_k \
+      --seeds=3 --root=runs/paper
+  python experiments/reproduce.py --config=configs/test.py --seeds=2 --root=runs/grid_test \
+      --override=max_epochs=1
+
+Each run trains in `<root>/<dataset>/<model>[-<layout>]/seed<k>` (pka_jax/grid.py). Rerunning
+the command reads finished runs back and resumes interrupted ones. `<root>/runs.csv` (one row
+per run) and `<root>/table.md` (mean ± 95% interval over seeds, per dataset) are rewritten
+after every run. Figures of the grid: `python -m pka_jax.figures --figure=all --root=<root>`.
+"""
+
+import logging as std_logging
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from pka_jax import grid
+
+flags.DEFINE_list('config', ['configs/synthetic.py'], 'Config files, one per dataset.')
+flags.DEFINE_list('models', ['pka', 'sasrec', 'nope'], 'Models (configs/default.py).')
+flags.DEFINE_list('kernels', [], 'PKA kernel layouts (configs/default.py KERNEL_LAYOUTS).')
+flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. seeds - 1 of every cell.')
+flags.DEFINE_string('root', 'runs/paper', 'Directory of the grid.')
+flags.DEFINE_multi_string('override', [], 'FIELD=VALUE set in every config, as '
+                          '--config.FIELD=VALUE would (e.g. max_epochs=1).')
+FLAGS = flags.FLAGS
+
+
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+  """Orbax logs every checkpoint step at INFO; keep its warnings, drop the rest."""
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_quiet_orbax)
+  overrides = [grid.parse_override(text) for text in FLAGS.override]
+  cells = grid.cells(FLAGS.config, FLAGS.models, FLAGS.kernels)
+  specs = grid.specs(cells, range(FLAGS.seeds), FLAGS.root, overrides)
+  command = ' '.join(['python', 'experiments/reproduce.py', *map(shlex.quote, sys.argv[1:])])
+  grid.run_grid(specs, FLAGS.root, command)
+  with open(f'{FLAGS.root}/table.md') as f:
+    print(f.read())
+
+
+if __name__ == '__main__':
+  app.run(main)
