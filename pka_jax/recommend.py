@@ -330,21 +330,24 @@ class Recommender:
     """`recommend` on dense-id histories (no unknown ids), returning raw ids."""
     self.check_k(histories, k, exclude_seen=exclude_seen, allowed_V=allowed_V)
     allowed = self._all_allowed_V if allowed_V is None else jnp.asarray(allowed_V)
-    items, scores = [], []
     chunk = BATCH_SHAPES[-1]
     starts = range(0, len(histories), chunk)
-    for start in tqdm.tqdm(starts, desc='recommend', disable=not progress or len(starts) < 2):
-      rows = histories[start:start + chunk]
-      top_items, top_scores = self._score_rows(rows, k, exclude_seen, allowed)
-      items.append(top_items[:len(rows)])
-      scores.append(top_scores[:len(rows)])
-    items_BxK = np.concatenate(items) if items else np.zeros((0, k), np.int32)
-    scores_BxK = np.concatenate(scores) if scores else np.zeros((0, k), np.float32)
+    show = progress and len(starts) > 1
+    # Dispatched without waiting, read at the end: batch i + 1 is built while i is scored.
+    outputs = [self._score_rows(histories[start:start + chunk], k, exclude_seen, allowed)
+               for start in tqdm.tqdm(starts, desc='recommend', disable=None if show else True)]
+    items_BxK = np.zeros((0, k), np.int32)
+    scores_BxK = np.zeros((0, k), np.float32)
+    if outputs:  # each batch's padding rows are dropped after reading
+      rows = [min(chunk, len(histories) - start) for start in starts]
+      items, scores = zip(*jax.device_get(outputs))
+      items_BxK = np.concatenate([a[:n] for a, n in zip(items, rows)])
+      scores_BxK = np.concatenate([a[:n] for a, n in zip(scores, rows)])
     popular_B = np.array([len(h) == 0 for h in histories], bool)
     return Recommendations(self.item_ids[items_BxK - 1], scores_BxK, popular_B)
 
   def _score_rows(self, rows: Sequence[np.ndarray], k: int, exclude_seen: bool,
-                  allowed_V: jax.Array) -> tuple[np.ndarray, np.ndarray]:
+                  allowed_V: jax.Array) -> tuple[jax.Array, jax.Array]:
     batch = _batch_shape(len(rows))
     inputs_BxT = left_padded(rows, batch, self.maxlen)
     if exclude_seen:
@@ -354,8 +357,7 @@ class Recommender:
         seen_BxS[row, :len(history)] = history
     else:
       seen_BxS = np.zeros((batch, 1), np.int32)
-    return jax.device_get(self._top_k(self.params, inputs_BxT, seen_BxS, allowed_V,
-                                      self.popularity_V, k=k))
+    return self._top_k(self.params, inputs_BxT, seen_BxS, allowed_V, self.popularity_V, k=k)
 
   def check_k(self, histories: Sequence[np.ndarray], k: int, *, exclude_seen: bool = True,
               allowed_V: np.ndarray | None = None) -> None:
@@ -514,7 +516,7 @@ def recommend_file(recommender: Recommender, path: str, k: int, *, exclude_seen:
   warn_unknown(unknown, 'history')
   try:
     top = recommender.recommend_dense(dense_rows, k, exclude_seen=exclude_seen,
-                                      allowed_V=allowed_V, progress=logging.level_info())
+                                      allowed_V=allowed_V, progress=True)
   except TooFewItemsError as error:
     raise InputError(f'{path}:{error.row + 1}: {error}') from None
   for query, items, scores, popular in zip(queries, *top):
@@ -566,8 +568,8 @@ FLAGS = flags.FLAGS
 
 
 def quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Orbax logs every restore at INFO; keep its warnings, drop the rest."""
-  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+  """Orbax logs every read-only restore at INFO and WARNING; keep its errors only."""
+  return record.levelno >= std_logging.ERROR or '/orbax/' not in record.pathname
 
 
 def _records(recommender: Recommender) -> Iterator[dict]:
@@ -604,6 +606,8 @@ def main(argv):
   if len(given) != 1:
     raise app.UsageError('Give exactly one of --history, --user and --input')
   logging.get_absl_handler().addFilter(quiet_orbax)
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # stdout is the product; warnings still show
   try:
     recommender = Recommender.from_workdir(FLAGS.workdir, FLAGS.step, data_dir=FLAGS.data_dir)
     records = _records(recommender)
