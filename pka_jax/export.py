@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 from absl import app
 from absl import flags
@@ -63,10 +62,7 @@ def write_export(recommender: recommend.Recommender, out: str, k: int,
                  platforms: tuple[str, ...] = ('cpu',)) -> None:
   """Writes scorer.jax, item_ids.npy and meta.json into `out`, replacing it when complete."""
   exported = export_scorer(recommender, k, platforms)
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(os.path.abspath(out)) + '-',
-                         dir=parent)
+  tmp = recommend.temporary_directory_beside(out)
   try:
     with open(os.path.join(tmp, 'scorer.jax'), 'wb') as f:
       f.write(exported.serialize())
@@ -99,7 +95,6 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(recommend.quiet_orbax)
   try:
     recommender = recommend.Recommender.from_workdir(FLAGS.workdir, FLAGS.step)
     write_export(recommender, FLAGS.out, FLAGS.k, tuple(FLAGS.platforms))

@@ -16,6 +16,7 @@ a few fixed shapes (BATCH_SHAPES), each compiled once.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import functools
@@ -77,7 +78,7 @@ class ServingData:
   def save(self, workdir: str) -> None:
     """Writes `WORKDIR/serving/` under a temporary name, then renames it into place."""
     directory = os.path.join(workdir, SERVING_DIR)
-    tmp = tempfile.mkdtemp(prefix=f'.tmp-{SERVING_DIR}-', dir=workdir)
+    tmp = temporary_directory_beside(directory)
     try:
       arrays = {'item_ids': self.item_ids, 'user_ids': self.user_ids,
                 'item_counts': self.item_counts, 'history_offsets': self.histories.offsets,
@@ -113,6 +114,18 @@ def _savable(ids: np.ndarray) -> np.ndarray:
   """Object arrays (pyarrow strings) become fixed-width unicode so they save without pickle."""
   ids = np.array(ids)  # a copy: the dataset's arrays may map files about to be removed
   return ids.astype(str) if ids.dtype == object else ids
+
+
+def temporary_directory_beside(directory: str) -> str:
+  """An empty directory in `directory`'s parent, with the permissions `mkdir` would give."""
+  parent = os.path.dirname(os.path.abspath(directory))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f'.tmp-{os.path.basename(os.path.abspath(directory))}-',
+                         dir=parent)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would hide the files from other users
+  return tmp
 
 
 def replace_directory(tmp: str, directory: str) -> None:
@@ -254,9 +267,10 @@ class Recommender:
     """
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f'No workdir at {workdir}')
-    config = checkpoint.restore_config(workdir)
-    served = serving_data(workdir, config, data_dir)
-    number, params = restore_params(workdir, config, served.num_items, step)
+    with _orbax_quiet():
+      config = checkpoint.restore_config(workdir)
+      served = serving_data(workdir, config, data_dir)
+      number, params = restore_params(workdir, config, served.num_items, step)
     return cls(config=config, params=params, served=served, step=number)
 
   @property
@@ -396,6 +410,21 @@ def warn_unknown(unknown: list, what: str) -> None:
           else '')
   logging.warning('Skipped %d %s item id(s) not in the training catalog: %s%s', len(distinct),
                   what, named, more)
+
+
+def _quiet_orbax(record: std_logging.LogRecord) -> bool:
+  return record.levelno >= std_logging.ERROR or '/orbax/' not in record.pathname
+
+
+@contextlib.contextmanager
+def _orbax_quiet() -> Iterator[None]:
+  """Orbax logs every read-only restore at INFO and WARNING: keep its errors only."""
+  logger = std_logging.getLogger('absl')
+  logger.addFilter(_quiet_orbax)
+  try:
+    yield
+  finally:
+    logger.removeFilter(_quiet_orbax)
 
 
 def create_model(config: ml_collections.ConfigDict, num_items: int) -> Encoder:
@@ -567,11 +596,6 @@ def define_flags() -> None:
 FLAGS = flags.FLAGS
 
 
-def quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Orbax logs every read-only restore at INFO and WARNING; keep its errors only."""
-  return record.levelno >= std_logging.ERROR or '/orbax/' not in record.pathname
-
-
 def _records(recommender: Recommender) -> Iterator[dict]:
   allowed_V = None
   if FLAGS.candidates is not None:
@@ -605,7 +629,6 @@ def main(argv):
   given = [name for name in ('history', 'user', 'input') if FLAGS[name].value is not None]
   if len(given) != 1:
     raise app.UsageError('Give exactly one of --history, --user and --input')
-  logging.get_absl_handler().addFilter(quiet_orbax)
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # stdout is the product; warnings still show
   try:
