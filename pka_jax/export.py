@@ -9,6 +9,7 @@ Writes, into OUT (under a temporary name renamed into place when complete):
                   left-padded with 0, any batch size B. The history's own items are excluded;
                   a history of padding only gets the most popular training items (scores: their
                   share of training interactions). Same scores and top-k as `pka_jax.recommend`.
+                  A row with fewer than k items left ends in item 0 with score -inf.
   item_ids.npy    the raw id of dense item i at index i - 1
   meta.json       maxlen, k, num_items, the checkpoint step and the platforms
 

@@ -9,6 +9,7 @@ import collections
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -311,3 +312,35 @@ def test_cli_mistakes_are_one_line_errors(trained, recommender, tmp_path):
       [sys.executable, '-m', 'pka_jax.recommend', '--workdir=nowhere', '--history=1'],
       cwd=tmp_path, check=False, capture_output=True, text=True, timeout=300)
   assert_one_line_error(missing, 'nowhere')
+
+
+def fake_catalog(ids_dtype):
+  """What parsing reads from a Recommender: the raw id types and users' histories."""
+  item_ids = np.array(['a', 'b,c', 'd'] if ids_dtype is str else [10, 20, 30])
+  return SimpleNamespace(item_ids=item_ids, user_ids=item_ids,
+                         user_history=lambda user: [f'history of {user!r}'])
+
+
+def test_input_lines_parse_as_csv_or_json_in_the_catalogs_id_type():
+  ints, strs = fake_catalog(int), fake_catalog(str)
+  assert recommend.parse_line('10, 30,20', 'f:1', ints) == ([10, 30, 20], {})
+  assert recommend.parse_line('', 'f:1', ints) == ([], {})
+  assert recommend.parse_line('a,"b,c"', 'f:1', strs) == (['a', 'b,c'], {})
+  assert recommend.parse_line('{"history": [10, "20"], "id": 7}', 'f:1', ints) == (
+      [10, 20], {'id': 7})
+  assert recommend.parse_line('{"history": [5]}', 'f:1', strs) == (['5'], {})
+  assert recommend.parse_line('{"user": "20"}', 'f:1', ints) == (
+      ['history of 20'], {'user': '20'})
+
+
+@pytest.mark.parametrize('line, message', [
+    ('10,x', "f:3: 'x' is not an integer id"),
+    ('{"history": [10, 2.5]}', 'f:3: field "history": 2.5 is not an integer id'),
+    ('{"history": 10}', 'f:3: field "history" must be a list'),
+    ('{"history": [], "user": 1}', 'f:3: expected an object with exactly one of'),
+    ('{"history": [1,}', 'f:3: not a JSON object'),
+    ('{"user": true}', 'f:3: field "user": True is not an integer id'),
+])
+def test_bad_input_lines_are_named(line, message):
+  with pytest.raises(recommend.InputError, match=re.escape(message)):
+    recommend.parse_line(line, 'f:3', fake_catalog(int))
