@@ -1,22 +1,42 @@
 """Orbax checkpoints of a run: the latest step and the best step by validation NDCG@10.
 
 Each step holds the train state, the run's progress (epoch, early-stopping record, the data
-iterator state) and the config as JSON, so a checkpoint alone can rebuild the model.
+iterator state) and the config as JSON, so a checkpoint alone can rebuild the model. Orbax
+writes a step under a temporary name and renames it when complete: a process killed while
+saving leaves only that temporary directory, which the next run discards with a warning and
+resumes from the previous complete step.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 
+from absl import logging
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 BEST_METRIC = 'valid/ndcg@10'
 ITEMS = ('state', 'progress', 'config')
+_UNFINISHED = '*.orbax-checkpoint-tmp*'
+
+
+class CheckpointError(OSError):
+  """A checkpoint could not be written; the earlier ones are intact."""
+
+
+def directory(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
 
 def manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
+  path = directory(workdir)
+  unfinished = sorted(glob.glob(os.path.join(path, _UNFINISHED)))
+  if unfinished and not read_only:
+    logging.warning('Discarding %d unfinished checkpoint(s) of an interrupted save (%s); the '
+                    'run goes on from the last complete step.', len(unfinished),
+                    ', '.join(os.path.basename(p) for p in unfinished))
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(1),
       # Ties go to the earlier step, as in the run's own record of its best (Progress).
@@ -24,18 +44,43 @@ def manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
           get_metric_fn=lambda metrics: (metrics[BEST_METRIC], -metrics['step']), n=1,
           keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only)
-  return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options, item_names=ITEMS)
+  options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
+                                         cleanup_tmp_directories=not read_only)
+  return ocp.CheckpointManager(path, options=options, item_names=ITEMS)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, *, state, progress: dict,
-         config: ml_collections.ConfigDict, metrics: dict | None = None) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      progress=ocp.args.JsonSave(progress),
-      config=ocp.args.JsonSave(config.to_dict())),
-      metrics=None if metrics is None else {**metrics, 'step': step})
+         config: ml_collections.ConfigDict, metrics: dict | None = None) -> bool:
+  """Saves `step` (asynchronously); returns whether anything was written.
+
+  A step saved already is kept unless this save brings validation metrics (the state is the
+  same; the progress then records the validation): a mid-epoch or preemption save at the
+  last step of an epoch must not stop the validated checkpoint of that step from being kept.
+  """
+  wait(mngr)  # orbax would wait for the save in flight anyway; then all_steps is complete
+  if step in mngr.all_steps():
+    if metrics is None:
+      return False
+    mngr.delete(step)
+  try:
+    mngr.save(step, force=True, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        progress=ocp.args.JsonSave(progress),
+        config=ocp.args.JsonSave(config.to_dict())),
+        metrics=None if metrics is None else {**metrics, 'step': step})
+  except OSError as error:
+    raise CheckpointError(f'could not save the checkpoint of step {step} in '
+                          f'{mngr.directory}: {error}') from error
+  return True
+
+
+def wait(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight; a failure in the background becomes a CheckpointError."""
+  try:
+    mngr.wait_until_finished()
+  except OSError as error:
+    raise CheckpointError(f'could not finish saving a checkpoint in {mngr.directory}: '
+                          f'{error}') from error
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, state_target) -> tuple[object, dict]:
@@ -51,6 +96,6 @@ def restore_config(workdir: str) -> ml_collections.ConfigDict:
   mngr = manager(workdir, read_only=True)
   step = mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}')
+    raise FileNotFoundError(f'No checkpoint in {directory(workdir)}')
   restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(restored.config)

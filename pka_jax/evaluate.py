@@ -24,6 +24,10 @@ from pka_jax.data.sequences import Events, SequenceStore, SplitDataset
 ScoreFn = Callable[[jax.Array], jax.Array]
 
 
+class Interrupted(Exception):
+  """`evaluate_ranked`'s `interrupt` asked it to stop before the last batch."""
+
+
 class EvalBatch(NamedTuple):
   """One batch of steps; every array has the batch dimension first."""
 
@@ -177,11 +181,13 @@ def evaluate_ranked(
     top_k: int = 10,
     progress: bool | None = None,
     steps: SuccessiveSteps | None = None,
+    interrupt: Callable[[], bool] | None = None,
 ) -> dict[str, float]:
   """`evaluate` with the scoring, masking and top-k of a batch fused in `rank_fn`.
 
   `progress=None` shows a progress bar only when absl logs at INFO. `steps` are the part's
-  `successive_steps`, when the caller keeps them between evaluations.
+  `successive_steps`, when the caller keeps them between evaluations. `interrupt()`, asked
+  after each batch, stops the evaluation with `Interrupted` when it returns True.
   """
   if steps is None:
     steps = successive_steps(dataset, part, maxlen=maxlen)
@@ -200,6 +206,8 @@ def evaluate_ranked(
     if pending is not None:
       _accumulate(accumulator, *pending)
     pending = outputs, batch.valid_B
+    if interrupt is not None and interrupt():
+      raise Interrupted(f'evaluation of {part} interrupted')
   if pending is not None:
     _accumulate(accumulator, *pending)
   summary = accumulator.summarize()

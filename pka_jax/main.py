@@ -14,6 +14,9 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from pka_jax import checkpoint
+from pka_jax import config_check
+from pka_jax import faults
 from pka_jax import report
 from pka_jax import train
 from pka_jax.data.errors import DataError
@@ -31,6 +34,12 @@ def _quiet_orbax(record: std_logging.LogRecord) -> bool:
   return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+# Failures a user can act on: one line on stderr and a non-zero exit, no traceback (unless
+# --verbosity=1 or more asks for it).
+USER_ERRORS = (DataError, FileNotFoundError, train.WorkdirMismatchError, train.WorkdirError,
+               config_check.ConfigError, faults.NonFiniteLoss, checkpoint.CheckpointError)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
@@ -39,8 +48,12 @@ def main(argv):
   run = train.train_and_evaluate if FLAGS.mode == 'train' else train.evaluate_checkpoint
   try:
     results = run(FLAGS.config, FLAGS.workdir)
-  except (DataError, FileNotFoundError, train.WorkdirMismatchError) as error:
-    sys.exit(f'error: {error}')
+  except (faults.Preempted, *USER_ERRORS) as error:
+    if FLAGS.verbosity >= 1:
+      raise
+    preempted = isinstance(error, faults.Preempted)
+    print(error if preempted else f'error: {error}', file=sys.stderr)
+    sys.exit(faults.PREEMPTED_EXIT_STATUS if preempted else 1)
   if jax.process_index() == 0:
     print(report.results_table({FLAGS.config.model: results}))
 

@@ -10,13 +10,20 @@ import tensorboardX
 
 
 class MetricWriter:
-  """Writes scalars from process 0 only; every other process gets a no-op writer."""
+  """Writes scalars from process 0 only; every other process gets a no-op writer.
 
-  def __init__(self, workdir: str):
+  `after_step`: the step a resumed run starts from; earlier records past it (work the run
+  does again) are dropped first, so that no step is recorded twice.
+  """
+
+  def __init__(self, workdir: str, after_step: int | None = None):
     self._enabled = jax.process_index() == 0
     if self._enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+      path = os.path.join(workdir, 'metrics.jsonl')
+      if after_step is not None and os.path.exists(path):
+        _drop_records_after(path, after_step)
+      self._jsonl = open(path, 'a')
       self._tensorboard = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
@@ -34,3 +41,23 @@ class MetricWriter:
     if self._enabled:
       self._jsonl.close()
       self._tensorboard.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+  """Rewrites `path` (atomically) without its records of steps after `step`."""
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if _record_step(line) <= step]
+  if len(kept) == len(lines):
+    return
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
+
+
+def _record_step(line: str) -> float:
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError, TypeError):  # a line cut short by a crash
+    return float('inf')

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import tempfile
 import time
 
 from absl import logging
@@ -20,8 +21,10 @@ import optax
 import tqdm
 
 from pka_jax import checkpoint
+from pka_jax import config_check
 from pka_jax import data
 from pka_jax import evaluate
+from pka_jax import faults
 from pka_jax import losses
 from pka_jax import metric_writer
 from pka_jax.data.pipeline import TrainInput
@@ -39,7 +42,11 @@ def create_train_state(model: Encoder, config: ml_collections.ConfigDict,
                        rng: jax.Array) -> train_state.TrainState:
   inputs_1xT = jnp.zeros((1, config.maxlen), jnp.int32)
   params = model.init(rng, inputs_1xT)['params']
-  tx = optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2)
+  # A step whose gradient is not finite leaves parameters and moments as they were; the loop
+  # then stops the run (the run never goes on past one).
+  tx = optax.apply_if_finite(
+      optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2),
+      max_consecutive_errors=2**31 - 1)
   return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
@@ -105,7 +112,9 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
              jnp.arange(microbatches))
     (grads, total, count), _ = jax.lax.scan(accumulate, zeros, micro)
   grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-  return state.apply_gradients(grads=grads), {'loss_sum': total, 'loss_count': count}
+  state = state.apply_gradients(grads=grads)
+  finite = jnp.isfinite(total) & state.opt_state.last_finite
+  return state, {'loss_sum': total, 'loss_count': count, 'finite': finite}
 
 
 # Positions per microbatch on CPU: a block's activations then stay in cache. Measured at the
@@ -172,14 +181,33 @@ def load_dataset_once(config: ml_collections.ConfigDict) -> SplitDataset:
   return dataset
 
 
-# Fields that define the parameters or the data a checkpoint belongs to.
+# Fields that define the parameters, the data or the course of training a checkpoint belongs
+# to. Left out: limits a resumed run may change (max_epochs, patience), and settings that
+# compute the same function (attention_impl, microbatches, loss chunking, eval batch size).
 RUN_DEFINING_FIELDS = tuple(sorted(
-    {f.name for f in dataclasses.fields(ModelConfig)} - {'num_items', 'deterministic'}
-    | {'dataset', 'q_valid', 'q_test', 'max_eval', 'synthetic', 'seed'}))
+    {f.name for f in dataclasses.fields(ModelConfig)}
+    - {'num_items', 'deterministic', 'attention_impl'}
+    | {'dataset', 'q_valid', 'q_test', 'max_eval', 'synthetic', 'seed', 'batch_size',
+       'prng_impl', 'loss', 'learning_rate', 'adam_b1', 'adam_b2'}))
 
 
 class WorkdirMismatchError(ValueError):
   """The workdir's checkpoints belong to a run of another configuration."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be written."""
+
+
+def check_writable(workdir: str) -> None:
+  """Raises WorkdirError naming `workdir` unless the run can create files there."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as error:
+    raise WorkdirError(f'cannot write to the workdir {workdir}: '
+                       f'{error.strerror or error}') from None
 
 
 def check_same_run(config: ml_collections.ConfigDict, saved: ml_collections.ConfigDict,
@@ -201,6 +229,8 @@ class Run:
   """One training run in a workdir: data, model, mesh, compiled functions and checkpoints."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    config_check.check(config, devices=jax.device_count(), processes=jax.process_count())
+    check_writable(workdir)
     self.config, self.workdir = config, workdir
     self.dataset: SplitDataset = load_dataset_once(config)
     self.model = create_model(config, self.dataset.num_items, deterministic=False)
@@ -209,10 +239,6 @@ class Run:
         (jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P('data'))
-    for name in ('batch_size', 'eval_batch_size'):
-      if config[name] % jax.device_count():
-        raise ValueError(
-            f'{name} {config[name]} must be divisible by {jax.device_count()} devices')
     init_rng, self.dropout_rng = jax.random.split(
         jax.random.key(config.seed, impl=config.prng_impl))
     self.state = jax.jit(
@@ -250,6 +276,7 @@ class Run:
     self.progress = Progress()
     self.epoch_seconds: dict[str, float] = {}
     self._successive_steps: dict[str, evaluate.SuccessiveSteps] = {}
+    self.watch = faults.PreemptionWatch()  # entered by train_and_evaluate
 
   def restore_latest(self) -> bool:
     step = self.checkpoints.latest_step()
@@ -282,21 +309,39 @@ class Run:
     return self._successive_steps[part]
 
   def evaluate(self, part: str) -> dict[str, float]:
+    """Metrics of the current parameters on `part`; a preemption signal interrupts it
+    between batches (evaluate.Interrupted)."""
     params = self.state.params
 
     def rank(batch: evaluate.EvalBatch):
+      faults.die_here('eval_batch')
       return self.rank_fn(params, *map(
           self._shard_rows, (batch.inputs_BxT, batch.seen_BxS, batch.targets_B)))
 
     return evaluate.evaluate_ranked(
         rank, self.dataset, part, maxlen=self.config.maxlen,
         batch_size=self.config.eval_batch_size, top_k=self.config.top_k,
-        steps=self.successive_steps(part))
+        steps=self.successive_steps(part), interrupt=lambda: self.watch.signalled)
 
   def save(self, metrics: dict | None = None) -> None:
     checkpoint.save(
         self.checkpoints, int(self.state.step), state=self.state,
         progress=dataclasses.asdict(self.progress), config=self.config, metrics=metrics)
+    faults.die_here('save')
+
+  def stop_for_preemption(self) -> None:
+    """Saves the state at this step boundary and raises faults.Preempted."""
+    self.save()
+    checkpoint.wait(self.checkpoints)
+    step = int(self.state.step)
+    raise faults.Preempted(
+        f'preempted: saved step {step} in {checkpoint.directory(self.workdir)}; run the same '
+        'command again to resume')
+
+  def validation_pending(self) -> bool:
+    """The last epoch's training is done and saved but not yet validated."""
+    validated = self.progress.history[-1]['epoch'] if self.progress.history else 0
+    return self.progress.data_iterator is None and self.progress.epoch > validated
 
   def _global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
@@ -312,24 +357,41 @@ class Run:
                     disable=jax.process_index() != 0 or not logging.level_info(), leave=False)
     log = _TrainLog(writer, bar, config.batch_size)
     step = int(self.state.step)  # counted on the host: reading the state would block
-    for local_batch in iterator:
-      self.state, metrics = self.step_fn(self.state, self._global_batch(local_batch),
-                                         self.dropout_rng)
-      step += 1
-      log.add(step, metrics)
-      if step % config.log_every_steps == 0:
-        log.write(step)
-      if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-        self.progress.data_iterator = iterator.get_state()
-        self.save()
-    log.flush()
-    bar.close()
+    try:
+      for local_batch in iterator:
+        self.state, metrics = self.step_fn(self.state, self._global_batch(local_batch),
+                                           self.dropout_rng)
+        step += 1
+        faults.die_here('step')
+        log.add(step, metrics)
+        if step % config.log_every_steps == 0:
+          log.write(step)
+        preempted = self.watch.reached(step)
+        if preempted or (config.checkpoint_every_steps
+                         and step % config.checkpoint_every_steps == 0):
+          log.flush()  # no state is saved before its step's loss is known to be finite
+          self.progress.data_iterator = iterator.get_state()
+          if preempted:
+            self.stop_for_preemption()
+          self.save()
+      log.flush()
+    except faults.NonFiniteLoss as error:
+      latest = self.checkpoints.latest_step()
+      raise faults.NonFiniteLoss(
+          f'{error}; its update was not applied and training stopped. Last good checkpoint: '
+          + (f'step {latest} in {checkpoint.directory(self.workdir)}' if latest is not None
+             else 'none') + ' (a lower learning_rate may help)') from None
+    finally:
+      bar.close()
     self.progress.epoch += 1
     self.progress.data_iterator = None
 
   def validate_and_checkpoint(self, writer: metric_writer.MetricWriter) -> dict[str, float]:
     start = time.perf_counter()
-    metrics = {f'valid/{k}': v for k, v in self.evaluate('valid').items()}
+    try:
+      metrics = {f'valid/{k}': v for k, v in self.evaluate('valid').items()}
+    except evaluate.Interrupted:
+      self.stop_for_preemption()  # the epoch's training is saved; validation comes on resume
     self.epoch_seconds['valid'] = time.perf_counter() - start
     step = int(self.state.step)
     ndcg = metrics[checkpoint.BEST_METRIC]
@@ -347,7 +409,8 @@ class Run:
     """Trains one epoch, validates and checkpoints; writes where its time went
     (`time/train_s`, `time/valid_s` and the rest of the epoch, `time/other_s`)."""
     start = time.perf_counter()
-    self.train_epoch(writer)
+    if not self.validation_pending():
+      self.train_epoch(writer)
     self.epoch_seconds['train'] = time.perf_counter() - start
     metrics = self.validate_and_checkpoint(writer)
     total = time.perf_counter() - start
@@ -383,10 +446,12 @@ class _TrainLog:
       return
     step, metrics = self.pending
     self.pending = None
-    loss_sum, loss_count = (float(v) for v in jax.device_get(
-        (metrics['loss_sum'], metrics['loss_count'])))
-    if not np.isfinite(loss_sum):
-      raise FloatingPointError(f'Loss became {loss_sum} at step {step}')
+    loss_sum, loss_count, finite = jax.device_get(
+        (metrics['loss_sum'], metrics['loss_count'], metrics['finite']))
+    loss_sum, loss_count = float(loss_sum), float(loss_count)
+    if not finite:
+      raise faults.NonFiniteLoss(f'non-finite loss or gradient at step {step} (loss sum '
+                                 f'{loss_sum})')
     self.loss_sum, self.loss_count, self.steps = (
         self.loss_sum + loss_sum, self.loss_count + loss_count, self.steps + 1)
 
@@ -413,8 +478,13 @@ def _write_json_atomic(path: str, payload: dict) -> None:
 def test_best(run: Run) -> dict[str, dict[str, float]]:
   """Validation and test metrics of the best checkpoint, also written to results.json."""
   run.restore_best()
+  try:
+    test = run.evaluate('test')
+  except evaluate.Interrupted:
+    raise faults.Preempted('preempted while testing the best checkpoint, which is saved: run '
+                           'the same command again to finish') from None
   results = {'best_step': run.progress.best_step, 'epochs': run.progress.epoch,
-             'valid': run.progress.best_validation(), 'test': run.evaluate('test')}
+             'valid': run.progress.best_validation(), 'test': test}
   if jax.process_index() == 0:
     _write_json_atomic(os.path.join(run.workdir, 'results.json'), results)
   return results
@@ -424,17 +494,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains until early stopping (resuming from the latest checkpoint), then tests the best."""
   run = Run(config, workdir)
   run.restore_latest()
-  writer = metric_writer.MetricWriter(workdir)
+  # Records past the restored step come from work the resumed run does again.
+  writer = metric_writer.MetricWriter(workdir, after_step=int(run.state.step))
   logging.info('%d training users, %d items, %d steps per epoch', len(run.inputs.users),
                run.dataset.num_items, run.inputs.steps_per_epoch)
   try:
-    while not run.finished():
-      metrics = run.run_epoch(writer)
-      logging.info('epoch %d: valid ndcg@10 %.4f (best %.4f at step %d)', run.progress.epoch,
-                   metrics[checkpoint.BEST_METRIC], run.progress.best_ndcg,
-                   run.progress.best_step)
-    run.checkpoints.wait_until_finished()
-    results = test_best(run)
+    with run.watch:
+      while not run.finished():
+        metrics = run.run_epoch(writer)
+        logging.info('epoch %d: valid ndcg@10 %.4f (best %.4f at step %d)', run.progress.epoch,
+                     metrics[checkpoint.BEST_METRIC], run.progress.best_ndcg,
+                     run.progress.best_step)
+      checkpoint.wait(run.checkpoints)
+      results = test_best(run)
     writer.write(run.progress.best_step, {f'test/{k}': v for k, v in results['test'].items()})
   finally:
     writer.close()

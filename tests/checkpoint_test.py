@@ -1,9 +1,14 @@
-"""Which checkpoints survive: the latest, and the best by validation NDCG@10 (earliest on ties)."""
+"""Which checkpoints survive (the latest, and the best by validation NDCG@10, earliest on ties),
+and what a failing save leaves."""
 
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 
+from configs import test as test_config
 from pka_jax import checkpoint
+from pka_jax import train
 
 
 def test_keeps_latest_and_earliest_best(tmp_path):
@@ -20,3 +25,27 @@ def test_keeps_latest_and_earliest_best(tmp_path):
   assert progress == {'epoch': 2}
   assert checkpoint.restore_config(str(tmp_path)).model == 'pka'
   manager.close()
+
+
+def test_a_failing_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
+  config = test_config.get_config()
+  config.data_dir = str(tmp_path / 'data')
+  real_save, saves = ocp.CheckpointManager.save, []
+
+  def disk_full_at_the_second_save(self, step, *args, **kwargs):
+    saves.append(step)
+    if len(saves) == 2:
+      raise OSError(28, 'No space left on device')
+    return real_save(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(ocp.CheckpointManager, 'save', disk_full_at_the_second_save)
+  workdir = str(tmp_path / 'run')
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r'could not save the checkpoint of step \d+ .*No space left on device'):
+    train.train_and_evaluate(config, workdir)
+  monkeypatch.undo()
+  assert len(saves) == 2
+  run = train.Run(config, workdir)
+  assert run.restore_latest()
+  assert int(run.state.step) == saves[0] and run.progress.epoch == 1
+  assert run.progress.history[-1]['step'] == saves[0]

@@ -36,3 +36,33 @@ def test_missing_dataset_explains_where_to_put_it(tmp_path, mode):
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr
   assert 'ml-1m.zip' in result.stderr and str(data_dir / 'ml1m') in result.stderr
+
+
+def test_a_bad_configuration_is_one_line_naming_every_field(tmp_path):
+  result = run_main('--config=configs/test.py', f'--workdir={tmp_path}/run',
+                    f'--config.data_dir={tmp_path}/data', '--config.maxlen=1',
+                    '--config.dropout=1.5', tmp_path=tmp_path)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  line = result.stderr.strip().splitlines()[-1]
+  assert line.startswith('error: invalid configuration (2 problems): ')
+  assert 'maxlen: expected an integer >= 2, got 1' in line and 'dropout: ' in line
+  assert not os.path.exists(tmp_path / 'run') and not os.path.exists(tmp_path / 'data')
+
+
+def test_an_unwritable_workdir_is_reported_before_any_work(tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  result = run_main('--config=configs/test.py', f'--workdir={tmp_path}/a_file/run',
+                    f'--config.data_dir={tmp_path}/data', tmp_path=tmp_path)
+  assert result.returncode == 1
+  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      f'error: cannot write to the workdir {tmp_path}/a_file/run')
+  assert not os.path.exists(tmp_path / 'data')  # nothing was prepared
+
+
+def test_verbosity_shows_the_traceback_of_a_user_error(tmp_path):
+  result = run_main('--config=configs/test.py', f'--workdir={tmp_path}/run',
+                    '--config.maxlen=1', '--verbosity=1', tmp_path=tmp_path)
+  assert result.returncode != 0
+  assert 'Traceback' in result.stderr and 'ConfigError' in result.stderr

@@ -128,10 +128,39 @@ def test_failure_while_writing_leaves_previous_store(tmp_path, monkeypatch):
     raise OSError('disk full')
 
   monkeypatch.setattr(store.json, 'dump', fail)
-  with pytest.raises(OSError, match='disk full'):
+  with pytest.raises(DataError, match=r'ml1m.*: cannot write the prepared store: disk full'):
     prepare.prepare('ml1m', str(tmp_path))
   assert _leftovers(tmp_path) == []
   assert store.read_meta(first.directory)['cache_key'] == first.meta['cache_key']
+
+
+@pytest.mark.parametrize('renames_done', [1, 2])
+def test_a_crash_between_the_store_renames_is_repaired(tmp_path, monkeypatch, renames_done):
+  # Regression: a crash after moving the old store aside left it as a hidden '.old'
+  # directory, never restored nor removed.
+  _write_ml1m(tmp_path, _ml1m_text(seed=0))
+  first = prepare.prepare('ml1m', str(tmp_path))
+  _write_ml1m(tmp_path, _ml1m_text(seed=1))
+  real_rename, calls = os.rename, []
+
+  def crash_after(src, dst):
+    calls.append(src)
+    real_rename(src, dst)
+    if len(calls) == renames_done:
+      raise KeyboardInterrupt  # the process dies here
+
+  monkeypatch.setattr(store.os, 'rename', crash_after)
+  with pytest.raises(KeyboardInterrupt):
+    prepare.prepare('ml1m', str(tmp_path))
+  monkeypatch.undo()
+  assert _leftovers(tmp_path)  # the store set aside, and the new one in place or not
+  meta = store.read_meta(first.directory)  # any reader repairs it
+  assert _leftovers(tmp_path) == []
+  if renames_done == 1:  # only the old store had moved: it is back
+    assert meta['cache_key'] == first.meta['cache_key']
+  else:  # the new store was in place: the old one is gone
+    assert meta['cache_key'] != first.meta['cache_key']
+  assert len(store.load_split(first.directory).item_ids) > 0
 
 
 def test_every_interaction_filtered_out(tmp_path):

@@ -211,7 +211,24 @@ def test_yelp_reviews_iso_dates(tmp_path):
   np.testing.assert_array_equal(kept.user_ids, ['uB'])
 
 
-@pytest.mark.parametrize('date', ['2016-13-45 00:00:00', 'last tuesday', ''])
+@pytest.mark.parametrize('date,seconds_after', [
+    ('2016-03-09T00:44:42Z', 0),  # a UTC designator
+    ('2016-03-09T00:44:42.913Z', 0),  # fractional seconds are dropped
+    ('2016-03-09 00:44:42.5', 0),
+    ('2016-03-09T02:44:42+02:00', 0),  # 02:44:42 at UTC+2 is 00:44:42 UTC
+    ('2016-03-08T23:14:42-0130', 0),
+    ('2016-03-09T00:44:43', 1),
+])
+def test_yelp_dates_in_every_iso_8601_form(tmp_path, date, seconds_after):
+  # Regression: these forms used to fail with an error that named no line.
+  path = tmp_path / 'review.json'
+  path.write_text(_jsonl([{**YELP_REVIEWS[0], 'date': date}]))
+  x = readers.read_yelp_reviews(str(path))
+  np.testing.assert_array_equal(x.timestamp, [T_2016_03_09_004442 + seconds_after])
+
+
+@pytest.mark.parametrize('date', ['2016-13-45 00:00:00', 'last tuesday', '', '2016-03-09T25:00:00Z',
+                                  '2016-03-09T00:44:42+2'])
 def test_yelp_bad_date_is_located(tmp_path, date):
   path = tmp_path / 'review.json'
   bad = {'user_id': 'uC', 'business_id': 'b3', 'stars': 1, 'date': date}

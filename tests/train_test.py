@@ -2,13 +2,14 @@
 
 import json
 import os
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import test as test_config
+from pka_jax import evaluate
+from pka_jax import faults
 from pka_jax import train
 
 
@@ -76,34 +77,68 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
   assert runs[0].progress.history == runs[1].progress.history
 
 
-def test_mid_epoch_checkpoint_resumes_the_data_iterator(tmp_path):
-  workdir = str(tmp_path)
-  run = train.Run(config(checkpoint_every_steps=2), workdir)
-  run.progress.data_iterator = None
-  iterator = run.inputs.epoch(0)
-  for _ in range(2):
-    run.state, _ = run.step_fn(run.state, run._global_batch(next(iterator)), run.dropout_rng)
-  run.progress.data_iterator = iterator.get_state()
-  run.save()
-  run.checkpoints.wait_until_finished()
-  remaining_inputs = [b['inputs'] for b in iterator]
+def test_a_run_stopped_mid_epoch_resumes_through_the_loop_to_the_same_parameters(
+    tmp_path, monkeypatch):
+  uninterrupted, interrupted = str(tmp_path / 'once'), str(tmp_path / 'twice')
+  once = train.train_and_evaluate(config(max_epochs=2), uninterrupted)
+  # A preemption noticed after the third step of the first epoch.
+  with monkeypatch.context() as patch:
+    patch.setattr(faults.PreemptionWatch, 'reached', lambda self, step: step == 3)
+    with pytest.raises(faults.Preempted, match='saved step 3'):
+      train.train_and_evaluate(config(max_epochs=2), interrupted)
+  stopped = train.Run(config(), interrupted)
+  assert stopped.restore_latest() and int(stopped.state.step) == 3
+  assert stopped.progress.epoch == 0 and stopped.progress.data_iterator is not None
+  twice = train.train_and_evaluate(config(max_epochs=2), interrupted)
+  assert twice == once
+  runs = [train.Run(config(), d) for d in (uninterrupted, interrupted)]
+  for run in runs:
+    assert run.restore_latest()
+  for (path, a), (_, b) in zip(*(jax.tree_util.tree_flatten_with_path(params_of(r))[0]
+                                 for r in runs)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
-  restored = train.Run(config(checkpoint_every_steps=2), workdir)
-  assert restored.restore_latest()
-  assert int(restored.state.step) == 2
-  resumed = restored.inputs.epoch(0, restored.progress.data_iterator)
-  np.testing.assert_array_equal([b['inputs'] for b in resumed], remaining_inputs)
+
+def test_a_checkpoint_every_epoch_end_step_keeps_the_best(tmp_path):
+  # Regression: the mid-epoch save took the epoch's last step first, orbax skipped the
+  # validated save of that step, and the earlier best checkpoint was deleted.
+  probe = train.Run(config(), str(tmp_path / 'probe'))
+  steps_per_epoch = probe.inputs.steps_per_epoch
+  workdir = str(tmp_path / 'run')
+  results = train.train_and_evaluate(
+      config(max_epochs=3, patience=100, checkpoint_every_steps=steps_per_epoch), workdir)
+  run = train.Run(config(), workdir)
+  assert run.restore_latest()
+  assert [r['step'] for r in run.progress.history] == [steps_per_epoch * e for e in (1, 2, 3)]
+  assert results['best_step'] == run.progress.best_step
+  assert run.progress.best_step in run.checkpoints.all_steps()
+  assert train.evaluate_checkpoint(config(), workdir)['test'] == results['test']
+
+
+def popularity_results(run: train.Run, part: str) -> dict[str, float]:
+  """The successive protocol with every item scored by its count in the training data."""
+  counts_V = np.bincount(np.asarray(run.dataset.train.items),
+                         minlength=run.dataset.num_items + 1).astype(np.float32)
+  return evaluate.evaluate(
+      lambda inputs_BxT: np.broadcast_to(counts_V, (len(inputs_BxT), len(counts_V))),
+      run.dataset, part, maxlen=run.config.maxlen, batch_size=run.config.eval_batch_size)
 
 
 def test_end_to_end_train_checkpoint_restore_evaluate(tmp_path):
-  start = time.perf_counter()
   workdir = str(tmp_path)
-  results = train.train_and_evaluate(config(), workdir)
+  # 600 users and 20 epochs at a high rate: enough for the tiny model to learn the rule.
+  cfg = config(max_epochs=20, patience=100, learning_rate=1e-2)
+  cfg.synthetic.num_users = 600
+  results = train.train_and_evaluate(cfg, workdir)
   for split in ('valid', 'test'):
     for name in ('hr@10', 'ndcg@10', 'mrr@10', 'cov@10'):
       assert 0.0 <= results[split][name] <= 1.0
     assert results[split]['num_steps'] > 0
-  assert results['test']['hr@10'] > 0.0  # above nothing: the model recommends something right
+  # The model learned more than which items are popular.
+  popular = popularity_results(train.Run(cfg, str(tmp_path / 'popularity')), 'test')
+  assert results['test']['num_steps'] == popular['num_steps']
+  assert results['test']['ndcg@10'] > popular['ndcg@10'] + 3 * results['test']['ndcg@10_se']
+  assert results['test']['ndcg@10'] > 1.5 * popular['ndcg@10']
 
   with open(os.path.join(workdir, 'results.json')) as f:
     assert json.load(f)['test'] == pytest.approx(results['test'])
@@ -112,10 +147,9 @@ def test_end_to_end_train_checkpoint_restore_evaluate(tmp_path):
   assert any('valid/ndcg@10' in json.loads(line) for line in lines)
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
-  again = train.evaluate_checkpoint(config(), workdir)
+  again = train.evaluate_checkpoint(cfg, workdir)
   assert again['test'] == pytest.approx(results['test'])
   assert again['best_step'] == results['best_step']
-  assert time.perf_counter() - start < 30
 
 
 def test_evaluating_an_empty_workdir_says_so(tmp_path):
@@ -138,12 +172,20 @@ def test_blockwise_loss_trains_like_the_full_one(tmp_path):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-def test_a_workdir_of_another_configuration_is_refused(tmp_path):
+@pytest.mark.parametrize('field,value', [
+    ('hidden_units', 32), ('batch_size', 16), ('prng_impl', 'threefry2x32'), ('loss', 'bce'),
+    ('learning_rate', 0.5), ('dtype', 'bfloat16')])
+def test_a_workdir_of_another_configuration_is_refused(tmp_path, field, value):
+  # batch_size, prng_impl and loss used to be missing: a resumed run reused an iterator state
+  # made for other batches.
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(config(max_epochs=1), workdir)
-  with pytest.raises(train.WorkdirMismatchError, match=r'hidden_units: 16 there, 32 here'):
-    train.evaluate_checkpoint(config(hidden_units=32), workdir)
-  assert train.evaluate_checkpoint(config(max_epochs=5, eval_batch_size=128), workdir)['test']
+  with pytest.raises(train.WorkdirMismatchError, match=rf'{field}: .* there, .* here'):
+    train.train_and_evaluate(config(**{field: value}), workdir)
+  # Limits and settings that compute the same function may change.
+  assert train.evaluate_checkpoint(
+      config(max_epochs=5, eval_batch_size=128, attention_impl='xla', microbatches=2),
+      workdir)['test']
 
 
 def test_microbatch_rows_are_spread_and_merge_back():

@@ -66,7 +66,9 @@ def main(argv: list[str]) -> None:
   try:
     prepared = prepare.prepare(_DATASET.value, _DATA_DIR.value, split=split,
                                overrides=_overrides(), allow_download=allow, force=_FORCE.value)
-  except DataError as e:
+  except (DataError, OSError) as e:
+    if flags.FLAGS.verbosity >= 1:
+      raise
     sys.exit(f'error: {e}')
   print(format_stats(prepared))
 

@@ -190,7 +190,10 @@ def prepare_store(name: str, data_dir: str, *, settings: dict, raw_files: list[d
       'settings': settings, 'raw_files': raw_files, 'stats': stats,
       'build_seconds': time.monotonic() - start, **extra_meta,
   }
-  store.save_split(split_dataset, directory, meta)
+  try:
+    store.save_split(split_dataset, directory, meta)
+  except OSError as e:  # read-only data_dir, disk full: the previous store, if any, is intact
+    raise DataError(f'{directory}: cannot write the prepared store: {e.strerror or e}') from None
   logging.info('%s: prepared store written to %s in %.1f s', name, directory,
                meta['build_seconds'])
   return Prepared(directory, store.read_meta(directory), reused=False)

@@ -140,6 +140,19 @@ def _check_iso(text: str, need_zone: bool = False) -> None:
     raise ValueError(f'expected {_EXPECTED[ISO_UTC]}, got {text!r}')
 
 
+def _check_date(text: str) -> None:
+  """A DATE field: `_ISO_DATE_PATTERN`, and a real calendar date and time."""
+  match = re.fullmatch(_ISO_DATE_PATTERN, text)
+  try:
+    if match is None:
+      raise ValueError
+    datetime.datetime.strptime(f'{match["date"]} {match["time"] or "00:00:00"}',
+                               '%Y-%m-%d %H:%M:%S')
+  except ValueError:
+    raise ValueError(f'expected {_EXPECTED[DATE]} (YYYY-MM-DD[ hh:mm:ss[.fff]][Z|±hh:mm]), '
+                     f'got {text!r}') from None
+
+
 def _delimited_checker(sep: str, kinds: Sequence[str]) -> Callable[[str], None]:
   def check(line: str) -> None:
     fields = line.split(sep)
@@ -283,7 +296,11 @@ def read_snap_checkins(path: str) -> Interactions:
 # ---- JSON lines: Amazon 5-core reviews, Yelp reviews ----
 
 _JSON_TYPES = {INT: pa.int64(), FLOAT: pa.float64(), STR: pa.string(), DATE: pa.string()}
-_DATE_FORMATS = ('%Y-%m-%d %H:%M:%S', '%Y-%m-%dT%H:%M:%S', '%Y-%m-%d')
+# ISO 8601 dates as the raw datasets write them: a date, an optional time (` ` or `T`) with
+# optional fractional seconds (dropped), and an optional zone (`Z`, `±hh:mm`, `±hhmm`); a time
+# without a zone is taken as UTC. The fast path (arrow) and the line checker share it.
+_ISO_DATE_PATTERN = (r'^(?P<date>\d{4}-\d{2}-\d{2})(?:[ T](?P<time>\d{2}:\d{2}:\d{2})(?:\.\d+)?)?'
+                     r'(?P<zone>Z|[+-]\d{2}:?\d{2})?$')
 
 
 def _json_checker(fields: Mapping[str, str]) -> Callable[[str], None]:
@@ -301,7 +318,10 @@ def _json_checker(fields: Mapping[str, str]) -> Callable[[str], None]:
       if not _json_value_ok(kind, value):
         raise ValueError(f'field {name!r}: expected {_EXPECTED[kind]}, got {value!r}')
       if kind == DATE:
-        _check_iso(value)
+        try:
+          _check_date(value)
+        except ValueError as e:
+          raise ValueError(f'field {name!r}: {e}') from None
   return check
 
 
@@ -316,12 +336,22 @@ def _json_value_ok(kind: str, value: Any) -> bool:
 
 
 def _parse_dates(values: pa.ChunkedArray) -> pa.ChunkedArray:
-  """Date strings to timestamps; unparsable entries become null."""
-  parsed = pc.strptime(values, format=_DATE_FORMATS[0], unit='s', error_is_null=True)
-  for fmt in _DATE_FORMATS[1:]:
-    retry = pc.strptime(values, format=fmt, unit='s', error_is_null=True)
-    parsed = pc.coalesce(parsed, retry)
-  return parsed
+  """`_ISO_DATE_PATTERN` strings to int64 UTC seconds; anything else becomes null."""
+  parts = pc.extract_regex(values, pattern=_ISO_DATE_PATTERN)
+  time = pc.struct_field(parts, 'time')
+  time = pc.if_else(pc.equal(time, ''), '00:00:00', time)
+  local = pc.strptime(pc.binary_join_element_wise(pc.struct_field(parts, 'date'), time, ' '),
+                      format='%Y-%m-%d %H:%M:%S', unit='s', error_is_null=True)
+  zone = pc.replace_substring(pc.struct_field(parts, 'zone'), ':', '')  # '', 'Z' or ±hhmm
+  has_offset = pc.greater(pc.utf8_length(zone), 1)
+  sign = pc.if_else(pc.starts_with(zone, '-'), -1, 1)
+
+  def digits(start: int) -> pa.ChunkedArray:
+    text = pc.utf8_slice_codeunits(zone, start, start + 2)
+    return pc.cast(pc.if_else(has_offset, text, '0'), pa.int64())
+
+  offset = pc.multiply(sign, pc.add(pc.multiply(digits(1), 3600), pc.multiply(digits(3), 60)))
+  return pc.subtract(pc.cast(local, pa.int64()), offset)
 
 
 def _read_json_lines(path: str, fields: Mapping[str, str]) -> pa.Table:

@@ -7,7 +7,9 @@ Layout of a store directory:
   meta.json                                     split info plus whatever the caller adds
 
 The directory is written under a temporary name and renamed into place, so a reader sees
-either the whole store or none of it.
+either the whole store or none of it. Replacing a store moves the old one aside under a fixed
+name first; a crash between the two renames is repaired by the next reader or writer, which
+puts the old store back (or removes it, once the new one is in place).
 """
 
 from __future__ import annotations
@@ -29,10 +31,28 @@ def _raw_ids(ids: np.ndarray) -> np.ndarray:
   return ids.astype(str) if ids.dtype == object else ids
 
 
+def _set_aside(directory: str) -> str:
+  """Where a store being replaced waits until its successor is in place."""
+  directory = os.path.abspath(directory)
+  return os.path.join(os.path.dirname(directory), '.' + os.path.basename(directory) + '.old')
+
+
+def recover(directory: str) -> None:
+  """Repairs a replacement cut short between its renames."""
+  old = _set_aside(directory)
+  if not os.path.exists(old):
+    return
+  if os.path.exists(directory):
+    shutil.rmtree(old)
+  else:
+    os.rename(old, directory)
+
+
 def save_split(dataset: SplitDataset, directory: str, meta: dict | None = None) -> None:
   """Writes `dataset` to `directory`, replacing an existing store only once complete."""
   parent = os.path.dirname(os.path.abspath(directory))
   os.makedirs(parent, exist_ok=True)
+  recover(directory)
   tmp = tempfile.mkdtemp(prefix='.tmp-' + os.path.basename(directory) + '-', dir=parent)
   try:
     arrays = {
@@ -48,7 +68,7 @@ def save_split(dataset: SplitDataset, directory: str, meta: dict | None = None) 
     with open(os.path.join(tmp, META_FILE), 'w') as f:
       json.dump({'split': dataset.info, **(meta or {})}, f, indent=2, sort_keys=True)
     if os.path.exists(directory):
-      old = tmp + '.old'
+      old = _set_aside(directory)
       os.rename(directory, old)
       os.rename(tmp, directory)
       shutil.rmtree(old)
@@ -61,6 +81,7 @@ def save_split(dataset: SplitDataset, directory: str, meta: dict | None = None) 
 
 def read_meta(directory: str) -> dict | None:
   """The store's metadata, or None when there is no complete store at `directory`."""
+  recover(directory)
   path = os.path.join(directory, META_FILE)
   if not os.path.exists(path):
     return None

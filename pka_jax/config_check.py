@@ -1,0 +1,142 @@
+"""Checks a whole configuration before any work, and reports every problem in one message."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import ml_collections
+
+from configs import default
+from pka_jax import attention
+from pka_jax.data import registry
+from pka_jax.dropout import DROPOUT_IMPLS
+from pka_jax.models import DTYPES, POSITION_MODES
+
+LOSSES = ('ce', 'bce')
+PRNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
+
+
+class ConfigError(ValueError):
+  """The configuration has problems; the message names each field and what it expects."""
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
+  """(field, test, expectation) for every field checked on its own."""
+  positive_int = (lambda v: _is_int(v) and v > 0, 'an integer > 0')
+  non_negative_int = (lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
+  one_of = lambda choices: (lambda v: v in choices, f'one of {list(choices)}')
+  fraction = (lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1)')
+  rules = {
+      'dataset': one_of(['synthetic', *sorted(registry.DATASETS)]),
+      'model': one_of(default.MODEL_POSITIONS),
+      'position_mode': one_of(POSITION_MODES),
+      'kernel_q_side': one_of(attention.KERNEL_KINDS),
+      'kernel_k_side': one_of(attention.KERNEL_KINDS),
+      'kernel_v_side': one_of(attention.KERNEL_KINDS),
+      'maxlen': (lambda v: _is_int(v) and v >= 2, 'an integer >= 2'),
+      'num_blocks': positive_int,
+      'hidden_units': positive_int,
+      'num_heads': positive_int,
+      'dropout': fraction,
+      'kernel_init_std': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
+      'dtype': one_of(DTYPES),
+      'attention_impl': one_of(attention.ATTENTION_IMPLS),
+      'dropout_impl': one_of(DROPOUT_IMPLS),
+      'loss': one_of(LOSSES),
+      'ce_block_size': non_negative_int,
+      'ce_chunk_rows': non_negative_int,
+      'learning_rate': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
+      'adam_b1': fraction,
+      'adam_b2': fraction,
+      'batch_size': positive_int,
+      'microbatches': non_negative_int,
+      'max_epochs': positive_int,
+      'patience': positive_int,
+      'seed': non_negative_int,
+      'prng_impl': one_of(PRNG_IMPLS),
+      'log_every_steps': positive_int,
+      'checkpoint_every_steps': non_negative_int,
+      'top_k': positive_int,
+      'eval_batch_size': positive_int,
+      'max_eval': positive_int,
+  }
+  return [(name, test, expected) for name, (test, expected) in rules.items()]
+
+
+def _relations(config: ml_collections.ConfigDict, devices: int, processes: int) -> list[str]:
+  """Problems between fields, and between the batch sizes and the machines."""
+  problems = []
+  model, mode = config.get('model'), config.get('position_mode')
+  if model in default.MODEL_POSITIONS and mode != default.MODEL_POSITIONS[model]:
+    problems.append(f'position_mode: model {model!r} uses '
+                    f'{default.MODEL_POSITIONS[model]!r}, got {mode!r}')
+  if mode == 'kernel' and all(config.get(f'kernel_{side}_side') == 'none' for side in 'qkv'):
+    problems.append("kernel_k_side, kernel_v_side: PKA needs a kernel on some side, got 'none' "
+                    'on every side')
+  heads, hidden = config.get('num_heads'), config.get('hidden_units')
+  if _is_int(heads) and _is_int(hidden) and heads > 0 and hidden > 0:
+    if hidden % heads:
+      problems.append(f'num_heads: expected a divisor of hidden_units {hidden}, got {heads}')
+    elif mode == 'rotary' and (hidden // heads) % 2:
+      problems.append(f'hidden_units: rotary embeddings need an even head size, got '
+                      f'{hidden} / {heads} heads = {hidden // heads}')
+  q_valid, q_test = config.get('q_valid'), config.get('q_test')
+  if not (_is_number(q_valid) and _is_number(q_test) and 0 < q_valid < q_test < 1):
+    problems.append(f'q_valid, q_test: expected 0 < q_valid < q_test < 1, got {q_valid!r} and '
+                    f'{q_test!r}')
+  for name in ('batch_size', 'eval_batch_size'):
+    value = config.get(name)
+    if _is_int(value) and value > 0 and value % max(devices, processes):
+      problems.append(f'{name}: expected a multiple of the {devices} devices and {processes} '
+                      f'processes, got {value}')
+  micro, batch = config.get('microbatches'), config.get('batch_size')
+  if _is_int(micro) and micro > 0 and _is_int(batch) and batch > 0:
+    per_device = batch // devices
+    if per_device % micro:
+      problems.append(f'microbatches: expected a divisor of the {per_device} sequences per '
+                      f'device (batch_size {batch} over {devices} devices), got {micro}')
+  return problems + _synthetic_problems(config)
+
+
+def _synthetic_problems(config: ml_collections.ConfigDict) -> list[str]:
+  if config.get('dataset') != 'synthetic':
+    return []
+  synthetic = config.synthetic
+  problems = [f'synthetic.{name}: expected an integer > 0, got {synthetic.get(name)!r}'
+              for name in ('num_users', 'num_items', 'min_length', 'max_length')
+              if not (_is_int(synthetic.get(name)) and synthetic.get(name) > 0)]
+  lengths = synthetic.get('min_length'), synthetic.get('max_length')
+  if all(_is_int(n) for n in lengths) and lengths[0] > lengths[1]:
+    problems.append(f'synthetic.min_length: expected at most max_length {lengths[1]}, got '
+                    f'{lengths[0]}')
+  if not (_is_number(synthetic.get('noise')) and 0 <= synthetic.get('noise') <= 1):
+    problems.append(f'synthetic.noise: expected a number in [0, 1], got {synthetic.get("noise")!r}')
+  return problems
+
+
+def problems(config: ml_collections.ConfigDict, *, devices: int = 1,
+             processes: int = 1) -> list[str]:
+  """Every problem of `config`, each starting with the field it concerns."""
+  found = []
+  for name, test, expected in _rules():
+    if name not in config:
+      found.append(f'{name}: missing; expected {expected}')
+    elif not test(config[name]):
+      found.append(f'{name}: expected {expected}, got {config[name]!r}')
+  return found + _relations(config, devices, processes)
+
+
+def check(config: ml_collections.ConfigDict, *, devices: int = 1, processes: int = 1) -> None:
+  """Raises ConfigError listing every problem of `config`, if it has any."""
+  found = problems(config, devices=devices, processes=processes)
+  if found:
+    raise ConfigError(f'invalid configuration ({len(found)} problem'
+                      f'{"s" if len(found) > 1 else ""}): ' + '; '.join(found))

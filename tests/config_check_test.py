@@ -1,0 +1,86 @@
+"""Configuration checks: each problem is named by its field, all of them in one message."""
+
+import pytest
+
+from configs import default
+from configs import test as test_config
+from pka_jax import config_check
+
+
+def config(variant: str | None = None, **overrides):
+  cfg = test_config.get_config(variant)
+  for key, value in overrides.items():
+    if '.' in key:
+      group, field = key.split('.')
+      cfg[group][field] = value
+    else:
+      cfg[key] = value
+  return cfg
+
+
+def test_the_shipped_configs_pass():
+  for model in default.MODEL_POSITIONS:
+    config_check.check(test_config.get_config(f'model={model}'))
+  for layout in default.KERNEL_LAYOUTS:
+    config_check.check(test_config.get_config(f'model=pka,kernel={layout}'))
+
+
+@pytest.mark.parametrize('overrides,variant,field', [
+    (dict(dataset='movielens-42'), None, 'dataset'),
+    (dict(model='bert'), None, 'model'),
+    (dict(position_mode='absolute'), None, 'position_mode'),  # model pka uses 'kernel'
+    (dict(kernel_k_side='diagonal'), None, 'kernel_k_side'),
+    (dict(kernel_k_side='none', kernel_v_side='none'), None, 'kernel_k_side, kernel_v_side'),
+    (dict(maxlen=1), None, 'maxlen'),
+    (dict(num_blocks=0), None, 'num_blocks'),
+    (dict(hidden_units=0), None, 'hidden_units'),
+    (dict(dropout=1.0), None, 'dropout'),
+    (dict(dropout=-0.1), None, 'dropout'),
+    (dict(num_heads=3), None, 'num_heads'),  # 16 hidden units
+    (dict(hidden_units=6, num_heads=2), 'model=rope', 'hidden_units'),  # head size 3 is odd
+    (dict(q_valid=0.98), None, 'q_valid, q_test'),  # after q_test 0.97
+    (dict(q_test=1.0), None, 'q_valid, q_test'),
+    (dict(max_eval=0), None, 'max_eval'),
+    (dict(learning_rate=0.0), None, 'learning_rate'),
+    (dict(adam_b2=1.0), None, 'adam_b2'),
+    (dict(loss='mse'), None, 'loss'),
+    (dict(dtype='float16'), None, 'dtype'),
+    (dict(attention_impl='flash'), None, 'attention_impl'),
+    (dict(dropout_impl='philox'), None, 'dropout_impl'),
+    (dict(prng_impl='mt19937'), None, 'prng_impl'),
+    (dict(batch_size=0), None, 'batch_size'),
+    (dict(microbatches=3), None, 'microbatches'),  # 32 sequences per device
+    (dict(max_epochs=0), None, 'max_epochs'),
+    (dict(patience=0), None, 'patience'),
+    (dict(top_k=0), None, 'top_k'),
+    (dict(eval_batch_size=-1), None, 'eval_batch_size'),
+    (dict(ce_block_size=-5), None, 'ce_block_size'),
+    (dict(checkpoint_every_steps=-1), None, 'checkpoint_every_steps'),
+    (dict(log_every_steps=0), None, 'log_every_steps'),
+    ({'synthetic.num_items': 0}, None, 'synthetic.num_items'),
+    ({'synthetic.min_length': 30}, None, 'synthetic.min_length'),  # max_length 20
+    ({'synthetic.noise': 2.0}, None, 'synthetic.noise'),
+])
+def test_each_problem_names_its_field(overrides, variant, field):
+  with pytest.raises(config_check.ConfigError, match=rf'(^|; |: ){field}: ') as raised:
+    config_check.check(config(variant, **overrides))
+  assert raised.value.args[0].count('; ') == 0  # only this problem
+
+
+@pytest.mark.parametrize('field,value', [('batch_size', 36), ('eval_batch_size', 100)])
+def test_batch_sizes_must_divide_over_the_devices(field, value):
+  config_check.check(config(**{field: value}), devices=1)
+  with pytest.raises(config_check.ConfigError, match=f'{field}: expected a multiple of the 8'):
+    config_check.check(config(**{field: value}), devices=8)
+  with pytest.raises(config_check.ConfigError, match=f'{field}: .* 3 processes'):
+    config_check.check(config(**{field: value}), devices=3, processes=3)
+
+
+def test_every_problem_in_one_message():
+  with pytest.raises(config_check.ConfigError) as raised:
+    config_check.check(config(maxlen=1, dropout=2.0, loss='mse', num_heads=5))
+  message = raised.value.args[0]
+  assert message.startswith('invalid configuration (4 problems): ')
+  assert '\n' not in message
+  for field in ('maxlen', 'dropout', 'loss', 'num_heads'):
+    assert f'{field}: ' in message
