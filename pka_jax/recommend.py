@@ -625,10 +625,10 @@ def _records(recommender: Recommender) -> Iterator[dict]:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    sys.exit(f'error: unexpected arguments {argv[1:]}')
   given = [name for name in ('history', 'user', 'input') if FLAGS[name].value is not None]
   if len(given) != 1:
-    raise app.UsageError('Give exactly one of --history, --user and --input')
+    sys.exit('error: give exactly one of --history, --user and --input')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # stdout is the product; warnings still show
   try:
