@@ -38,6 +38,9 @@ from pka_jax import recommend
 from pka_jax.data.errors import DataError
 
 
+FILES = ('scorer.jax', 'item_ids.npy', 'meta.json')
+
+
 def scorer(recommender: recommend.Recommender, k: int):
   """`score(history_BxT) -> (items_BxK, scores_BxK)` with the parameters as constants."""
   allowed_V = jnp.arange(recommender.served.num_items + 1) > 0
@@ -61,7 +64,14 @@ def export_scorer(recommender: recommend.Recommender, k: int,
 
 def write_export(recommender: recommend.Recommender, out: str, k: int,
                  platforms: tuple[str, ...] = ('cpu',)) -> None:
-  """Writes scorer.jax, item_ids.npy and meta.json into `out`, replacing it when complete."""
+  """Writes scorer.jax, item_ids.npy and meta.json into `out`, replacing it when complete.
+
+  `out` must be new, empty or an earlier export: it is replaced whole.
+  """
+  others = set(os.listdir(out)) - set(FILES) if os.path.isdir(out) else set()
+  if others or (os.path.exists(out) and not os.path.isdir(out)):
+    raise ValueError(f'{out} exists and holds other things than an export '
+                     f'({sorted(others)[:5] or "a file"}): give a new or empty directory')
   exported = export_scorer(recommender, k, platforms)
   tmp = recommend.temporary_directory_beside(out)
   try:

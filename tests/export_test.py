@@ -10,6 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
+from pka_jax import export
 from pka_jax import recommend
 import recommend_test
 
@@ -94,3 +95,12 @@ def test_scorer_without_flax_or_pka_jax_ranks_like_recommend(trained, recommende
   assert expected.popular.tolist() == [False] * 6 + [True]  # the empty row: popularity
   for row, items in zip(inputs_BxT, served['batch']['items']):
     assert not set(items) & set(row.tolist())
+
+
+def test_export_replaces_an_export_but_no_other_directory(recommender, trained, exported):
+  with pytest.raises(ValueError, match='holds other things than an export'):
+    export.write_export(recommender, trained.workdir, k=K)
+  assert os.path.isdir(os.path.join(trained.workdir, 'checkpoints'))
+  export.write_export(recommender, str(exported), k=K)
+  assert sorted(os.listdir(exported)) == sorted(export.FILES)
+  assert [p for p in os.listdir(exported.parent) if p.startswith('.tmp')] == []
