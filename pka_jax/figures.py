@@ -219,20 +219,20 @@ def attention_maps(trained: Trained, max_sequences: int = 4096, batch_size: int 
 def attention_figure(workdirs: Sequence[str], path: str, command: str,
                      labels: Sequence[str] | None = None,
                      max_sequences: int = 4096) -> dict[str, np.ndarray]:
-  """One row per workdir, one column per block; returns the plotted `L×T×T` maps by label."""
+  """One column per workdir, one row per block; returns the plotted `L×T×T` maps by label."""
   maps = {}
   for index, workdir in enumerate(workdirs):
     trained = load_best(workdir)
     label = labels[index] if labels else run_label(trained.config)
     maps[label] = attention_maps(trained, max_sequences)
   num_blocks = max(m.shape[0] for m in maps.values())
-  fig = Figure(figsize=(3.2 * num_blocks + 0.8, 3.0 * len(maps)), layout='constrained')
-  axes = fig.subplots(len(maps), num_blocks, squeeze=False)
+  fig = Figure(figsize=(2.9 * len(maps) + 1.0, 2.8 * num_blocks), layout='constrained')
+  axes = fig.subplots(num_blocks, len(maps), squeeze=False)
   top = max(np.nanmax(m) for m in maps.values())
   norm = colors.PowerNorm(gamma=0.5, vmin=0.0, vmax=top)  # low weights stay visible
-  for row, (label, maps_LxTxT) in enumerate(maps.items()):
+  for column, (label, maps_LxTxT) in enumerate(maps.items()):
     for block in range(num_blocks):
-      ax = axes[row, block]
+      ax = axes[block, column]
       if block >= maps_LxTxT.shape[0]:
         ax.set_axis_off()
         continue
@@ -311,30 +311,35 @@ def read_runs_csv(path: str) -> list[dict]:
     return list(csv.DictReader(f))
 
 
+def cell_label(cell: str) -> str:
+  """`pka-k_only` -> `PKA k_only`, `sasrec` -> `SASRec`."""
+  model, _, layout = cell.partition('-')
+  return ' '.join([grid.DISPLAY.get(model, model), *([layout] if layout else [])])
+
+
 def bars_figure(rows: Sequence[dict], path: str, command: str, metric: str = 'test/ndcg@10'
                 ) -> dict[tuple[str, str], tuple[float, float]]:
   """Per dataset, the mean `metric` of each cell with its 95% Student-t interval over seeds
   and the seeds as dots; returns `{(dataset, cell): (mean, half-width)}`."""
-  datasets = list(dict.fromkeys(r['dataset'] for r in rows))
-  fig = Figure(figsize=(max(4.0, 1.1 * len(rows) / len(datasets) + 1.5), 3.4 * len(datasets)),
-               layout='constrained')
-  axes = fig.subplots(len(datasets), 1, squeeze=False)[:, 0]
+  values: dict[str, dict[str, list[float]]] = {}
+  for row in rows:
+    values.setdefault(row['dataset'], {}).setdefault(row['cell'], []).append(float(row[metric]))
+  widest = max(len(cells) for cells in values.values())
+  fig = Figure(figsize=(max(4.0, 0.8 * widest + 1.5), 3.4 * len(values)), layout='constrained')
+  axes = fig.subplots(len(values), 1, squeeze=False)[:, 0]
   summary = {}
-  for ax, dataset in zip(axes, datasets):
-    values: dict[str, list[float]] = {}
-    for row in rows:
-      if row['dataset'] == dataset:
-        values.setdefault(row['cell'], []).append(float(row[metric]))
-    for x, (cell, seeds) in enumerate(values.items()):
+  for ax, (dataset, cells) in zip(axes, values.items()):
+    for x, (cell, seeds) in enumerate(cells.items()):
       mean, half = grid.interval(seeds)
       summary[(dataset, cell)] = mean, half
-      ax.bar(x, mean, color=matplotlib.colormaps[CMAP](0.35), width=0.7)
+      shade = 0.3 if cell.startswith('pka') else 0.75  # PKA and its layouts apart
+      ax.bar(x, mean, color=matplotlib.colormaps[CMAP](shade), width=0.7)
       if not np.isnan(half):
         ax.errorbar(x, mean, yerr=half, color='black', capsize=4, linewidth=1)
       ax.plot(np.full(len(seeds), x), seeds, 'o', color='white', markeredgecolor='black',
               markersize=3.5)
-    ax.set_xticks(range(len(values)), list(values), rotation=30, ha='right')
-    ax.set_ylabel(metric.replace('/', ' ').upper().replace('TEST ', 'test '))
+    ax.set_xticks(range(len(cells)), [cell_label(c) for c in cells], rotation=30, ha='right')
+    ax.set_ylabel(metric.replace('test/', 'test ').upper().replace('TEST', 'test'))
     ax.set_title(f'{dataset}: mean over seeds, 95% Student-t interval, dots: seeds',
                  fontsize=10)
     ax.grid(axis='y', alpha=0.3)

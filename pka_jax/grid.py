@@ -327,12 +327,13 @@ def _metric_table(cells_in_order: Sequence[Cell], values: dict[Cell, dict[str, l
     lines.append('| ' + ' | '.join([
         labels[cell], str(len(values[cell]['ndcg@10'])), *cells_text,
         f'{np.mean(epochs):.0f}', f'{np.mean(wall) / 60:.1f}']) + ' |')
-  lines += ['| ' + ' | '.join(row) + ' |' for row in extra_rows]
+  lines += ['| ' + ' | '.join([*row, *[''] * (len(header) - len(row))]) + ' |'
+            for row in extra_rows]
   return lines
 
 
-def relative_change_row(pka: dict[str, list[float]], baselines: dict[str, dict[str, list[float]]],
-                        width: int) -> list[str]:
+def relative_change_row(pka: dict[str, list[float]], baselines: dict[str, dict[str, list[float]]]
+                        ) -> list[str]:
   """PKA's mean against the best baseline mean of each metric: `+x.x% vs NAME (p=…)`."""
   row = ['PKA vs best baseline', '']
   for metric in METRICS:
@@ -340,7 +341,7 @@ def relative_change_row(pka: dict[str, list[float]], baselines: dict[str, dict[s
     change = np.mean(pka[metric]) / np.mean(base[metric]) - 1.0
     p = welch_p(pka[metric], base[metric])
     row.append(f'{change:+.1%} vs {name}' + ('' if math.isnan(p) else f' (p={p:.2g})'))
-  return row + [''] * (width - len(row))
+  return row
 
 
 def table_markdown(rows: Sequence[dict], grid_specs: Sequence[Spec], command: str) -> str:
@@ -385,7 +386,7 @@ def _dataset_section(dataset: str, dataset_cells: list[Cell],
     pka = next((c for c in models if c.model == 'pka'), None)
     baselines = {labels[c]: by_cell[c] for c in models if c.model != 'pka'}
     if pka is not None and baselines:
-      extra.append(relative_change_row(by_cell[pka], baselines, 3 + len(METRICS)))
+      extra.append(relative_change_row(by_cell[pka], baselines))
     lines += ['Test metrics at 10 by model (PKA in its default layout'
               + (f', `{pka_layout}`' if pka_layout else '') + ').', '']
     lines += _metric_table(models, by_cell, labels, extra) + ['']
