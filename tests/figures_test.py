@@ -104,3 +104,17 @@ def test_bars_figure_shows_the_interval_over_seeds(tmp_path):
   mean, half = summary[('toy', 'pka')]
   assert mean == pytest.approx(0.42) and half == pytest.approx(0.049683, abs=1e-6)
   assert summary[('toy', 'nope')] == pytest.approx((0.2, 0.0))
+
+
+def test_all_figures_of_a_grid_root(workdir, tmp_path):
+  root = tmp_path / 'root'
+  root.mkdir()
+  row = {'dataset': 'test', 'cell': 'pka', 'model': 'pka', 'layout': '', 'seed': '0',
+         'test/ndcg@10': '0.1', 'workdir': workdir}
+  (root / 'runs.csv').write_text(grid.runs_csv([row]))
+  written = figures.all_figures(str(root), str(tmp_path / 'out'), 'make all')
+  assert sorted(os.path.basename(p) for p in written) == [
+      'test_attention.png', 'test_bars.png', 'test_curves.png', 'test_kernels.png']
+  for path in written:
+    with Image.open(path) as image:
+      assert image.info['Description'] == 'make all'
