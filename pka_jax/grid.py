@@ -134,18 +134,23 @@ class Spec:
 
   @property
   def workdir(self) -> str:
-    return os.path.join(self.root, self.cell.dataset, self.cell.name, f'seed{self.seed}')
+    return self._workdir(str(self.seed))
+
+  def _workdir(self, seed: str) -> str:
+    return os.path.join(self.root, self.cell.dataset, self.cell.name, f'seed{seed}')
 
   def config(self) -> ml_collections.ConfigDict:
     config = self.cell.config(self.overrides)
     config.seed = self.seed
     return config
 
-  def command(self) -> str:
-    """The single-run command that trains exactly this run."""
+  def command(self, seed: str | None = None) -> str:
+    """The single-run command that trains exactly this run (with `seed` written in place
+    of its seed, e.g. 'K', for a whole cell)."""
+    seed = str(self.seed) if seed is None else seed
     flags = [f'--config={self.cell.config_path}:{self.cell.variant}',
              *(f'--config.{field}={value}' for field, value in self.overrides),
-             f'--config.seed={self.seed}', f'--workdir={self.workdir}']
+             f'--config.seed={seed}', f'--workdir={self._workdir(seed)}']
     return 'python -m pka_jax.main ' + ' '.join(flags)
 
 
@@ -404,10 +409,8 @@ def _dataset_section(dataset: str, dataset_cells: list[Cell],
     spec = next(s for s in grid_specs if s.cell == cell)
     changed = {f: v for f, v in flatten(spec.config()).items()
                if base.get(f) != v and f != 'seed'}
-    command = spec.command().replace(f'seed={spec.seed}', 'seed=K').replace(
-        f'seed{spec.seed}', 'seedK')
     diff = ', '.join(f'{f}={v}' for f, v in changed.items()) or 'none'
-    lines.append(f'* {cell.name}: `{command}`, K in {seeds}; differs in: {diff}')
+    lines.append(f'* {cell.name}: `{spec.command("K")}`, K in {seeds}; differs in: {diff}')
   return lines + ['']
 
 
