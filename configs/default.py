@@ -90,6 +90,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Gradient accumulated over this many slices of each step's batch (same gradient); 0: auto,
   # slices of ~2,048 positions per device on CPU (they stay in cache), none on accelerators.
   config.microbatches = 0
+  # Devices the item table's rows (and their Adam moments) are split over: the 'model' axis of
+  # a (data, model) mesh of all devices. 1 replicates the table (data parallel only); a larger
+  # catalog than one device holds needs more (pka_jax/sharding.py).
+  config.mesh_model = 1
   config.max_epochs = 200  # hard limit on epochs
   config.patience = 10  # stop after this many validations without a better NDCG@10
   config.seed = 0  # parameters, dropout and data order

@@ -107,10 +107,10 @@ def time_train(run: train.Run) -> dict:
 def reference_step_flops(run: train.Run, batch) -> float:
   """XLA's FLOPs for the train step with no microbatches and one loss chunk."""
   config = run.config
-  rows = config.batch_size * config.maxlen // jax.device_count()
+  rows = config.batch_size * config.maxlen // run.mesh.shape['data']
   step = functools.partial(
       train.train_step, loss_name=config.loss, ce_block_size=0, ce_chunk_rows=rows,
-      microbatches=1, mesh=run.mesh)
+      microbatches=1, mesh=run.mesh, num_items=run.dataset.num_items)
   return xla_flops(step, run.state, batch, run.dropout_rng)
 
 
@@ -123,8 +123,9 @@ def time_eval(run: train.Run) -> dict:
     start = time.perf_counter()
     run.evaluate('valid')
     seconds.append(time.perf_counter() - start)
-  batch = steps.batch(0, run.config.eval_batch_size)
-  arrays = [run._shard_rows(a) for a in (batch.inputs_BxT, batch.seen_BxS, batch.targets_B)]
+  batch = steps.batch(0, run.config.eval_batch_size, shards=run.mesh.shape['data'])
+  arrays = [run._sharded_rows(a) for a in (batch.inputs_BxT, batch.seen_rows_P,
+                                           batch.seen_items_P, batch.targets_B)]
   jax.block_until_ready(run.rank_fn(run.state.params, *arrays))
   device_seconds = []
   for _ in range(5):

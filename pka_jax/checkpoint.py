@@ -10,6 +10,7 @@ resumes from the previous complete step.
 from __future__ import annotations
 
 import glob
+import logging as std_logging
 import os
 
 from absl import logging
@@ -20,6 +21,12 @@ from orbax.checkpoint import checkpoint_managers
 BEST_METRIC = 'valid/ndcg@10'
 ITEMS = ('state', 'progress', 'config')
 _UNFINISHED = '*.orbax-checkpoint-tmp*'
+
+
+def quiet_orbax_logging() -> None:
+  """Orbax logs every checkpoint step at INFO: keep its warnings only."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
 
 
 class CheckpointError(OSError):

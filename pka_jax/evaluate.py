@@ -9,7 +9,7 @@ item still joins the user's history.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -19,6 +19,7 @@ import tqdm
 from absl import logging
 
 from pka_jax import metrics
+from pka_jax import sharding
 from pka_jax.data.sequences import Events, SequenceStore, SplitDataset
 
 ScoreFn = Callable[[jax.Array], jax.Array]
@@ -29,12 +30,19 @@ class Interrupted(Exception):
 
 
 class EvalBatch(NamedTuple):
-  """One batch of steps; every array has the batch dimension first."""
+  """The rows of one batch of steps that a host builds (all of them on one host).
+
+  Rows come in `shards` equal blocks, one per 'data' shard of the mesh. The items every step
+  has seen are listed as (row, item) pairs, row counted within its block: each block's pairs
+  padded with (0, 0) to one power-of-two length, so that no array is as wide as the longest
+  history (a user of 10⁵ events would make a dense `B × S` mask of the whole batch that wide).
+  """
 
   inputs_BxT: np.ndarray  # int32: the last T context items, left-padded with 0
   targets_B: np.ndarray  # int32: the held-out item (0 on padding rows)
-  seen_BxS: np.ndarray  # int32: every context item, right-padded with 0; S is a power of two
-  valid_B: np.ndarray  # bool: False on the padding rows that fill the last batch
+  seen_rows_P: np.ndarray  # int32: row of each seen (row, item) pair, within its block
+  seen_items_P: np.ndarray  # int32: item of each pair (0: padding)
+  valid_B: np.ndarray  # bool, for every row of the batch (held or not): False past the last step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,31 +62,52 @@ class SuccessiveSteps:
   def num_batches(self, batch_size: int) -> int:
     return -(-len(self) // batch_size)
 
-  def batch(self, start: int, batch_size: int) -> EvalBatch:
-    """Steps `start .. start + batch_size`, padded with invalid rows past the last step."""
-    stop = min(start + batch_size, len(self))
-    pad = batch_size - (stop - start)
-    begin_B = np.pad(self.histories.offsets[self.user[start:stop]], (0, pad))
-    length_B = np.pad(self.length[start:stop], (0, pad))
+  def batch(self, start: int, batch_size: int, *, shards: int = 1,
+            held: Sequence[int] | None = None) -> EvalBatch:
+    """Steps `start .. start + batch_size` (invalid rows past the last step) in `shards` row
+    blocks, of which only the blocks in `held` (all by default) are built."""
+    step_B = start + np.arange(batch_size)
+    real_B = step_B < len(self)
+    index_B = np.where(real_B, step_B, 0)
+    length_B = np.where(real_B, self.length[index_B], 0)
+    # Every block's pairs get the same length, known from the lengths of all the rows.
+    per_block = length_B.reshape(shards, batch_size // shards).sum(axis=1)
+    width = _power_of_two_at_least(max(int(per_block.max()), 1))
+    rows_per_block = batch_size // shards
+    rows = np.concatenate([np.arange(b * rows_per_block, (b + 1) * rows_per_block)
+                           for b in (range(shards) if held is None else held)])
+    begin_R = self.histories.offsets[self.user[index_B[rows]]]
+    length_R = length_B[rows]
     items = self.histories.items
 
-    position_BxT = length_B[:, None] - self.maxlen + np.arange(self.maxlen)
-    inputs_BxT = _take(items, begin_B[:, None] + position_BxT, position_BxT >= 0)
-
-    width = _power_of_two_at_least(max(self.maxlen, int(length_B.max())))
-    position_1xS = np.arange(width)[None, :]
-    seen_BxS = _take(items, begin_B[:, None] + position_1xS, position_1xS < length_B[:, None])
-
+    position_RxT = length_R[:, None] - self.maxlen + np.arange(self.maxlen)
+    inputs_RxT = _take(items, begin_R[:, None] + position_RxT, position_RxT >= 0)
+    pairs = [_seen_pairs(items, begin_R[b:b + rows_per_block], length_R[b:b + rows_per_block],
+                         width) for b in range(0, len(rows), rows_per_block)]
     return EvalBatch(
-        inputs_BxT=inputs_BxT,
-        targets_B=np.pad(self.target[start:stop], (0, pad)).astype(np.int32),
-        seen_BxS=seen_BxS,
-        valid_B=np.arange(batch_size) < stop - start)
+        inputs_BxT=inputs_RxT,
+        targets_B=np.where(real_B[rows], self.target[index_B[rows]], 0).astype(np.int32),
+        seen_rows_P=np.concatenate([r for r, _ in pairs]),
+        seen_items_P=np.concatenate([i for _, i in pairs]),
+        valid_B=real_B)
 
-  def batches(self, batch_size: int) -> Iterator[EvalBatch]:
+  def batches(self, batch_size: int, *, shards: int = 1,
+              held: Sequence[int] | None = None) -> Iterator[EvalBatch]:
     """Fixed-shape batches over all steps, built lazily in step order."""
     for start in range(0, len(self), batch_size):
-      yield self.batch(start, batch_size)
+      yield self.batch(start, batch_size, shards=shards, held=held)
+
+
+def _seen_pairs(items: np.ndarray, begin_R: np.ndarray, length_R: np.ndarray,
+                width: int) -> tuple[np.ndarray, np.ndarray]:
+  """(row, item) for the first `length` items after `begin` of each row, padded to `width`."""
+  total = int(length_R.sum())
+  row_P = np.repeat(np.arange(len(length_R), dtype=np.int32), length_R)
+  within_P = np.arange(total) - np.repeat(np.cumsum(length_R) - length_R, length_R)
+  item_P = items[np.repeat(begin_R, length_R) + within_P]
+  pad = width - total
+  return (np.pad(row_P, (0, pad)).astype(np.int32),
+          np.pad(item_P, (0, pad)).astype(np.int32))
 
 
 def _take(items: np.ndarray, index_BxW: np.ndarray, valid_BxW: np.ndarray) -> np.ndarray:
@@ -136,14 +165,74 @@ def top_k_ranks(
   """
   rows_Bx1 = jnp.arange(scores_BxV.shape[0])[:, None]
   scores_BxV = scores_BxV.at[rows_Bx1, seen_BxS].set(-jnp.inf).at[:, 0].set(-jnp.inf)
-  top_scores_BxK, top_items_BxK = jax.lax.top_k(scores_BxV, top_k)
+  return _ranked(*jax.lax.top_k(scores_BxV, top_k), targets_B)
+
+
+def _ranked(top_scores_BxK, top_items_BxK, targets_B) -> tuple[jax.Array, jax.Array]:
   top_items_BxK = jnp.where(top_scores_BxK > -jnp.inf, top_items_BxK, 0)
   hit_BxK = top_items_BxK == targets_B[:, None]
   ranks_B = jnp.where(hit_BxK.any(axis=1), jnp.argmax(hit_BxK, axis=1), -1)
   return top_items_BxK.astype(jnp.int32), ranks_B.astype(jnp.int32)
 
 
-_top_k_ranks_jit = jax.jit(top_k_ranks, static_argnames='top_k')
+def pair_top_k_ranks(scores_BxV: jax.Array, seen_rows_P: jax.Array, seen_items_P: jax.Array,
+                     targets_B: jax.Array, *, top_k: int) -> tuple[jax.Array, jax.Array]:
+  """`top_k_ranks` with the seen items given as (row, item) pairs."""
+  scores_BxV = scores_BxV.at[seen_rows_P, seen_items_P].set(-jnp.inf).at[:, 0].set(-jnp.inf)
+  return _ranked(*jax.lax.top_k(scores_BxV, top_k), targets_B)
+
+
+_pair_top_k_ranks_jit = jax.jit(pair_top_k_ranks, static_argnames='top_k')
+
+
+def sharded_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Array,
+                  seen_items_P: jax.Array, targets_B: jax.Array, *, num_items: int, top_k: int,
+                  block_size: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k items and target ranks, run inside shard_map over ('data', 'model').
+
+  This 'model' shard holds rows `[first, first + R)` of the item table and scores them
+  `block_size` at a time, masking padding, unused rows and the seen pairs that fall in the
+  block and keeping a running top-k; the shards' lists are then gathered over 'model' and
+  merged. No device holds more than `B × block_size` scores.
+  """
+  rows, dim = table_RxD.shape
+  first = sharding.shard_range(rows)
+  blocks = -(-rows // block_size)
+  table_NxBxD = jnp.pad(table_RxD, ((0, blocks * block_size - rows), (0, 0))).reshape(
+      blocks, block_size, dim).astype(hidden_BxD.dtype)
+  keep = min(top_k, block_size)
+
+  def block_top(block_KxD, index):
+    start = first + index * block_size
+    item_K = start + jnp.arange(block_size)
+    scores_BxK = jnp.dot(hidden_BxD, block_KxD.T, preferred_element_type=jnp.float32)
+    real_K = (item_K >= 1) & (item_K <= num_items) & (item_K < first + rows)
+    scores_BxK = jnp.where(real_K[None, :], scores_BxK, -jnp.inf)
+    column_P = seen_items_P - start
+    in_block_P = (seen_items_P > 0) & (column_P >= 0) & (column_P < block_size)
+    scores_BxK = scores_BxK.at[seen_rows_P, jnp.where(in_block_P, column_P, block_size)].set(
+        -jnp.inf, mode='drop')
+    block_scores, block_columns = jax.lax.top_k(scores_BxK, keep)
+    return block_scores, item_K[block_columns].astype(jnp.int32)
+
+  def add_block(best, block):
+    merged_scores, merged_items = (jnp.concatenate([a, b], axis=1)
+                                   for a, b in zip(best, block_top(*block)))
+    top_scores, top_index = jax.lax.top_k(merged_scores, top_k)
+    return (top_scores, jnp.take_along_axis(merged_items, top_index, axis=1)), None
+
+  # The first block seeds the running list (under shard_map it carries the right type).
+  first_scores, first_items = block_top(table_NxBxD[0], 0)
+  start = (jnp.pad(first_scores, ((0, 0), (0, top_k - keep)), constant_values=-jnp.inf),
+           jnp.pad(first_items, ((0, 0), (0, top_k - keep))))
+  (scores_BxK, items_BxK), _ = jax.lax.scan(
+      add_block, start, (table_NxBxD[1:], jnp.arange(1, blocks)))
+  # Every shard's list, in shard order: ties keep the lower item id, as one top_k would.
+  all_scores, all_items = (
+      jax.lax.all_gather(x, sharding.MODEL, axis=1, tiled=True, to='invarying')
+      for x in (scores_BxK, items_BxK))
+  top_scores, top_index = jax.lax.top_k(all_scores, top_k)
+  return _ranked(top_scores, jnp.take_along_axis(all_items, top_index, axis=1), targets_B)
 
 # rank_fn(batch) -> (top_items_BxK, ranks_B): scoring, masking and top-k for one batch.
 RankFn = Callable[[EvalBatch], tuple[jax.Array, jax.Array]]
@@ -155,7 +244,8 @@ def ranker_from_scores(score_fn: ScoreFn, num_items: int, top_k: int) -> RankFn:
   def rank(batch: EvalBatch) -> tuple[jax.Array, jax.Array]:
     scores_BxV = score_fn(batch.inputs_BxT)
     _check_vocab(scores_BxV, num_items)
-    return _top_k_ranks_jit(scores_BxV, batch.seen_BxS, batch.targets_B, top_k=top_k)
+    return _pair_top_k_ranks_jit(scores_BxV, batch.seen_rows_P, batch.seen_items_P,
+                                 batch.targets_B, top_k=top_k)
 
   return rank
 
@@ -182,12 +272,16 @@ def evaluate_ranked(
     progress: bool | None = None,
     steps: SuccessiveSteps | None = None,
     interrupt: Callable[[], bool] | None = None,
+    shards: int = 1,
+    held: Sequence[int] | None = None,
 ) -> dict[str, float]:
   """`evaluate` with the scoring, masking and top-k of a batch fused in `rank_fn`.
 
   `progress=None` shows a progress bar only when absl logs at INFO. `steps` are the part's
   `successive_steps`, when the caller keeps them between evaluations. `interrupt()`, asked
-  after each batch, stops the evaluation with `Interrupted` when it returns True.
+  after each batch, stops the evaluation with `Interrupted` when it returns True. `shards` and
+  `held` are `SuccessiveSteps.batch`'s: `rank_fn` gets this host's rows and returns every
+  row's results.
   """
   if steps is None:
     steps = successive_steps(dataset, part, maxlen=maxlen)
@@ -195,7 +289,7 @@ def evaluate_ranked(
   if progress is None:
     progress = logging.level_info()
   batches = tqdm.tqdm(
-      steps.batches(batch_size),
+      steps.batches(batch_size, shards=shards, held=held),
       total=steps.num_batches(batch_size),
       desc=f'evaluate {part}',
       disable=not progress)

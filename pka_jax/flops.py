@@ -30,7 +30,9 @@ def block_flops(config: ModelConfig, num_queries: int | None = None) -> int:
   queries = size if num_queries is None else num_queries
   projections = 2 * 2 * size * d * d + 4 * 2 * queries * d * d  # K, V on all; Q, O, FFN
   attention = 2 * 2 * queries * size * d  # Q Kᵀ and A V over all heads
-  cope = 2 * queries * size * d if config.position_mode == 'contextual' else 0
+  cope = 0
+  if config.position_mode == 'contextual':  # the query's head_dim² layer, then the table
+    cope = 2 * queries * d * (d // config.num_heads) + 2 * queries * size * d
   return projections + attention + _kernel_flops(config, queries) + cope
 
 

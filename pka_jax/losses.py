@@ -17,6 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pka_jax import sharding
+
 # Logits of one chunk of rows: cache-sized on CPU, large enough to fill an accelerator.
 CHUNK_LOGIT_BYTES = {'cpu': 16 << 20}
 ACCELERATOR_CHUNK_LOGIT_BYTES = 1 << 30
@@ -77,7 +79,8 @@ def _item_blocks(items_NxD: jax.Array, block_size: int) -> tuple[jax.Array, jax.
 
 
 def _block_logits(hidden_MxD, block_KxD, real_K):
-  return jnp.where(real_K[None, :], hidden_MxD @ block_KxD.T, -jnp.inf)
+  logits_MxK = jnp.dot(hidden_MxD, block_KxD.T, preferred_element_type=jnp.float32)
+  return jnp.where(real_K[None, :], logits_MxK, -jnp.inf)
 
 
 def _log_sum_exp_over_blocks(hidden_MxD, items_NxD, block_size):
@@ -239,3 +242,112 @@ def _chunked_backward(rows, residuals, grad_total):
 
 
 _chunked_nll_sum.defvjp(_chunked_forward, _chunked_backward)
+
+
+def sharded_cross_entropy(
+    hidden_BxTxD: jax.Array, table_RxD: jax.Array, targets_BxT: jax.Array, *,
+    num_items: int, block_size: int,
+) -> tuple[jax.Array, jax.Array]:
+  """`full_cross_entropy` inside shard_map over ('data', 'model'), the item table's rows split
+  over 'model' (sharding.py).
+
+  Each shard scores its rows `[first, first + R)` of the table `block_size` at a time; the
+  shards' log-sum-exps meet in a `pmax` and a `psum` of one number per position, the target
+  logit in a `psum` from the shard that holds it. The backward pass recomputes each block's
+  softmax with the global log-sum-exp: the table's gradient stays on its shard, the hidden
+  states' gradient is summed over 'model'. Rows outside `1..num_items` never score.
+  """
+  d = hidden_BxTxD.shape[-1]
+  hidden_MxD = hidden_BxTxD.reshape(-1, d)
+  targets_M = targets_BxT.reshape(-1)
+  weight_M = (targets_M > 0).astype(jnp.float32)
+  total = _sharded_nll_sum(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items)
+  return total, jnp.sum(weight_M)
+
+
+def _shard_blocks(table_RxD, block_size, num_items):
+  """This shard's rows in blocks, with a mask of the rows that are items (1..num_items)."""
+  rows = table_RxD.shape[0]
+  item_R = sharding.shard_range(rows) + jnp.arange(rows)
+  blocks, real = _item_blocks(table_RxD, block_size)
+  in_catalog = jnp.pad((item_R >= 1) & (item_R <= num_items), (0, real.size - rows))
+  return blocks, real & in_catalog.reshape(real.shape)
+
+
+def _held_targets(table_RxD, targets_M):
+  """Each target's row on this shard, and whether this shard holds it."""
+  rows = table_RxD.shape[0]
+  row_M = targets_M - sharding.shard_range(rows)
+  held_M = (targets_M > 0) & (row_M >= 0) & (row_M < rows)
+  return jnp.clip(row_M, 0, rows - 1), held_M
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _sharded_nll_sum(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items):
+  return _sharded_forward(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items)[0]
+
+
+def _sharded_forward(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items):
+  blocks, real = _shard_blocks(table_RxD.astype(hidden_MxD.dtype), block_size, num_items)
+
+  def block_max_sum(block):
+    logits_MxK = _block_logits(hidden_MxD, *block)
+    max_M = logits_MxK.max(axis=1)
+    shift_M = jnp.where(jnp.isfinite(max_M), max_M, 0.0)  # a block of unused rows only
+    return max_M, jnp.exp(logits_MxK - shift_M[:, None]).sum(axis=1)
+
+  def add_block(carry, block):
+    max_M, sum_M = carry
+    block_max_M, block_sum_M = block_max_sum(block)
+    new_max_M = jnp.maximum(max_M, block_max_M)
+    shift_M = jnp.where(jnp.isfinite(new_max_M), new_max_M, 0.0)
+    rescale = lambda m: jnp.exp(jnp.where(jnp.isfinite(m), m, -jnp.inf) - shift_M)
+    return (new_max_M, sum_M * rescale(max_M) + block_sum_M * rescale(block_max_M)), None
+
+  # The first block seeds the carry: under shard_map it has the per-shard type the scan needs.
+  start = block_max_sum((blocks[0], real[0]))
+  (max_M, sum_M), _ = jax.lax.scan(add_block, start, (blocks[1:], real[1:]))
+  global_max_M = jax.lax.pmax(max_M, sharding.MODEL)
+  log_z_M = global_max_M + jnp.log(
+      jax.lax.psum(sum_M * jnp.exp(max_M - global_max_M), sharding.MODEL))
+  row_M, held_M = _held_targets(table_RxD, targets_M)
+  target_logit_M = jax.lax.psum(jnp.where(held_M, jnp.einsum(
+      'md,md->m', hidden_MxD, table_RxD[row_M].astype(hidden_MxD.dtype),
+      preferred_element_type=jnp.float32), 0.0), sharding.MODEL)
+  total = jnp.sum((log_z_M - target_logit_M) * weight_M)
+  return total, (hidden_MxD, table_RxD, targets_M, weight_M, log_z_M)
+
+
+def _sharded_backward(block_size, num_items, residuals, grad_total):
+  hidden_MxD, table_RxD, targets_M, weight_M, log_z_M = residuals
+  dtype = hidden_MxD.dtype
+  blocks, real = _shard_blocks(table_RxD.astype(dtype), block_size, num_items)
+  scale_M = grad_total * weight_M
+
+  def block_grads(block):
+    block_KxD, real_K = block
+    probs_MxK = jnp.exp(_block_logits(hidden_MxD, block_KxD, real_K) - log_z_M[:, None])
+    probs_MxK = (probs_MxK * scale_M[:, None]).astype(dtype)
+    return (jnp.dot(probs_MxK, block_KxD, preferred_element_type=jnp.float32),
+            jnp.dot(probs_MxK.T, hidden_MxD, preferred_element_type=jnp.float32))
+
+  def add_block(grad_hidden_MxD, block):
+    grad_hidden, grad_block = block_grads(block)
+    return grad_hidden_MxD + grad_hidden, grad_block
+
+  first_hidden_MxD, first_block_KxD = block_grads((blocks[0], real[0]))
+  grad_hidden_MxD, grad_blocks = jax.lax.scan(add_block, first_hidden_MxD,
+                                              (blocks[1:], real[1:]))
+  rows = table_RxD.shape[0]
+  grad_table_RxD = jnp.concatenate([first_block_KxD[None], grad_blocks]).reshape(
+      -1, table_RxD.shape[1])[:rows]
+  row_M, held_M = _held_targets(table_RxD, targets_M)
+  target_scale_M = jnp.where(held_M, scale_M, 0.0)
+  grad_hidden_MxD = grad_hidden_MxD - target_scale_M[:, None] * table_RxD[row_M]
+  grad_table_RxD = grad_table_RxD.at[row_M].add(
+      -target_scale_M[:, None] * hidden_MxD.astype(jnp.float32))
+  grad_hidden_MxD = jax.lax.psum(grad_hidden_MxD, sharding.MODEL)
+  return grad_hidden_MxD.astype(dtype), grad_table_RxD.astype(table_RxD.dtype), None, None
+
+
+_sharded_nll_sum.defvjp(_sharded_forward, _sharded_backward)

@@ -3,9 +3,12 @@
   python -m pka_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m pka_jax.main --config=configs/ml1m.py:model=sasrec --workdir=runs/ml1m_sasrec
   python -m pka_jax.main --config=configs/synthetic.py --workdir=runs/synthetic --mode=eval
+  # On every worker of a Cloud TPU slice (the runtime finds its peers):
+  python -m pka_jax.main --config=configs/ml1m.py --workdir=gs://bucket/ml1m --distributed
+  # Elsewhere, process i of n:
+  python -m pka_jax.main ... --coordinator_address=host0:1234 --num_processes=n --process_id=i
 """
 
-import logging as std_logging
 import sys
 
 from absl import app
@@ -18,6 +21,7 @@ from pka_jax import checkpoint
 from pka_jax import config_check
 from pka_jax import faults
 from pka_jax import report
+from pka_jax import sharding
 from pka_jax import train
 from pka_jax.data.errors import DataError
 
@@ -26,12 +30,12 @@ config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_conf
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and results.')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                   'train: train (or resume) then test the best; eval: test the best checkpoint.')
+flags.DEFINE_bool('distributed', False, 'Join the other processes of a multi-host run '
+                  '(found automatically on Cloud TPU, SLURM and GKE; else the flags below).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (implies --distributed).')
+flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Orbax logs every checkpoint step at INFO; keep its warnings, drop the rest."""
-  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
 # Failures a user can act on: one line on stderr and a non-zero exit, no traceback (unless
@@ -43,8 +47,11 @@ USER_ERRORS = (DataError, FileNotFoundError, train.WorkdirMismatchError, train.W
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_quiet_orbax)
-  logging.info('JAX devices: %s (%d processes)', jax.devices(), jax.process_count())
+  checkpoint.quiet_orbax_logging()
+  if FLAGS.distributed or FLAGS.coordinator_address:
+    sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+  logging.info('%s', sharding.describe_process())
   run = train.train_and_evaluate if FLAGS.mode == 'train' else train.evaluate_checkpoint
   try:
     results = run(FLAGS.config, FLAGS.workdir)

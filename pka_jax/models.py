@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pka_jax import attention
+from pka_jax import sharding
 from pka_jax.dropout import DROPOUT_IMPLS, Dropout
 
 POSITION_MODES = ('none', 'absolute', 'absolute_all', 'rotary', 'contextual', 'kernel')
@@ -40,6 +41,8 @@ class ModelConfig:
   dtype: str = 'float32'
   attention_impl: str = 'auto'  # attention.ATTENTION_IMPLS
   dropout_impl: str = 'hash'  # dropout.DROPOUT_IMPLS
+  # Devices the item table's rows are split over (the mesh's 'model' axis; sharding.py).
+  mesh_model: int = 1
   deterministic: bool = False
 
   def __post_init__(self):
@@ -67,6 +70,11 @@ class ModelConfig:
   def compute_dtype(self) -> jnp.dtype:
     return jnp.dtype(self.dtype)
 
+  @property
+  def table_rows(self) -> int:
+    """Rows of the item table: padding, the items, unused rows filling the last shard."""
+    return sharding.table_rows(self.num_items, self.mesh_model)
+
   def kernel_kind(self, side: str) -> str:
     return getattr(self, f'kernel_{side}_side') if self.position_mode == 'kernel' else 'none'
 
@@ -88,6 +96,16 @@ def _layer_norm(name: str, dtype) -> nn.LayerNorm:
 def _dense(features: int, name: str, dtype) -> nn.Dense:
   return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), dtype=dtype,
                   name=name)
+
+
+def _rows_then_zeros(init, rows: int):
+  """`init` of the first `rows` rows, zeros below: the item table starts the same whatever
+  rows pad it (sharding.table_rows)."""
+
+  def padded(key, shape, dtype=jnp.float32):
+    return jnp.pad(init(key, (rows, *shape[1:]), dtype), ((0, shape[0] - rows), (0, 0)))
+
+  return padded
 
 
 class Block(nn.Module):
@@ -137,15 +155,21 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Item ids `B×T` (left-padded with 0) to hidden states `B×T×D`; scores by tied weights."""
+  """Item ids `B×T` (left-padded with 0) to hidden states `B×T×D`; scores by tied weights.
+
+  `mesh`: the device mesh whose 'model' axis splits the item table's rows (sharding.py), or
+  None for an unsharded table.
+  """
 
   config: ModelConfig
+  mesh: jax.sharding.Mesh | None = None
 
   def setup(self):
     config = self.config
     self.item_emb = nn.Embed(
-        config.num_items + 1, config.hidden_units,
-        embedding_init=nn.initializers.xavier_uniform(), name='item_emb')
+        config.table_rows, config.hidden_units,
+        embedding_init=_rows_then_zeros(nn.initializers.xavier_uniform(), config.num_items + 1),
+        name='item_emb')
     if config.position_mode == 'absolute':
       self.pos_emb = nn.Embed(
           config.maxlen, config.hidden_units,
@@ -163,7 +187,11 @@ class Encoder(nn.Module):
     alone with `last_only` (the last block then queries that position only)."""
     config, dtype = self.config, self.config.compute_dtype
     valid_BxT = inputs_BxT != 0
-    x_BxTxD = self.item_emb(inputs_BxT) * math.sqrt(config.hidden_units)
+    if self.mesh is not None and self.mesh.shape[sharding.MODEL] > 1:
+      x_BxTxD = sharding.lookup(self.item_emb.embedding, inputs_BxT, self.mesh)
+    else:
+      x_BxTxD = self.item_emb(inputs_BxT)
+    x_BxTxD = x_BxTxD * math.sqrt(config.hidden_units)
     if config.position_mode == 'absolute':
       x_BxTxD = x_BxTxD + self.pos_emb(jnp.arange(inputs_BxT.shape[1]))[None]
     x_BxTxD = self.embed_dropout(x_BxTxD.astype(dtype)) * valid_BxT[..., None].astype(dtype)
@@ -177,11 +205,14 @@ class Encoder(nn.Module):
 
   def item_embeddings(self) -> jax.Array:
     """The `(N + 1)×D` item table (row 0 is padding), the output layer by weight tying."""
-    return self.item_emb.embedding
+    return self.item_emb.embedding[:self.config.num_items + 1]
+
+  def encode_last(self, inputs_BxT: jax.Array) -> jax.Array:
+    """The hidden state `B×D` after the newest position: what scores every next item."""
+    return self(inputs_BxT, last_only=True)[:, -1]
 
   def score_last(self, inputs_BxT: jax.Array) -> jax.Array:
     """Scores `B×(N + 1)` of every item after the newest position (column 0 is padding)."""
-    hidden_BxD = self(inputs_BxT, last_only=True)[:, -1]
     dtype = self.config.compute_dtype
-    return jnp.dot(hidden_BxD, self.item_embeddings().T.astype(dtype),
+    return jnp.dot(self.encode_last(inputs_BxT), self.item_embeddings().T.astype(dtype),
                    preferred_element_type=jnp.float32)

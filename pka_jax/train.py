@@ -27,21 +27,23 @@ from pka_jax import evaluate
 from pka_jax import faults
 from pka_jax import losses
 from pka_jax import metric_writer
+from pka_jax import recommend
+from pka_jax import sharding
 from pka_jax.data.pipeline import TrainInput
 from pka_jax.data.sequences import SplitDataset
 from pka_jax.models import Encoder, ModelConfig
 
 
 def create_model(config: ml_collections.ConfigDict, num_items: int, *,
-                 deterministic: bool) -> Encoder:
+                 deterministic: bool, mesh: jax.sharding.Mesh | None = None) -> Encoder:
   model_config = ModelConfig.from_config(config, num_items)
-  return Encoder(dataclasses.replace(model_config, deterministic=deterministic))
+  return Encoder(dataclasses.replace(model_config, deterministic=deterministic), mesh=mesh)
 
 
 def create_train_state(model: Encoder, config: ml_collections.ConfigDict,
                        rng: jax.Array) -> train_state.TrainState:
-  inputs_1xT = jnp.zeros((1, config.maxlen), jnp.int32)
-  params = model.init(rng, inputs_1xT)['params']
+  rows = model.mesh.shape[sharding.DATA] if model.mesh is not None else 1  # one per shard
+  params = model.init(rng, jnp.zeros((rows, config.maxlen), jnp.int32))['params']
   # A step whose gradient is not finite leaves parameters and moments as they were; the loop
   # then stops the run (the run never goes on past one).
   tx = optax.apply_if_finite(
@@ -52,12 +54,16 @@ def create_train_state(model: Encoder, config: ml_collections.ConfigDict,
 
 def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
               loss_name: str, ce_block_size: int = 0, ce_chunk_rows: int = 0,
-              mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+              mesh: jax.sharding.Mesh | None = None, num_items: int | None = None,
+              ) -> tuple[jax.Array, jax.Array]:
   """`(sum, count)` of the loss over the real targets of `batch` (rows sharded over `mesh`'s
-  'data' axis, if given)."""
+  'data' axis and the item table over its 'model' axis, if given)."""
   dropout_rng, negatives_rng = jax.random.split(rng)
   hidden_BxTxD = apply_fn({'params': params}, batch['inputs'], rngs={'dropout': dropout_rng})
   item_emb_VxD = params['item_emb']['embedding']
+  if loss_name == 'ce' and mesh is not None and mesh.shape[sharding.MODEL] > 1:
+    return _sharded_loss_sums(hidden_BxTxD, item_emb_VxD, batch['targets'], mesh=mesh,
+                              num_items=num_items, block_size=ce_block_size)
   if loss_name == 'ce' and ce_block_size:
     return losses.blockwise_cross_entropy(
         hidden_BxTxD, item_emb_VxD, batch['targets'], ce_block_size)
@@ -68,20 +74,39 @@ def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
     def per_device(hidden, item_emb, targets):
       # Each device chunks its own rows. The table, cast to per-device values, gets a
       # per-device gradient that the cast's transpose sums over devices, once.
-      item_emb = jax.lax.pcast(item_emb, 'data', to='varying')
-      return jax.tree.map(lambda x: jax.lax.psum(x, 'data'), local(hidden, item_emb, targets))
+      item_emb = jax.lax.pcast(item_emb, sharding.DATA, to='varying')
+      return jax.tree.map(lambda x: jax.lax.psum(x, sharding.DATA),
+                          local(hidden, item_emb, targets))
 
-    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P('data'), P(), P('data')),
-                            out_specs=P())
+    sharded = jax.shard_map(per_device, mesh=mesh, in_specs=(P(sharding.DATA), P(),
+                                                             P(sharding.DATA)), out_specs=P())
     return sharded(hidden_BxTxD, item_emb_VxD, batch['targets'])
   if loss_name == 'bce':
     return losses.sampled_bce(hidden_BxTxD, item_emb_VxD, batch['targets'], negatives_rng)
   raise ValueError(f'Unknown loss {loss_name!r}: expected ce or bce')
 
 
+def _sharded_loss_sums(hidden_BxTxD, table_VxD, targets_BxT, *, mesh, num_items, block_size):
+  """The cross-entropy with the table's rows split over 'model' (losses.sharded_cross_entropy)."""
+  rows_per_shard = table_VxD.shape[0] // mesh.shape[sharding.MODEL]
+  positions = targets_BxT.size // mesh.shape[sharding.DATA]
+  block = block_size or losses.chunk_rows_for(positions, rows_per_shard)
+
+  def per_device(hidden, table, targets):
+    table = jax.lax.pcast(table, sharding.DATA, to='varying')  # its gradient: summed over data
+    total, count = losses.sharded_cross_entropy(hidden, table, targets, num_items=num_items,
+                                                block_size=block)
+    return jax.lax.psum(total, sharding.DATA), jax.lax.psum(count, sharding.DATA)
+
+  return jax.shard_map(
+      per_device, mesh=mesh, in_specs=(P(sharding.DATA), P(sharding.MODEL), P(sharding.DATA)),
+      out_specs=P())(hidden_BxTxD, table_VxD, targets_BxT)
+
+
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                *, loss_name: str, ce_block_size: int = 0, ce_chunk_rows: int = 0,
                microbatches: int = 1, mesh: jax.sharding.Mesh | None = None,
+               num_items: int | None = None,
                ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One Adam step on the mean loss over the batch; metrics leave as sums and counts.
 
@@ -94,7 +119,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
   def sums_and_grads(micro_batch, micro_rng):
     def loss_sum(params):
       total, count = loss_sums(params, state.apply_fn, micro_batch, micro_rng, loss_name,
-                               ce_block_size, ce_chunk_rows, mesh)
+                               ce_block_size, ce_chunk_rows, mesh, num_items)
       return total, count
     (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(state.params)
     return grads, total, count
@@ -233,45 +258,36 @@ class Run:
     check_writable(workdir)
     self.config, self.workdir = config, workdir
     self.dataset: SplitDataset = load_dataset_once(config)
-    self.model = create_model(config, self.dataset.num_items, deterministic=False)
-    self.eval_model = create_model(config, self.dataset.num_items, deterministic=True)
-    self.mesh = jax.make_mesh(
-        (jax.device_count(),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+    self.mesh = sharding.make_mesh(config.mesh_model)
     self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P('data'))
+    self.batch_sharding = NamedSharding(self.mesh, P(sharding.DATA))
+    num_items = self.dataset.num_items
+    self.model = create_model(config, num_items, deterministic=False, mesh=self.mesh)
+    self.eval_model = create_model(config, num_items, deterministic=True, mesh=self.mesh)
     init_rng, self.dropout_rng = jax.random.split(
         jax.random.key(config.seed, impl=config.prng_impl))
-    self.state = jax.jit(
-        functools.partial(create_train_state, self.model, config),
-        out_shardings=self.replicated)(init_rng)
+    init = functools.partial(create_train_state, self.model, config)
+    self.state_shardings = sharding.state_shardings(jax.eval_shape(init, init_rng), self.mesh)
+    self.state = jax.jit(init, out_shardings=self.state_shardings)(init_rng)
+    data_shards = self.mesh.shape[sharding.DATA]
     self.train_microbatches = config.microbatches or microbatches_for(
-        config.batch_size // jax.device_count(), config.maxlen)
+        config.batch_size // data_shards, config.maxlen)
     self.step_fn = jax.jit(
         functools.partial(train_step, loss_name=config.loss, ce_block_size=config.ce_block_size,
                           ce_chunk_rows=config.ce_chunk_rows,
-                          microbatches=self.train_microbatches, mesh=self.mesh),
-        in_shardings=(self.replicated, self.batch_sharding, self.replicated),
-        out_shardings=(self.replicated, self.replicated), donate_argnums=0)
-    score = functools.partial(self.eval_model.apply, method=Encoder.score_last)
-    self.score_fn = jax.jit(
-        lambda params, inputs_BxT: score({'params': params}, inputs_BxT),
-        in_shardings=(self.replicated, self.batch_sharding), out_shardings=self.replicated)
-    eval_microbatches = microbatches_for(config.eval_batch_size // jax.device_count(),
-                                         config.maxlen)
-
-    def rank_batch(params, inputs_BxT, seen_BxS, targets_B):
-      return map_microbatches(
-          lambda inputs, seen, targets: evaluate.top_k_ranks(
-              score({'params': params}, inputs), seen, targets, top_k=config.top_k),
-          eval_microbatches, inputs_BxT, seen_BxS, targets_B)
-
+                          microbatches=self.train_microbatches, mesh=self.mesh,
+                          num_items=num_items),
+        in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     # Evaluation scores, masks and ranks each device's rows; only the top-k leave it.
-    self.rank_fn = jax.jit(rank_batch, in_shardings=(self.replicated,) + (self.batch_sharding,) * 3,
-                           out_shardings=self.replicated)
+    self.rank_fn = jax.jit(
+        self._rank_batch,
+        in_shardings=(self.state_shardings.params,) + (self.batch_sharding,) * 4,
+        out_shardings=self.replicated)
+    self.host_index, self.host_count = sharding.host_slice(self.mesh)
     self.inputs = TrainInput(
         self.dataset.train, maxlen=config.maxlen, batch_size=config.batch_size,
-        seed=config.seed, process_index=jax.process_index(),
-        process_count=jax.process_count())
+        seed=config.seed, process_index=self.host_index, process_count=self.host_count)
     self.checkpoints = checkpoint.manager(workdir)
     self.progress = Progress()
     self.epoch_seconds: dict[str, float] = {}
@@ -293,13 +309,25 @@ class Run:
       raise FileNotFoundError(f'No validated checkpoint in {self.workdir}')
     self.state, _ = checkpoint.restore(self.checkpoints, self.progress.best_step, self.state)
 
-  def _shard_rows(self, array: np.ndarray) -> jax.Array:
-    # Every host holds the whole evaluation batch; each device takes its rows.
-    return jax.make_array_from_callback(
-        array.shape, self.batch_sharding, lambda index: array[index])
-
-  def _score(self, params, inputs_BxT: np.ndarray) -> jax.Array:
-    return self.score_fn(params, self._shard_rows(inputs_BxT))
+  def _rank_batch(self, params, inputs_BxT, seen_rows_P, seen_items_P, targets_B):
+    """Top-k lists and target ranks of a batch: the encoder over microbatches of each device's
+    rows, then the scores of each 'model' shard's items, blockwise (evaluate.sharded_top_k)."""
+    config = self.config
+    data_shards = self.mesh.shape[sharding.DATA]
+    rows_per_device = config.eval_batch_size // data_shards
+    encode = functools.partial(self.eval_model.apply, {'params': params},
+                               method=Encoder.encode_last)
+    hidden_BxD = map_microbatches(encode, microbatches_for(rows_per_device, config.maxlen),
+                                  inputs_BxT)
+    table_VxD = params['item_emb']['embedding']
+    rows_per_shard = table_VxD.shape[0] // self.mesh.shape[sharding.MODEL]
+    top_k = functools.partial(
+        evaluate.sharded_top_k, num_items=self.dataset.num_items, top_k=config.top_k,
+        block_size=losses.chunk_rows_for(rows_per_device, rows_per_shard))
+    data, model = P(sharding.DATA), P(sharding.MODEL)
+    return jax.shard_map(top_k, mesh=self.mesh, in_specs=(data, model, data, data, data),
+                         out_specs=(data, data))(
+                             hidden_BxD, table_VxD, seen_rows_P, seen_items_P, targets_B)
 
   def successive_steps(self, part: str) -> evaluate.SuccessiveSteps:
     """The part's evaluation steps, indexed once per run."""
@@ -310,18 +338,22 @@ class Run:
 
   def evaluate(self, part: str) -> dict[str, float]:
     """Metrics of the current parameters on `part`; a preemption signal interrupts it
-    between batches (evaluate.Interrupted)."""
+    between batches (evaluate.Interrupted). Each host builds only its rows of a batch."""
     params = self.state.params
 
     def rank(batch: evaluate.EvalBatch):
       faults.die_here('eval_batch')
-      return self.rank_fn(params, *map(
-          self._shard_rows, (batch.inputs_BxT, batch.seen_BxS, batch.targets_B)))
+      arrays = (batch.inputs_BxT, batch.seen_rows_P, batch.seen_items_P, batch.targets_B)
+      return self.rank_fn(params, *map(self._sharded_rows, arrays))
 
+    data_shards = self.mesh.shape[sharding.DATA]
+    per_host = data_shards // self.host_count
     return evaluate.evaluate_ranked(
         rank, self.dataset, part, maxlen=self.config.maxlen,
         batch_size=self.config.eval_batch_size, top_k=self.config.top_k,
-        steps=self.successive_steps(part), interrupt=lambda: self.watch.signalled)
+        steps=self.successive_steps(part), interrupt=lambda: self.watch.signalled,
+        shards=data_shards,
+        held=range(self.host_index * per_host, (self.host_index + 1) * per_host))
 
   def save(self, metrics: dict | None = None) -> None:
     checkpoint.save(
@@ -343,9 +375,12 @@ class Run:
     validated = self.progress.history[-1]['epoch'] if self.progress.history else 0
     return self.progress.data_iterator is None and self.progress.epoch > validated
 
+  def _sharded_rows(self, local_rows: np.ndarray) -> jax.Array:
+    """An array sharded over 'data' from this host's rows of it."""
+    return jax.make_array_from_process_local_data(self.batch_sharding, local_rows)
+
   def _global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in local_batch.items()}
+    return {k: self._sharded_rows(v) for k, v in local_batch.items()}
 
   def train_epoch(self, writer: metric_writer.MetricWriter) -> None:
     """Runs the rest of the current epoch, checkpointing every `checkpoint_every_steps`."""
@@ -507,6 +542,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      run.progress.best_step)
       checkpoint.wait(run.checkpoints)
       results = test_best(run)
+    recommend.write_serving_files(workdir, run.dataset)  # the workdir alone can recommend
     writer.write(run.progress.best_step, {f'test/{k}': v for k, v in results['test'].items()})
   finally:
     writer.close()
@@ -520,6 +556,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   try:
     if not run.restore_latest():
       raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}')
-    return test_best(run)
+    results = test_best(run)
+    recommend.write_serving_files(workdir, run.dataset)
+    return results
   finally:
     run.checkpoints.close()

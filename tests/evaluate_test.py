@@ -53,33 +53,44 @@ def _batches(part, batch_size):
   return list(steps.batches(batch_size))
 
 
-def _assert_batch(batch, inputs, targets, seen, valid):
-  for name, got, want in zip(
-      ('inputs', 'targets', 'seen', 'valid'), batch, (inputs, targets, seen, valid)):
-    np.testing.assert_array_equal(got, np.array(want), err_msg=name)
-  assert batch.inputs_BxT.dtype == np.int32
-  assert batch.targets_B.dtype == np.int32
-  assert batch.seen_BxS.dtype == np.int32
+def _seen_lists(batch, rows_per_block):
+  """Each row's seen items, in order, from the batch's (row within block, item) pairs."""
+  lists = [[] for _ in range(len(batch.inputs_BxT))]
+  width = len(batch.seen_rows_P) // (len(batch.inputs_BxT) // rows_per_block)
+  for pair, (row, item) in enumerate(zip(batch.seen_rows_P, batch.seen_items_P)):
+    if item:
+      lists[pair // width * rows_per_block + row].append(int(item))
+  return lists
+
+
+def _assert_batch(batch, inputs, targets, seen, valid, pairs):
+  np.testing.assert_array_equal(batch.inputs_BxT, inputs)
+  np.testing.assert_array_equal(batch.targets_B, targets)
+  np.testing.assert_array_equal(batch.valid_B, valid)
+  assert _seen_lists(batch, len(inputs)) == seen
+  assert len(batch.seen_rows_P) == len(batch.seen_items_P) == pairs  # a power of two
+  for array in (batch.inputs_BxT, batch.targets_B, batch.seen_rows_P, batch.seen_items_P):
+    assert array.dtype == np.int32
 
 
 def test_valid_steps_exactly():
   # valid in time order: (u2, 3) skipped: empty context; (u0, 5); (u2, 6); (u1, 1); (u0, 1).
   first, second = _batches('valid', batch_size=3)
-  # Contexts [1 2 3 2], [3], [4 5]; the longest has 4 items so S = 4.
+  # Contexts [1 2 3 2], [3], [4 5]: 7 seen (row, item) pairs, padded to 8.
   _assert_batch(
       first,
       inputs=[[2, 3, 2], [0, 0, 3], [0, 4, 5]],
       targets=[5, 6, 1],
-      seen=[[1, 2, 3, 2], [3, 0, 0, 0], [4, 5, 0, 0]],
-      valid=[True, True, True])
-  # Context [1 2 3 2 5]: item 1 is outside the last MAXLEN items but still seen; S = 8.
-  # Two padding rows fill the batch.
+      seen=[[1, 2, 3, 2], [3], [4, 5]],
+      valid=[True, True, True], pairs=8)
+  # Context [1 2 3 2 5]: item 1 is outside the last MAXLEN items but still seen (5 pairs,
+  # padded to 8). Two padding rows fill the batch.
   _assert_batch(
       second,
       inputs=[[3, 2, 5], [0, 0, 0], [0, 0, 0]],
       targets=[1, 0, 0],
-      seen=[[1, 2, 3, 2, 5, 0, 0, 0], [0] * 8, [0] * 8],
-      valid=[True, False, False])
+      seen=[[1, 2, 3, 2, 5], [], []],
+      valid=[True, False, False], pairs=8)
 
 
 def test_test_steps_include_validation_items():
@@ -89,17 +100,23 @@ def test_test_steps_include_validation_items():
       batch,
       inputs=[[4, 5, 1], [0, 3, 6], [2, 5, 1], [0, 0, 0]],
       targets=[3, 1, 4, 0],
-      seen=[[4, 5, 1, 0, 0, 0, 0, 0],
-            [3, 6, 0, 0, 0, 0, 0, 0],
-            [1, 2, 3, 2, 5, 1, 0, 0],
-            [0] * 8],
-      valid=[True, True, True, False])
+      seen=[[4, 5, 1], [3, 6], [1, 2, 3, 2, 5, 1], []],
+      valid=[True, True, True, False], pairs=16)  # 11 pairs
 
 
-def test_seen_width_is_at_least_maxlen():
-  steps = evaluate.successive_steps(_dataset(), 'valid', maxlen=5)
-  assert steps.batch(0, batch_size=2).seen_BxS.shape == (2, 8)  # 5 rounds up to 8
-  assert len(steps) == 4 and steps.num_batches(3) == 2
+def test_rows_come_in_blocks_a_host_builds_only_its_own():
+  steps = evaluate.successive_steps(_dataset(), 'test', maxlen=MAXLEN)
+  whole = steps.batch(0, 4, shards=2)
+  # Blocks of 2 rows: pairs 3 + 2 and 6 + 0, each block padded to 8; rows within a block.
+  assert len(whole.seen_rows_P) == 16
+  assert _seen_lists(whole, 2) == [[4, 5, 1], [3, 6], [1, 2, 3, 2, 5, 1], []]
+  assert int(whole.seen_rows_P[8:].max()) == 0  # the second block's rows are 0 and 1
+  second = steps.batch(0, 4, shards=2, held=[1])
+  np.testing.assert_array_equal(second.inputs_BxT, whole.inputs_BxT[2:])
+  np.testing.assert_array_equal(second.targets_B, whole.targets_B[2:])
+  np.testing.assert_array_equal(second.seen_items_P, whole.seen_items_P[8:])
+  np.testing.assert_array_equal(second.valid_B, whole.valid_B)  # every row's, for the results
+  assert len(steps) == 3 and steps.num_batches(2) == 2
 
 
 def test_unknown_part():

@@ -2,9 +2,12 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+
+import pytest
 
 SCRIPT = r'''
 import json, sys
@@ -43,3 +46,36 @@ def test_two_hosts_agree_on_everything(tmp_path):
   assert reports[0]['test']['num_steps'] > 0
   assert os.path.exists(tmp_path / 'run' / 'results.json')
   assert os.listdir(tmp_path / 'run' / 'checkpoints')
+
+
+def test_the_command_on_two_processes_gets_the_single_process_metrics(tmp_path):
+  # Two processes of two CPU devices each form the same (data 4) mesh as one process of four.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  common = ['--config=configs/test.py', '--config.max_epochs=2',
+            f'--config.data_dir={tmp_path / "data"}']
+
+  def launch(workdir, devices, *extra):
+    env = {**os.environ, 'JAX_NUM_CPU_DEVICES': str(devices),
+           'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')}
+    return subprocess.Popen([sys.executable, '-m', 'pka_jax.main', *common,
+                             f'--workdir={workdir}', *extra], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+  single = launch(tmp_path / 'single', 4)
+  single_out, single_err = single.communicate(timeout=300)
+  assert single.returncode == 0, single_err[-3000:]
+  address = f'localhost:{free_port()}'
+  hosts = [launch(tmp_path / 'multi', 2, f'--coordinator_address={address}',
+                  '--num_processes=2', f'--process_id={i}') for i in range(2)]
+  outputs = [host.communicate(timeout=300) for host in hosts]
+  for host, (_, stderr) in zip(hosts, outputs):
+    assert host.returncode == 0, stderr[-3000:]
+  # Every host logs its own view once; only process 0 prints the results.
+  for i, (_, stderr) in enumerate(outputs):
+    assert re.search(rf'process {i} of 2: 2 local cpu device\(s\) \[\d+, \d+\] of 4', stderr)
+  assert 'pka ' in outputs[0][0] and 'pka ' not in outputs[1][0]
+  results = [json.loads((tmp_path / name / 'results.json').read_text())
+             for name in ('single', 'multi')]
+  assert results[1]['best_step'] == results[0]['best_step']
+  for part in ('valid', 'test'):
+    assert results[1][part] == pytest.approx(results[0][part], abs=1e-6)

@@ -58,10 +58,14 @@ def test_iterator_state_resumes_mid_epoch():
   assert first_items(resumed) == first_items(rest) and len(rest) == inputs.steps_per_epoch - 2
 
 
-def test_hosts_read_disjoint_slices_of_equal_length():
+def test_hosts_read_their_rows_of_the_single_host_batches():
+  single = TrainInput(store_of(11), maxlen=16, batch_size=4, seed=0)
   hosts = [TrainInput(store_of(11), maxlen=16, batch_size=4, seed=0, process_index=i,
                       process_count=2) for i in range(2)]
-  assert {h.steps_per_epoch for h in hosts} == {2}  # smallest slice 5 // local batch 2
+  assert {h.steps_per_epoch for h in hosts} == {single.steps_per_epoch} == {2}  # 10 // 4
+  for whole, *parts in zip(single.epoch(3), *(h.epoch(3) for h in hosts)):
+    for name in ('inputs', 'targets'):
+      np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]), whole[name])
   seen = [set(first_items(h.epoch(0))) for h in hosts]
   assert not seen[0] & seen[1]
 

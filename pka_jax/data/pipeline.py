@@ -1,7 +1,7 @@
 """The grain input pipeline: per-user training windows in fixed-shape, reshuffled batches.
 
 An epoch is the training users in a fresh seeded order, cut into `steps_per_epoch` full
-batches (DESIGN §2). Each host reads its own slice of the users.
+batches (DESIGN §2). Each host reads its own rows of every batch.
 """
 
 from __future__ import annotations
@@ -31,16 +31,20 @@ def training_windows(store: SequenceStore, users_B: np.ndarray, maxlen: int
 
 @dataclasses.dataclass(frozen=True)
 class BatchOfEpoch(grain.transforms.Map):
-  """Batch `i` of an epoch: the training windows of users `order[i·B : (i + 1)·B]`."""
+  """This host's rows of batch `i` of an epoch: the training windows of users
+  `order[i·B + first : i·B + first + rows]`."""
 
   store: SequenceStore
-  order: np.ndarray  # this host's users in the epoch's order
-  batch_size: int
+  order: np.ndarray  # every user, in the epoch's order
+  batch_size: int  # B, over all hosts
+  first: int  # this host's first row of each batch
+  rows: int  # this host's rows of each batch
+
   maxlen: int
 
   def map(self, index: int) -> dict[str, np.ndarray]:
-    users_B = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-    return training_windows(self.store, users_B, self.maxlen)
+    start = index * self.batch_size + self.first
+    return training_windows(self.store, self.order[start:start + self.rows], self.maxlen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,21 +77,22 @@ class TrainInput:
 
   @property
   def steps_per_epoch(self) -> int:
-    # Every host must run the same number of steps: the smallest slice decides.
-    smallest_slice = len(self.users) // self.process_count
-    return smallest_slice // self.local_batch_size
+    return len(self.users) // self.batch_size
 
   def epoch(self, epoch: int, state: dict | None = None) -> grain.DatasetIterator:
-    """Iterator over one epoch's local batches; `state` resumes a partially read epoch.
+    """Iterator over this host's rows of one epoch's batches; `state` resumes a partially
+    read epoch.
 
-    The epoch's order is one numpy permutation of this host's users; grain serves its batches
-    (and their iterator state). Shuffling and batching element by element in grain cost
-    ~40 µs a user, more than the training step itself on an accelerator.
+    The epoch's order is one seeded numpy permutation of all the users, the same on every
+    host, so the batches do not depend on how many hosts share them; each host reads the
+    sequences of its own rows only. grain serves the batches (and their iterator state):
+    shuffling and batching element by element in grain cost ~40 µs a user, more than the
+    training step itself on an accelerator.
     """
-    local_users = self.users[self.process_index::self.process_count]
-    order = np.random.default_rng([self.seed, epoch]).permutation(local_users)
-    dataset = grain.MapDataset.range(self.steps_per_epoch).map(
-        BatchOfEpoch(self.store, order, self.local_batch_size, self.maxlen))
+    order = np.random.default_rng([self.seed, epoch]).permutation(self.users)
+    dataset = grain.MapDataset.range(self.steps_per_epoch).map(BatchOfEpoch(
+        self.store, order, self.batch_size, first=self.process_index * self.local_batch_size,
+        rows=self.local_batch_size, maxlen=self.maxlen))
     iterator = dataset.to_iter_dataset().__iter__()
     if state is not None:
       iterator.set_state(state)

@@ -1,0 +1,99 @@
+"""The device mesh ('data', 'model'): batches split over 'data', the item table over 'model'.
+
+The item table (and its optimiser state) is the one array that outgrows a device: at 10M
+items and d 128 it holds 5 GB in float32, 20 GB with Adam's moments and its gradient. Its rows
+are sharded over the `config.mesh_model` devices of the 'model' axis; the encoder is small,
+replicated over 'model' and data-parallel over 'data'. Whatever touches the table goes
+through shard_map: the input lookup here, the loss (losses.sharded_cross_entropy) and the
+scores (evaluate.sharded_top_k), each combining shards with collectives over 'model'.
+With a single device (recommending, exporting) the same padded table is used unsharded.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+DATA, MODEL = 'data', 'model'
+
+
+def make_mesh(mesh_model: int, devices=None) -> Mesh:
+  """`devices` (all by default) as a (data, model) grid, in process order: each process's
+  devices are consecutive along 'model', so a process holds whole data shards whenever
+  `mesh_model` divides its device count."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  if devices.size % mesh_model:
+    raise ValueError(f'mesh_model {mesh_model} does not divide the {devices.size} devices')
+  grid = devices.reshape(devices.size // mesh_model, mesh_model)
+  return Mesh(grid, (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def table_rows(num_items: int, mesh_model: int) -> int:
+  """Rows of the item table: padding id 0, items 1..N, then unused rows up to a multiple of
+  `mesh_model` (every shard the same size); unused rows never score nor train."""
+  return -(-(num_items + 1) // mesh_model) * mesh_model
+
+
+def is_item_table(path) -> bool:
+  return any(getattr(key, 'key', None) == 'item_emb' for key in path)
+
+
+def state_shardings(state, mesh: Mesh):
+  """NamedShardings for a train state (or params): item-table leaves split by rows over
+  'model' (the Adam moments too), everything else replicated."""
+
+  def spec(path, leaf):
+    if is_item_table(path) and getattr(leaf, 'ndim', 0) == 2:
+      return NamedSharding(mesh, P(MODEL, None))
+    return NamedSharding(mesh, P())
+
+  return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def shard_range(rows_per_shard: int) -> jax.Array:
+  """Global row of this 'model' shard's first row (inside shard_map)."""
+  return jax.lax.axis_index(MODEL) * rows_per_shard
+
+
+def lookup(table_RxD: jax.Array, ids_BxT: jax.Array, mesh: Mesh) -> jax.Array:
+  """`table[ids]` with the table's rows sharded over `mesh`'s 'model' axis: each shard
+  gathers the rows it holds, zeros elsewhere, and a sum over 'model' joins them; only
+  `B·T × D` activations cross devices, never the table."""
+
+  def local(table_rxD, ids):
+    rows = table_rxD.shape[0]
+    row = ids - shard_range(rows)
+    held = (row >= 0) & (row < rows)
+    x = jnp.where(held[..., None], table_rxD[jnp.clip(row, 0, rows - 1)], 0.0)
+    return jax.lax.psum(x, MODEL)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(MODEL), P(DATA)), out_specs=P(DATA))(
+      table_RxD, ids_BxT)
+
+
+def host_slice(mesh: Mesh) -> tuple[int, int]:
+  """(index, count) of this process's share of each batch's rows: processes whose devices
+  sit on the same 'data' rows of the mesh read the same share."""
+  rows = sorted({int(np.argwhere(mesh.devices == d)[0][0]) for d in mesh.local_devices})
+  per_host = len(rows)
+  if rows != list(range(rows[0], rows[0] + per_host)) or rows[0] % per_host:
+    raise ValueError(f'process {jax.process_index()} holds mesh rows {rows}: expected a '
+                     'contiguous, aligned block')
+  return rows[0] // per_host, mesh.devices.shape[0] // per_host
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None) -> None:
+  """Joins a multi-process run: every process calls it before touching a device. With no
+  arguments JAX finds its peers on Cloud TPU, SLURM and GKE; elsewhere all three are needed."""
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+def describe_process() -> str:
+  """One line on this process's view of the run (every host logs its own)."""
+  local = jax.local_devices()
+  return (f'process {jax.process_index()} of {jax.process_count()}: {len(local)} local '
+          f'{local[0].platform} device(s) {[d.id for d in local]} of {jax.device_count()}')

@@ -1,0 +1,160 @@
+"""The item table split over a 'model' mesh axis: the same losses, parameters and top-k lists."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+from pka_jax import evaluate
+from pka_jax import losses
+from pka_jax import sharding
+
+SCRIPT = r'''
+import json, sys
+import jax
+jax.config.update('jax_num_cpu_devices', int(sys.argv[1]))
+import numpy as np
+from configs import test
+from pka_jax import train
+config = test.get_config()
+config.dropout = 0.0  # dropout bits may depend on the sharding; the arithmetic must not
+config.mesh_model = int(sys.argv[2])
+config.data_dir = sys.argv[3]
+run = train.Run(config, sys.argv[4])
+losses = []
+for batch in list(run.inputs.epoch(0))[:3]:
+  run.state, metrics = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
+  losses.append(float(metrics['loss_sum'] / metrics['loss_count']))
+steps = run.successive_steps('valid')
+shards = run.mesh.shape['data']
+top = []
+for batch in steps.batches(config.eval_batch_size, shards=shards):
+  arrays = [run._sharded_rows(a) for a in (batch.inputs_BxT, batch.seen_rows_P,
+                                           batch.seen_items_P, batch.targets_B)]
+  items, _ = run.rank_fn(run.state.params, *arrays)
+  top.append(np.asarray(items)[batch.valid_B])
+leaves = jax.tree_util.tree_flatten_with_path(run.state.params)[0]
+np.savez(sys.argv[4] + '.npz', top=np.concatenate(top),
+         **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
+table = run.state.params['item_emb']['embedding']
+print(json.dumps({'losses': losses, 'mesh': dict(run.mesh.shape),
+                  'table_shard_rows': table.addressable_shards[0].data.shape[0],
+                  'valid': run.evaluate('valid')}))
+'''
+
+
+def run_with(devices: int, mesh_model: int, tmp_path) -> dict:
+  workdir = tmp_path / f'run{devices}x{mesh_model}'
+  result = subprocess.run(
+      [sys.executable, '-c', SCRIPT, str(devices), str(mesh_model), str(tmp_path / 'data'),
+       str(workdir)], capture_output=True, text=True, timeout=300,
+      env={**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')})
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(result.stdout.strip().splitlines()[-1])
+  report['arrays'] = dict(np.load(str(workdir) + '.npz'))
+  return report
+
+
+def test_meshes_with_a_model_axis_train_and_rank_like_one_device(tmp_path):
+  one = run_with(1, 1, tmp_path)
+  # 60 items + padding = 61 rows: split 4 or 8 ways they pad to 64 (16 or 8 rows a shard).
+  for devices, mesh_model, shard_rows in ((8, 4, 16), (8, 8, 8)):
+    sharded = run_with(devices, mesh_model, tmp_path)
+    assert sharded['mesh'] == {'data': devices // mesh_model, 'model': mesh_model}
+    assert sharded['table_shard_rows'] == shard_rows
+    np.testing.assert_allclose(sharded['losses'], one['losses'], rtol=1e-5)
+    for path, leaf in one['arrays'].items():
+      got = sharded['arrays'][path]
+      if path == 'top':
+        np.testing.assert_array_equal(got, leaf)
+        continue
+      if "['item_emb']" in path:
+        np.testing.assert_array_equal(got[len(leaf):], 0.0)  # unused rows: never trained
+        got = got[:len(leaf)]
+      # atol: the key biases' true gradient is zero; they hold rounding noise that Adam scales.
+      atol = 1e-3 if "['key']['bias']" in path else 1e-6
+      np.testing.assert_allclose(got, leaf, rtol=1e-4, atol=atol, err_msg=path)
+    assert sharded['valid'] == pytest.approx(one['valid'], abs=1e-6)
+
+
+MESH = sharding.make_mesh(4, jax.devices()[:8])  # data 2 x model 4 (conftest: 8 CPU devices)
+N, D = 21, 8  # 22 rows with padding: not a multiple of the 4 shards
+
+
+def place(array, spec):
+  return jax.device_put(array, NamedSharding(MESH, spec))
+
+
+def sharded_loss(hidden_BxTxD, table_VxD, targets_BxT, block_size):
+  def per_device(hidden, table, targets):
+    table = jax.lax.pcast(table, sharding.DATA, to='varying')
+    total, count = losses.sharded_cross_entropy(hidden, table, targets, num_items=N,
+                                                block_size=block_size)
+    return jax.lax.psum(total, sharding.DATA), jax.lax.psum(count, sharding.DATA)
+
+  return jax.shard_map(per_device, mesh=MESH, in_specs=(P('data'), P('model'), P('data')),
+                       out_specs=P())(hidden_BxTxD, table_VxD, targets_BxT)
+
+
+@pytest.mark.parametrize('block_size', [1, 3, 6])
+@pytest.mark.parametrize('targets_from', ['everywhere', 'first_shard_only'])
+def test_sharded_loss_and_gradients_equal_the_full_ones(block_size, targets_from):
+  keys = jax.random.split(jax.random.key(0), 3)
+  rows = sharding.table_rows(N, 4)  # 24: rows 22 and 23 are unused
+  table = jax.random.normal(keys[0], (rows, D)).at[N + 1:].set(0.0)
+  hidden = jax.random.normal(keys[1], (4, 5, D))
+  high = 6 if targets_from == 'first_shard_only' else N + 1  # shard 0 holds rows 0..5
+  targets = jax.random.randint(keys[2], (4, 5), 0, high)
+
+  def full(h, e):
+    return losses.full_cross_entropy(h, e[:N + 1], targets)[0]
+
+  def sharded(h, e):
+    return sharded_loss(h, e, place(targets, P('data')), block_size)[0]
+
+  args = place(hidden, P('data')), place(table, P('model'))
+  np.testing.assert_allclose(jax.jit(sharded)(*args), full(hidden, table), rtol=1e-5)
+  want = jax.grad(full, argnums=(0, 1))(hidden, table)
+  got = jax.jit(jax.grad(sharded, argnums=(0, 1)))(*args)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+  assert got[1].sharding.spec == P('model')  # each shard's rows' gradient stayed there
+
+
+@pytest.mark.parametrize('block_size,top_k', [(2, 5), (6, 5), (6, 12)])
+def test_sharded_top_k_equals_the_dense_top_k(block_size, top_k):
+  keys = jax.random.split(jax.random.key(1), 3)
+  rows = sharding.table_rows(N, 4)
+  table = jax.random.normal(keys[0], (rows, D))
+  hidden = jax.random.normal(keys[1], (4, D))
+  targets = jnp.array([3, 21, 9, 0], jnp.int32)
+  # Rows 0-1 on the first 'data' shard, 2-3 on the second; pairs list rows within a shard.
+  seen = [[1, 2, 3], [5], list(range(1, 18)), []]
+  width = 32
+  rows_P, items_P = [], []
+  for shard in (seen[:2], seen[2:]):
+    pairs = [(r, i) for r, items in enumerate(shard) for i in items]
+    pairs += [(0, 0)] * (width - len(pairs))
+    rows_P += [r for r, _ in pairs]
+    items_P += [i for _, i in pairs]
+  top = functools.partial(evaluate.sharded_top_k, num_items=N, top_k=top_k,
+                          block_size=block_size)
+  got = jax.jit(jax.shard_map(
+      top, mesh=MESH, in_specs=(P('data'), P('model'), P('data'), P('data'), P('data')),
+      out_specs=(P('data'), P('data'))))(
+          place(hidden, P('data')), place(table, P('model')),
+          *(place(jnp.array(a, jnp.int32), P('data')) for a in (rows_P, items_P)),
+          place(targets, P('data')))
+  seen_BxS = np.zeros((4, 17), np.int32)
+  for row, items in enumerate(seen):
+    seen_BxS[row, :len(items)] = items
+  want = evaluate.top_k_ranks(hidden @ table[:N + 1].T, seen_BxS, targets, top_k=top_k)
+  np.testing.assert_array_equal(got[0], want[0])  # top_k 12 > 4 items left in row 2: zeros
+  np.testing.assert_array_equal(got[1], want[1])
