@@ -9,7 +9,6 @@ full_cross_entropy with the same input shardings left to XLA's SPMD partitioner.
 collectives of each optimised program and the bytes they move per device.
 """
 
-import functools
 import re
 
 from absl import app

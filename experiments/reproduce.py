@@ -14,14 +14,13 @@ per run) and `<root>/table.md` (mean ± 95% interval over seeds, per dataset) ar
 after every run. Figures of the grid: `python -m pka_jax.figures --figure=all --root=<root>`.
 """
 
-import logging as std_logging
 import shlex
 import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
+from pka_jax import checkpoint
 from pka_jax import grid
 
 flags.DEFINE_list('config', ['configs/synthetic.py'], 'Config files, one per dataset.')
@@ -34,15 +33,10 @@ flags.DEFINE_multi_string('override', [], 'FIELD=VALUE set in every config, as '
 FLAGS = flags.FLAGS
 
 
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Orbax logs every checkpoint step at INFO; keep its warnings, drop the rest."""
-  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  checkpoint.quiet_orbax_logging()
   overrides = [grid.parse_override(text) for text in FLAGS.override]
   cells = grid.cells(FLAGS.config, FLAGS.models, FLAGS.kernels)
   specs = grid.specs(cells, range(FLAGS.seeds), FLAGS.root, overrides)

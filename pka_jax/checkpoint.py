@@ -9,6 +9,8 @@ resumes from the previous complete step.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+import contextlib
 import glob
 import logging as std_logging
 import os
@@ -23,10 +25,28 @@ ITEMS = ('state', 'progress', 'config')
 _UNFINISHED = '*.orbax-checkpoint-tmp*'
 
 
+def _orbax_warnings_only(record: std_logging.LogRecord) -> bool:
+  return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def _orbax_errors_only(record: std_logging.LogRecord) -> bool:
+  return record.levelno >= std_logging.ERROR or '/orbax/' not in record.pathname
+
+
 def quiet_orbax_logging() -> None:
   """Orbax logs every checkpoint step at INFO: keep its warnings only."""
-  logging.get_absl_handler().addFilter(
-      lambda record: record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname)
+  logging.get_absl_handler().addFilter(_orbax_warnings_only)
+
+
+@contextlib.contextmanager
+def orbax_errors_only() -> Iterator[None]:
+  """Orbax warns at every read-only restore: keep its errors only, for the block."""
+  logger = std_logging.getLogger('absl')
+  logger.addFilter(_orbax_errors_only)
+  try:
+    yield
+  finally:
+    logger.removeFilter(_orbax_errors_only)
 
 
 class CheckpointError(OSError):
@@ -106,3 +126,40 @@ def restore_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f'No checkpoint in {directory(workdir)}')
   restored = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
   return ml_collections.ConfigDict(restored.config)
+
+
+def resolve_step(mngr: ocp.CheckpointManager, workdir: str, step: int | str) -> int:
+  """The step number `step` names: 'latest', 'best' (the run's recorded best validation, the
+  step its test metrics come from) or a saved step."""
+  latest = mngr.latest_step()
+  if latest is None:
+    raise FileNotFoundError(f'No checkpoint in {directory(workdir)}')
+  if step == 'latest':
+    return latest
+  if step == 'best':
+    progress = mngr.restore(latest, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    best = progress.progress['best_step']
+    if best < 0:
+      raise FileNotFoundError(f'No validated checkpoint in {workdir}')
+    return best
+  number = int(step)
+  if number not in mngr.all_steps():
+    raise FileNotFoundError(f'No checkpoint of step {number} in {workdir}: it holds steps '
+                            f'{sorted(mngr.all_steps())}')
+  return number
+
+
+def restore_params(workdir: str, params_target, step: int | str = 'best') -> tuple[int, dict]:
+  """`(step number, parameters)` of a checkpoint, placed like `params_target` (abstract
+  arrays with shardings). The optimiser state is not read: it may have another structure
+  (another optimiser, or a checkpoint of an earlier version)."""
+  target = {'params': params_target}
+  mngr = manager(workdir, read_only=True)
+  try:
+    number = resolve_step(mngr, workdir, step)
+    restored = mngr.restore(number, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  finally:
+    mngr.close()
+  return number, restored.state['params']

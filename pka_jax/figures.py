@@ -33,7 +33,6 @@ from matplotlib import colors
 from matplotlib.figure import Figure
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from pka_jax import checkpoint
 from pka_jax import data
@@ -78,21 +77,9 @@ def load_best(workdir: str) -> Trained:
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-      {'params': jax.eval_shape(Encoder(model_config).init, jax.random.key(0), inputs_1xT)[
-          'params']})
-  manager = checkpoint.manager(workdir, read_only=True)
-  try:
-    progress = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-        progress=ocp.args.JsonRestore())).progress
-    best_step = progress['best_step']
-    if best_step < 0:
-      raise FileNotFoundError(f'No validated checkpoint in {workdir}')
-    state = manager.restore(best_step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))).state
-  finally:
-    manager.close()
-  return Trained(config, model_config, dataset, state['params'], best_step)
+      jax.eval_shape(Encoder(model_config).init, jax.random.key(0), inputs_1xT)['params'])
+  best_step, params = checkpoint.restore_params(workdir, target, 'best')
+  return Trained(config, model_config, dataset, params, best_step)
 
 
 def run_label(config) -> str:

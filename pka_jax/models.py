@@ -216,3 +216,10 @@ class Encoder(nn.Module):
     dtype = self.config.compute_dtype
     return jnp.dot(self.encode_last(inputs_BxT), self.item_embeddings().T.astype(dtype),
                    preferred_element_type=jnp.float32)
+
+
+def create_model(config: ml_collections.ConfigDict, num_items: int, *, deterministic: bool,
+                 mesh: jax.sharding.Mesh | None = None) -> Encoder:
+  """The encoder a config describes, for a catalog of `num_items` items."""
+  model_config = ModelConfig.from_config(config, num_items)
+  return Encoder(dataclasses.replace(model_config, deterministic=deterministic), mesh=mesh)

@@ -16,12 +16,10 @@ a few fixed shapes (BATCH_SHAPES), each compiled once.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import functools
 import json
-import logging as std_logging
 import os
 import shutil
 import sys
@@ -36,14 +34,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 import tqdm
 
 from pka_jax import checkpoint
 from pka_jax import data
 from pka_jax.data.errors import DataError
 from pka_jax.data.sequences import SequenceStore, SplitDataset
-from pka_jax.models import Encoder, ModelConfig
+from pka_jax.models import Encoder, create_model
 
 SERVING_DIR = 'serving'
 SERVING_FORMAT_VERSION = 1
@@ -250,7 +247,7 @@ class Recommender:
   def __init__(self, *, config: ml_collections.ConfigDict, params, served: ServingData,
                step: int):
     self.config, self.params, self.served, self.step = config, params, served, step
-    self.model = create_model(config, served.num_items)
+    self.model = create_model(config, served.num_items, deterministic=True)
     self.maxlen: int = config.maxlen
     counts = np.asarray(served.item_counts, np.float64)
     popularity_V = np.concatenate([[0.0], counts / counts.sum()]).astype(np.float32)
@@ -267,7 +264,7 @@ class Recommender:
     """
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f'No workdir at {workdir}')
-    with _orbax_quiet():
+    with checkpoint.orbax_errors_only():
       config = checkpoint.restore_config(workdir)
       served = serving_data(workdir, config, data_dir)
       number, params = restore_params(workdir, config, served.num_items, step)
@@ -412,66 +409,16 @@ def warn_unknown(unknown: list, what: str) -> None:
                   what, named, more)
 
 
-def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  return record.levelno >= std_logging.ERROR or '/orbax/' not in record.pathname
-
-
-@contextlib.contextmanager
-def _orbax_quiet() -> Iterator[None]:
-  """Orbax logs every read-only restore at INFO and WARNING: keep its errors only."""
-  logger = std_logging.getLogger('absl')
-  logger.addFilter(_quiet_orbax)
-  try:
-    yield
-  finally:
-    logger.removeFilter(_quiet_orbax)
-
-
-def create_model(config: ml_collections.ConfigDict, num_items: int) -> Encoder:
-  """The evaluation model of `config` (train.create_model with deterministic=True; built here
-  so that train.py can import this module)."""
-  return Encoder(dataclasses.replace(ModelConfig.from_config(config, num_items),
-                                     deterministic=True))
-
-
 def restore_params(workdir: str, config: ml_collections.ConfigDict, num_items: int,
                    step: int | str = 'best') -> tuple[int, dict]:
-  """`(step number, parameters)` of a checkpoint, on one device; the optimizer state is not
-  read. 'best' is the step the run recorded as best (the one its test metrics came from)."""
-  model = create_model(config, num_items)
+  """`(step number, parameters)` of a checkpoint, on one device (checkpoint.restore_params)."""
+  model = create_model(config, num_items, deterministic=True)
   inputs_1xT = jnp.zeros((1, config.maxlen), jnp.int32)
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = {'params': jax.tree.map(
+  target = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      jax.eval_shape(lambda: model.init(jax.random.key(0), inputs_1xT)['params']))}
-  mngr = checkpoint.manager(workdir, read_only=True)
-  try:
-    number = _step_number(mngr, workdir, step)
-    restored = mngr.restore(number, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True)))
-  finally:
-    mngr.close()
-  return number, restored.state['params']
-
-
-def _step_number(mngr: ocp.CheckpointManager, workdir: str, step: int | str) -> int:
-  latest = mngr.latest_step()
-  if latest is None:
-    raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}')
-  if step == 'latest':
-    return latest
-  if step == 'best':
-    progress = mngr.restore(latest, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
-    best = progress.progress['best_step']
-    if best < 0:
-      raise FileNotFoundError(f'No validated checkpoint in {workdir}')
-    return best
-  number = int(step)
-  if number not in mngr.all_steps():
-    raise FileNotFoundError(f'No checkpoint of step {number} in {workdir}: it holds steps '
-                            f'{sorted(mngr.all_steps())}')
-  return number
+      jax.eval_shape(lambda: model.init(jax.random.key(0), inputs_1xT)['params']))
+  return checkpoint.restore_params(workdir, target, step)
 
 
 # ---- command line ----

@@ -31,13 +31,7 @@ from pka_jax import recommend
 from pka_jax import sharding
 from pka_jax.data.pipeline import TrainInput
 from pka_jax.data.sequences import SplitDataset
-from pka_jax.models import Encoder, ModelConfig
-
-
-def create_model(config: ml_collections.ConfigDict, num_items: int, *,
-                 deterministic: bool, mesh: jax.sharding.Mesh | None = None) -> Encoder:
-  model_config = ModelConfig.from_config(config, num_items)
-  return Encoder(dataclasses.replace(model_config, deterministic=deterministic), mesh=mesh)
+from pka_jax.models import Encoder, ModelConfig, create_model  # noqa: F401 (train.create_model)
 
 
 def create_train_state(model: Encoder, config: ml_collections.ConfigDict,
