@@ -185,18 +185,22 @@ def pair_top_k_ranks(scores_BxV: jax.Array, seen_rows_P: jax.Array, seen_items_P
 _pair_top_k_ranks_jit = jax.jit(pair_top_k_ranks, static_argnames='top_k')
 
 
-def sharded_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Array,
-                  seen_items_P: jax.Array, targets_B: jax.Array, *, num_items: int, top_k: int,
-                  block_size: int) -> tuple[jax.Array, jax.Array]:
-  """Top-k items and target ranks, run inside shard_map over ('data', 'model').
+# adjust(scores_BxK, item_K) -> scores_BxK: changes one block's scores before masking.
+Adjust = Callable[[jax.Array, jax.Array], jax.Array]
 
-  This 'model' shard holds rows `[first, first + R)` of the item table and scores them
-  `block_size` at a time, masking padding, unused rows and the seen pairs that fall in the
-  block and keeping a running top-k; the shards' lists are then gathered over 'model' and
-  merged. No device holds more than `B × block_size` scores.
+
+def block_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Array,
+                seen_items_P: jax.Array, *, first: int | jax.Array, num_items: int,
+                top_k: int, block_size: int, adjust: Adjust | None = None,
+                ) -> tuple[jax.Array, jax.Array]:
+  """`(scores_BxK, items_BxK)`: the best of the table's rows `[first, first + R)` (global item
+  ids) for each row of `hidden`, best first; -inf (item 0 or any) where fewer remain.
+
+  Rows are scored `block_size` at a time, keeping a running top-k: no more than
+  `B × block_size` scores exist at once. Item 0, rows past `num_items` and the (row, item)
+  pairs seen are masked; `adjust` may change a block's scores first.
   """
   rows, dim = table_RxD.shape
-  first = sharding.shard_range(rows)
   blocks = -(-rows // block_size)
   table_NxBxD = jnp.pad(table_RxD, ((0, blocks * block_size - rows), (0, 0))).reshape(
       blocks, block_size, dim).astype(hidden_BxD.dtype)
@@ -206,6 +210,8 @@ def sharded_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.
     start = first + index * block_size
     item_K = start + jnp.arange(block_size)
     scores_BxK = jnp.dot(hidden_BxD, block_KxD.T, preferred_element_type=jnp.float32)
+    if adjust is not None:
+      scores_BxK = adjust(scores_BxK, item_K)
     real_K = (item_K >= 1) & (item_K <= num_items) & (item_K < first + rows)
     scores_BxK = jnp.where(real_K[None, :], scores_BxK, -jnp.inf)
     column_P = seen_items_P - start
@@ -227,12 +233,28 @@ def sharded_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.
            jnp.pad(first_items, ((0, 0), (0, top_k - keep))))
   (scores_BxK, items_BxK), _ = jax.lax.scan(
       add_block, start, (table_NxBxD[1:], jnp.arange(1, blocks)))
+  return scores_BxK, items_BxK
+
+
+def sharded_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Array,
+                  seen_items_P: jax.Array, targets_B: jax.Array, *, num_items: int, top_k: int,
+                  block_size: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k items and target ranks, run inside shard_map over ('data', 'model').
+
+  This 'model' shard ranks its rows of the item table (`block_top_k`); the shards' lists
+  are gathered over 'model' and merged. No device holds more than `B × block_size` scores.
+  """
+  scores_BxK, items_BxK = block_top_k(
+      hidden_BxD, table_RxD, seen_rows_P, seen_items_P,
+      first=sharding.shard_range(table_RxD.shape[0]), num_items=num_items, top_k=top_k,
+      block_size=block_size)
   # Every shard's list, in shard order: ties keep the lower item id, as one top_k would.
   all_scores, all_items = (
       jax.lax.all_gather(x, sharding.MODEL, axis=1, tiled=True, to='invarying')
       for x in (scores_BxK, items_BxK))
   top_scores, top_index = jax.lax.top_k(all_scores, top_k)
   return _ranked(top_scores, jnp.take_along_axis(all_items, top_index, axis=1), targets_B)
+
 
 # rank_fn(batch) -> (top_items_BxK, ranks_B): scoring, masking and top-k for one batch.
 RankFn = Callable[[EvalBatch], tuple[jax.Array, jax.Array]]

@@ -38,6 +38,8 @@ import tqdm
 
 from pka_jax import checkpoint
 from pka_jax import data
+from pka_jax import evaluate
+from pka_jax import losses
 from pka_jax.data.errors import DataError
 from pka_jax.data.sequences import SequenceStore, SplitDataset
 from pka_jax.models import Encoder, create_model
@@ -195,17 +197,27 @@ def top_k_scores(model: Encoder, params, inputs_BxT: jax.Array, seen_BxS: jax.Ar
 
   Rows whose input is all padding are scored by `popularity_V`; then padding, the `seen_BxS`
   items (dense ids, 0-padded) and items outside `allowed_V` are masked. Slots left without an
-  item hold item 0 and score -inf.
+  item hold item 0 and score -inf. The catalog is scored in blocks (evaluate.block_top_k):
+  no `B × N` scores exist at once, however large the catalog.
   """
-  scores_BxV = model.apply({'params': params}, inputs_BxT, method=Encoder.score_last)
+  hidden_BxD = model.apply({'params': params}, inputs_BxT, method=Encoder.encode_last)
+  table_RxD = params['item_emb']['embedding']
   empty_Bx1 = ~jnp.any(inputs_BxT != 0, axis=1, keepdims=True)
-  scores_BxV = jnp.where(empty_Bx1, popularity_V[None].astype(jnp.float32), scores_BxV)
-  rows_Bx1 = jnp.arange(scores_BxV.shape[0])[:, None]
-  scores_BxV = scores_BxV.at[rows_Bx1, seen_BxS].set(-jnp.inf).at[:, 0].set(-jnp.inf)
-  scores_BxV = jnp.where(allowed_V[None], scores_BxV, -jnp.inf)
-  top_scores_BxK, top_items_BxK = jax.lax.top_k(scores_BxV, k)
+  last_V = allowed_V.shape[0] - 1
+
+  def adjust(scores_BxK, item_K):
+    item_K = jnp.minimum(item_K, last_V)  # rows past the catalog are masked after this
+    scores_BxK = jnp.where(empty_Bx1, popularity_V[item_K][None].astype(jnp.float32),
+                           scores_BxK)
+    return jnp.where(allowed_V[item_K][None], scores_BxK, -jnp.inf)
+
+  rows_B = jnp.arange(seen_BxS.shape[0], dtype=jnp.int32)
+  top_scores_BxK, top_items_BxK = evaluate.block_top_k(
+      hidden_BxD, table_RxD, jnp.repeat(rows_B, seen_BxS.shape[1]), seen_BxS.reshape(-1),
+      first=0, num_items=last_V, top_k=k, adjust=adjust,
+      block_size=losses.chunk_rows_for(BATCH_SHAPES[-1], table_RxD.shape[0]))  # any batch
   top_items_BxK = jnp.where(top_scores_BxK > -jnp.inf, top_items_BxK, 0)
-  return top_items_BxK.astype(jnp.int32), top_scores_BxK
+  return top_items_BxK, top_scores_BxK
 
 
 def left_padded(histories: Sequence[np.ndarray], rows: int, width: int) -> np.ndarray:

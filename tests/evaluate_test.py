@@ -179,3 +179,30 @@ def test_wrong_vocabulary_size_is_rejected():
     evaluate.evaluate(
         lambda inputs_BxT: jnp.zeros((inputs_BxT.shape[0], NUM_ITEMS)),
         _dataset(), 'valid', maxlen=MAXLEN, batch_size=4)
+
+
+@pytest.mark.parametrize('block_size', [1, 3, 7, 64])
+def test_block_top_k_equals_a_dense_ranking(block_size):
+  # 7 items (ids 1..7) in a 9-row table: rows 8 and the padding row 0 never come out.
+  keys = jax.random.split(jax.random.key(3), 2)
+  hidden_BxD = jax.random.normal(keys[0], (3, 4))
+  table_RxD = jax.random.normal(keys[1], (9, 4))
+  seen = {0: [2, 5], 1: [], 2: [1, 2, 3, 4, 5]}
+  rows_P = jnp.array([r for r, items in seen.items() for _ in items], jnp.int32)
+  items_P = jnp.array([i for items in seen.values() for i in items], jnp.int32)
+  boost_V = jnp.arange(10.0)
+
+  def adjust(scores_BxK, item_K):  # the third row ranks by item id instead
+    return jnp.where(jnp.arange(3)[:, None] == 2, boost_V[jnp.minimum(item_K, 9)], scores_BxK)
+
+  scores_BxK, items_BxK = evaluate.block_top_k(
+      hidden_BxD, table_RxD, rows_P, items_P, first=0, num_items=7, top_k=4,
+      block_size=block_size, adjust=adjust)
+  dense = np.array(hidden_BxD @ table_RxD.T)
+  dense[2] = np.arange(9.0)
+  for row, items in seen.items():
+    ranked = [i for i in np.argsort(-dense[row], kind='stable') if 1 <= i <= 7 and i not in items]
+    want = ranked[:4] + [None] * (4 - len(ranked[:4]))
+    got = [int(i) if np.isfinite(s) else None
+           for i, s in zip(items_BxK[row], scores_BxK[row])]
+    assert got == want, row
