@@ -248,12 +248,18 @@ def sharded_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.
       hidden_BxD, table_RxD, seen_rows_P, seen_items_P,
       first=sharding.shard_range(table_RxD.shape[0]), num_items=num_items, top_k=top_k,
       block_size=block_size)
-  # Every shard's list, in shard order: ties keep the lower item id, as one top_k would.
+  return _ranked(*merge_shard_lists(scores_BxK, items_BxK, top_k), targets_B)
+
+
+def merge_shard_lists(scores_BxK: jax.Array, items_BxK: jax.Array, top_k: int
+                      ) -> tuple[jax.Array, jax.Array]:
+  """Inside shard_map: every 'model' shard's top-k list merged into the global one."""
+  # Gathered in shard order: ties keep the lower item id, as one top_k over all would.
   all_scores, all_items = (
       jax.lax.all_gather(x, sharding.MODEL, axis=1, tiled=True, to='invarying')
       for x in (scores_BxK, items_BxK))
   top_scores, top_index = jax.lax.top_k(all_scores, top_k)
-  return _ranked(top_scores, jnp.take_along_axis(all_items, top_index, axis=1), targets_B)
+  return top_scores, jnp.take_along_axis(all_items, top_index, axis=1)
 
 
 # rank_fn(batch) -> (top_items_BxK, ranks_B): scoring, masking and top-k for one batch.

@@ -32,6 +32,7 @@ from absl import flags
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import ml_collections
 import numpy as np
 import tqdm
@@ -40,6 +41,7 @@ from pka_jax import checkpoint
 from pka_jax import data
 from pka_jax import evaluate
 from pka_jax import losses
+from pka_jax import sharding
 from pka_jax.data.errors import DataError
 from pka_jax.data.sequences import SequenceStore, SplitDataset
 from pka_jax.models import Encoder, create_model
@@ -198,11 +200,35 @@ def top_k_scores(model: Encoder, params, inputs_BxT: jax.Array, seen_BxS: jax.Ar
   Rows whose input is all padding are scored by `popularity_V`; then padding, the `seen_BxS`
   items (dense ids, 0-padded) and items outside `allowed_V` are masked. Slots left without an
   item hold item 0 and score -inf. The catalog is scored in blocks (evaluate.block_top_k):
-  no `B × N` scores exist at once, however large the catalog.
+  no `B × N` scores exist at once, however large the catalog. When the model's mesh splits
+  the item table over 'model', each shard ranks its rows and their lists are merged.
   """
   hidden_BxD = model.apply({'params': params}, inputs_BxT, method=Encoder.encode_last)
-  table_RxD = params['item_emb']['embedding']
   empty_Bx1 = ~jnp.any(inputs_BxT != 0, axis=1, keepdims=True)
+  rows_B = jnp.arange(seen_BxS.shape[0], dtype=jnp.int32)
+  seen = jnp.repeat(rows_B, seen_BxS.shape[1]), seen_BxS.reshape(-1)
+  table_RxD = params['item_emb']['embedding']
+  mesh = model.mesh
+  if mesh is None or mesh.shape[sharding.MODEL] == 1:
+    return _top_k_of_rows(hidden_BxD, table_RxD, *seen, empty_Bx1, allowed_V, popularity_V,
+                          first=0, k=k)
+
+  def per_shard(hidden, table, rows_P, items_P, empty, allowed, popularity):
+    items, scores = _top_k_of_rows(hidden, table, rows_P, items_P, empty, allowed, popularity,
+                                   first=sharding.shard_range(table.shape[0]), k=k)
+    scores, items = evaluate.merge_shard_lists(scores, items, k)
+    return jnp.where(scores > -jnp.inf, items, 0), scores
+
+  replicated = P()
+  return jax.shard_map(
+      per_shard, mesh=mesh, in_specs=(replicated, P(sharding.MODEL)) + (replicated,) * 5,
+      out_specs=(replicated, replicated))(
+          hidden_BxD, table_RxD, *seen, empty_Bx1, allowed_V, popularity_V)
+
+
+def _top_k_of_rows(hidden_BxD, table_RxD, seen_rows_P, seen_items_P, empty_Bx1, allowed_V,
+                   popularity_V, *, first, k: int) -> tuple[jax.Array, jax.Array]:
+  """`(items_BxK, scores_BxK)` of table rows `[first, first + R)` (evaluate.block_top_k)."""
   last_V = allowed_V.shape[0] - 1
 
   def adjust(scores_BxK, item_K):
@@ -211,13 +237,11 @@ def top_k_scores(model: Encoder, params, inputs_BxT: jax.Array, seen_BxS: jax.Ar
                            scores_BxK)
     return jnp.where(allowed_V[item_K][None], scores_BxK, -jnp.inf)
 
-  rows_B = jnp.arange(seen_BxS.shape[0], dtype=jnp.int32)
   top_scores_BxK, top_items_BxK = evaluate.block_top_k(
-      hidden_BxD, table_RxD, jnp.repeat(rows_B, seen_BxS.shape[1]), seen_BxS.reshape(-1),
-      first=0, num_items=last_V, top_k=k, adjust=adjust,
+      hidden_BxD, table_RxD, seen_rows_P, seen_items_P, first=first, num_items=last_V,
+      top_k=k, adjust=adjust,
       block_size=losses.chunk_rows_for(BATCH_SHAPES[-1], table_RxD.shape[0]))  # any batch
-  top_items_BxK = jnp.where(top_scores_BxK > -jnp.inf, top_items_BxK, 0)
-  return top_items_BxK, top_scores_BxK
+  return jnp.where(top_scores_BxK > -jnp.inf, top_items_BxK, 0), top_scores_BxK
 
 
 def left_padded(histories: Sequence[np.ndarray], rows: int, width: int) -> np.ndarray:
@@ -257,9 +281,9 @@ class Recommender:
   """A trained model and its serving data: top-k recommendations in raw ids."""
 
   def __init__(self, *, config: ml_collections.ConfigDict, params, served: ServingData,
-               step: int):
+               step: int, mesh: jax.sharding.Mesh | None = None):
     self.config, self.params, self.served, self.step = config, params, served, step
-    self.model = create_model(config, served.num_items, deterministic=True)
+    self.model = create_model(config, served.num_items, deterministic=True, mesh=mesh)
     self.maxlen: int = config.maxlen
     counts = np.asarray(served.item_counts, np.float64)
     popularity_V = np.concatenate([[0.0], counts / counts.sum()]).astype(np.float32)
@@ -269,18 +293,24 @@ class Recommender:
 
   @classmethod
   def from_workdir(cls, workdir: str, step: int | str = 'best', *,
-                   data_dir: str | None = None) -> Recommender:
+                   data_dir: str | None = None, devices: Sequence | None = None
+                   ) -> Recommender:
     """The parameters of checkpoint `step` ('best', 'latest' or a number) of `workdir`.
 
     Reads only the workdir (`data_dir` serves workdirs trained before the serving files, once).
+    A run whose item table was split over `config.mesh_model` devices is split again over as
+    many of `devices` (this host's by default), when there are enough; else it runs on one.
     """
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f'No workdir at {workdir}')
     with checkpoint.orbax_errors_only():
       config = checkpoint.restore_config(workdir)
       served = serving_data(workdir, config, data_dir)
-      number, params = restore_params(workdir, config, served.num_items, step)
-    return cls(config=config, params=params, served=served, step=number)
+      devices = list(jax.local_devices() if devices is None else devices)
+      shards = config.get('mesh_model', 1)
+      mesh = sharding.make_mesh(shards, devices[:shards]) if 1 < shards <= len(devices) else None
+      number, params = restore_params(workdir, config, served.num_items, step, mesh=mesh)
+    return cls(config=config, params=params, served=served, step=number, mesh=mesh)
 
   @property
   def item_ids(self) -> np.ndarray:
@@ -422,14 +452,18 @@ def warn_unknown(unknown: list, what: str) -> None:
 
 
 def restore_params(workdir: str, config: ml_collections.ConfigDict, num_items: int,
-                   step: int | str = 'best') -> tuple[int, dict]:
-  """`(step number, parameters)` of a checkpoint, on one device (checkpoint.restore_params)."""
+                   step: int | str = 'best', mesh: jax.sharding.Mesh | None = None
+                   ) -> tuple[int, dict]:
+  """`(step number, parameters)` of a checkpoint (checkpoint.restore_params): on one device,
+  or with the item table's rows split over `mesh`'s 'model' axis."""
   model = create_model(config, num_items, deterministic=True)
   inputs_1xT = jnp.zeros((1, config.maxlen), jnp.int32)
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-      jax.eval_shape(lambda: model.init(jax.random.key(0), inputs_1xT)['params']))
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs_1xT)['params'])
+  placements = (jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+                             shapes) if mesh is None else sharding.state_shardings(shapes, mesh))
+  target = jax.tree.map(lambda a, placement: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                  sharding=placement),
+                        shapes, placements)
   return checkpoint.restore_params(workdir, target, step)
 
 

@@ -344,3 +344,26 @@ def test_input_lines_parse_as_csv_or_json_in_the_catalogs_id_type():
 def test_bad_input_lines_are_named(line, message):
   with pytest.raises(recommend.InputError, match=re.escape(message)):
     recommend.parse_line(line, 'f:3', fake_catalog(int))
+
+
+def test_a_table_split_over_devices_recommends_like_one_device(tmp_path):
+  # A run with its item table split over 4 devices (mesh_model) is served split over 4 of
+  # this host's devices (conftest: 8 CPU devices): the shards' lists merge into one device's.
+  config = test_config.get_config()
+  config.max_epochs, config.mesh_model = 1, 4
+  config.data_dir = str(tmp_path / 'data')
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(config, workdir)
+  split = recommend.Recommender.from_workdir(workdir)
+  whole = recommend.Recommender.from_workdir(workdir, devices=jax.local_devices()[:1])
+  assert split.model.mesh.shape == {'data': 1, 'model': 4} and whole.model.mesh is None
+  table = split.params['item_emb']['embedding']
+  assert table.shape[0] == 64 and table.addressable_shards[0].data.shape[0] == 16
+  histories = [[], [3], list(range(1, 30)), [7, 8, 9, 10, 11]]
+  raw_histories = [raw(whole, h) for h in histories]
+  got = split.recommend(raw_histories, k=K, candidates=whole.item_ids[:40].tolist())
+  want = whole.recommend(raw_histories, k=K, candidates=whole.item_ids[:40].tolist())
+  np.testing.assert_array_equal(got.items, want.items)
+  np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got.popular, want.popular)
+
