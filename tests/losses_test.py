@@ -27,44 +27,27 @@ def test_full_cross_entropy_by_hand():
   assert float(total) == pytest.approx(np.log(np.exp(2) + 1))
 
 
-@pytest.mark.parametrize('block_size', [1, 5, 8, 23, 64])
-def test_blockwise_equals_full(block_size):
+# Items in blocks of 1..64 (23 items: no multiple of most); rows in chunks of 1..64 (15 rows:
+# chunks of 4 and 7 leave a padded last chunk; 64 holds every row in one chunk).
+@pytest.mark.parametrize('loss,size', [
+    *((losses.blockwise_cross_entropy, size) for size in (1, 5, 8, 23, 64)),
+    *((losses.chunked_cross_entropy, size) for size in (1, 4, 7, 15, 64))])
+def test_exact_variants_equal_the_full_loss(loss, size):
   hidden, table, targets = inputs()
 
   def full(h, e):
     return losses.full_cross_entropy(h, e, targets)[0]
 
-  def blockwise(h, e):
-    return losses.blockwise_cross_entropy(h, e, targets, block_size)[0]
+  def variant(h, e):
+    return loss(h, e, targets, size)[0]
 
-  np.testing.assert_allclose(jax.jit(blockwise)(hidden, table), full(hidden, table), rtol=1e-5)
+  np.testing.assert_allclose(jax.jit(variant)(hidden, table), full(hidden, table), rtol=1e-5)
   expected = jax.grad(full, argnums=(0, 1))(hidden, table)
-  got = jax.jit(jax.grad(blockwise, argnums=(0, 1)))(hidden, table)
+  got = jax.jit(jax.grad(variant, argnums=(0, 1)))(hidden, table)
   for g, e in zip(got, expected):
     np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
-  assert float(losses.blockwise_cross_entropy(hidden, table, targets, block_size)[1]) == float(
-      jnp.sum(targets > 0))
-
-
-@pytest.mark.parametrize('chunk_rows', [1, 4, 7, 15, 64])
-def test_chunked_equals_full(chunk_rows):
-  # 15 rows: chunks of 4 and 7 leave a padded last chunk; 64 holds every row in one chunk.
-  hidden, table, targets = inputs()
-
-  def full(h, e):
-    return losses.full_cross_entropy(h, e, targets)[0]
-
-  def chunked(h, e):
-    return losses.chunked_cross_entropy(h, e, targets, chunk_rows)[0]
-
-  np.testing.assert_allclose(jax.jit(chunked)(hidden, table), full(hidden, table), rtol=1e-6)
-  expected = jax.grad(full, argnums=(0, 1))(hidden, table)
-  got = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, table)
-  for g, e in zip(got, expected):
-    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(got[1][0], 0.0)  # the padding row is no class
-  assert float(losses.chunked_cross_entropy(hidden, table, targets, chunk_rows)[1]) == float(
-      jnp.sum(targets > 0))
+  assert float(loss(hidden, table, targets, size)[1]) == float(jnp.sum(targets > 0))
 
 
 def test_chunked_in_bfloat16_follows_float32():
