@@ -20,7 +20,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from configs import default
-from pka_jax import train
+from pka_jax import models
 from pka_jax.models import Encoder
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Config file.')
@@ -60,7 +60,7 @@ def main(argv):
     outputs = {}
     for impl in ['plain'] + impls:
       config.attention_impl = impl
-      model = train.create_model(config, _ITEMS.value, deterministic=True)
+      model = models.create_model(config, _ITEMS.value, deterministic=True)
       if impl == 'plain':
         params = jax.jit(model.init)(jax.random.key(0), inputs[:1])['params']
       hidden = jax.jit(lambda p, x, m=model: m.apply({'params': p}, x))

@@ -141,14 +141,9 @@ def time_eval(run: train.Run) -> dict:
 
 def time_epochs(run: train.Run, workdir: str) -> dict:
   writer = metric_writer.MetricWriter(workdir)
-  records = []
   try:
     for _ in range(_EPOCHS.value):
-      run.run_epoch(writer)
-      records.append(dict(run.epoch_seconds))
-      start = time.perf_counter()
-      run.checkpoints.wait_until_finished()
-      records[-1]['save_wait'] = time.perf_counter() - start
+      run.run_epoch(writer)  # writes its time/* record
   finally:
     writer.close()
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:

@@ -24,6 +24,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from pka_jax import flops
+from pka_jax import models
 from pka_jax import sharding
 from pka_jax import train
 
@@ -56,7 +57,7 @@ def main(argv):
   jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   config = FLAGS.config
   mesh = sharding.make_mesh(config.mesh_model, jax.devices()[:_DEVICES.value])
-  model = train.create_model(config, _NUM_ITEMS.value, deterministic=False, mesh=mesh)
+  model = models.create_model(config, _NUM_ITEMS.value, deterministic=False, mesh=mesh)
   init = functools.partial(train.create_train_state, model, config)
   state = jax.eval_shape(init, jax.random.key(0, impl=config.prng_impl))
   state_shardings = sharding.state_shardings(state, mesh)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+import math
 
 import ml_collections
 
@@ -58,6 +59,7 @@ def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
       'adam_b2': fraction,
       'batch_size': positive_int,
       'microbatches': non_negative_int,
+      'mesh_model': positive_int,
       'max_epochs': positive_int,
       'patience': positive_int,
       'seed': non_negative_int,
@@ -92,17 +94,25 @@ def _relations(config: ml_collections.ConfigDict, devices: int, processes: int) 
   if not (_is_number(q_valid) and _is_number(q_test) and 0 < q_valid < q_test < 1):
     problems.append(f'q_valid, q_test: expected 0 < q_valid < q_test < 1, got {q_valid!r} and '
                     f'{q_test!r}')
+  mesh_model = config.get('mesh_model', 1)
+  data_shards = devices
+  if _is_int(mesh_model) and mesh_model > 0:
+    if devices % mesh_model:
+      problems.append(f'mesh_model: expected a divisor of the {devices} devices, got {mesh_model}')
+    else:
+      data_shards = devices // mesh_model
   for name in ('batch_size', 'eval_batch_size'):
     value = config.get(name)
-    if _is_int(value) and value > 0 and value % max(devices, processes):
-      problems.append(f'{name}: expected a multiple of the {devices} devices and {processes} '
+    if _is_int(value) and value > 0 and value % math.lcm(data_shards, processes):
+      problems.append(f'{name}: expected a multiple of the {data_shards} data shards '
+                      f'({devices} devices, mesh_model {mesh_model}) and {processes} '
                       f'processes, got {value}')
   micro, batch = config.get('microbatches'), config.get('batch_size')
   if _is_int(micro) and micro > 0 and _is_int(batch) and batch > 0:
-    per_device = batch // devices
-    if per_device % micro:
-      problems.append(f'microbatches: expected a divisor of the {per_device} sequences per '
-                      f'device (batch_size {batch} over {devices} devices), got {micro}')
+    per_shard = batch // data_shards
+    if per_shard % micro:
+      problems.append(f'microbatches: expected a divisor of the {per_shard} sequences per '
+                      f'data shard (batch_size {batch} over {data_shards} shards), got {micro}')
   return problems + _synthetic_problems(config)
 
 

@@ -31,7 +31,7 @@ from pka_jax import recommend
 from pka_jax import sharding
 from pka_jax.data.pipeline import TrainInput
 from pka_jax.data.sequences import SplitDataset
-from pka_jax.models import Encoder, ModelConfig, create_model  # noqa: F401 (train.create_model)
+from pka_jax.models import Encoder, ModelConfig, create_model
 
 
 def create_train_state(model: Encoder, config: ml_collections.ConfigDict,

@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 from configs import test as test_config
-from pka_jax import flops, train
+from pka_jax import flops
+from pka_jax import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   # The FLOPs are the library's formula for this config; XLA's count adds the elementwise
   # work, a large share at this tiny width (flops_test checks the two at a real one).
   config = test_config.get_config()
-  model_config = train.create_model(config, 60, deterministic=False).config
+  model_config = models.create_model(config, 60, deterministic=False).config
   assert train_figures['model_flops'] == flops.train_step_flops(model_config, config.batch_size)
   assert train_figures['xla_flops'] > train_figures['model_flops']
   assert eval_figures['pairs'] > 0 and eval_figures['pairs_per_second'] > 0

@@ -76,6 +76,13 @@ def test_batch_sizes_must_divide_over_the_devices(field, value):
     config_check.check(config(**{field: value}), devices=3, processes=3)
 
 
+def test_the_mesh_model_axis_divides_the_devices_and_sets_the_data_shards():
+  with pytest.raises(config_check.ConfigError, match='mesh_model: expected a divisor of the 8'):
+    config_check.check(config(mesh_model=3), devices=8)
+  # 8 devices as 2 data shards x 4 model shards: a batch of 36 splits over the 2 data shards.
+  config_check.check(config(batch_size=36, eval_batch_size=36, mesh_model=4), devices=8)
+
+
 def test_every_problem_in_one_message():
   with pytest.raises(config_check.ConfigError) as raised:
     config_check.check(config(maxlen=1, dropout=2.0, loss='mse', num_heads=5))

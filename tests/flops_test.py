@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import default
-from pka_jax import flops, train
+from pka_jax import flops, models, train
 from pka_jax.models import Encoder, ModelConfig
 
 
@@ -35,7 +35,7 @@ def test_xla_counts_the_same_matrix_products_plus_elementwise_work(model):
   config = default.get_config(f'model={model}')
   config.maxlen, config.hidden_units, config.num_blocks, config.num_heads = 32, 64, 2, 1
   batch_size, num_items = 16, 500
-  model = train.create_model(config, num_items, deterministic=True)
+  model = models.create_model(config, num_items, deterministic=True)
   state = train.create_train_state(model, config, jax.random.key(0))
   inputs = jnp.ones((batch_size, config.maxlen), jnp.int32)
   step = functools.partial(train.train_step, loss_name='ce',
