@@ -107,6 +107,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- evaluation ----
   config.top_k = 10  # metrics at k
   config.eval_batch_size = 512  # evaluation steps scored per batch
+  # Batches of similar context lengths, each window cut to its batch's longest context: the
+  # same rankings for fewer FLOPs. Only where the model trims exactly (padding keys masked,
+  # no query-side kernel); otherwise every window is maxlen wide.
+  config.eval_trim = True
 
   apply_variant(config, arg)
   return config

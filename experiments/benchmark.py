@@ -15,6 +15,7 @@ share of an epoch spent outside training steps and validation. Real-dataset conf
 without their data on a synthetic catalog of `--synthetic_items` items.
 """
 
+import collections
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from pka_jax import evaluate
 from pka_jax import flops
 from pka_jax import metric_writer
 from pka_jax import train
@@ -43,6 +45,9 @@ _SYNTHETIC_ITEMS = flags.DEFINE_integer(
 _SYNTHETIC_USERS = flags.DEFINE_integer(
     'synthetic_users', 0, 'Users of the synthetic data (0: four batches, at least 2,000; '
     "6,040 gives ML-1M's 23 steps an epoch at batch 256).")
+_SYNTHETIC_MIN_LENGTH = flags.DEFINE_integer(
+    'synthetic_min_length', 0, 'Shortest synthetic history (0: half the longest, maxlen + 1); '
+    'histories are uniform between the two.')
 _EVAL_REPEATS = flags.DEFINE_integer('eval_repeats', 2, 'Timed validation passes.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch workdir (default: a temporary one).')
@@ -62,13 +67,13 @@ def matmul_peak(dtype, size: int, repeats: int = 10) -> float:
   return 2 * size**3 / best
 
 
-def use_synthetic_data(config, num_items: int, num_users: int) -> None:
+def use_synthetic_data(config, num_items: int, num_users: int, min_length: int = 0) -> None:
   """The config's shapes on generated data: by default enough users for a few batches."""
   config.dataset = 'synthetic'
   config.synthetic.num_items = num_items
   config.synthetic.num_users = num_users or max(config.batch_size * 4, 2000)
   config.synthetic.max_length = min(config.maxlen + 1, num_items - 1)
-  config.synthetic.min_length = config.synthetic.max_length // 2
+  config.synthetic.min_length = min_length or config.synthetic.max_length // 2
 
 
 def peak_memory(compiled) -> dict:
@@ -114,8 +119,23 @@ def reference_step_flops(run: train.Run, batch) -> float:
   return xla_flops(step, run.state, batch, run.dropout_rng)
 
 
+def eval_pass_flops(run: train.Run, steps) -> tuple[int, dict[int, int]]:
+  """Model FLOPs of a validation pass (real pairs only, each at its batch's window width)
+  and how many pairs ran at each width."""
+  config, model_config = run.config, run.eval_model.config
+  trim = run.trim_eval_windows
+  ordered = steps.by_context_length() if trim else steps
+  total, pairs_at = 0, collections.Counter()
+  for start in range(0, len(ordered), config.eval_batch_size):
+    lengths = ordered.length[start:start + config.eval_batch_size]
+    width = evaluate.window_width(int(lengths.max()), config.maxlen) if trim else config.maxlen
+    total += len(lengths) * flops.eval_pair_flops(model_config, width)
+    pairs_at[width] += len(lengths)
+  return total, dict(sorted(pairs_at.items()))
+
+
 def time_eval(run: train.Run) -> dict:
-  """The validation pass end to end, and the device's share alone on one batch."""
+  """The validation pass end to end, and the device's share alone on one full-window batch."""
   steps = run.successive_steps('valid')
   run.evaluate('valid')  # compiles for every seen-width of the pass
   seconds = []
@@ -135,7 +155,9 @@ def time_eval(run: train.Run) -> dict:
   score = lambda params, inputs: run.eval_model.apply(
       {'params': params}, inputs, method=Encoder.score_last)
   xla = xla_flops(score, run.state.params, arrays[0]) / run.config.eval_batch_size
+  pass_flops, pairs_at_width = eval_pass_flops(run, steps)
   return {'pairs': len(steps), 'seconds': float(np.median(seconds)),
+          'pass_flops': pass_flops, 'pairs_at_width': pairs_at_width,
           'device_batch_seconds': float(np.median(device_seconds)), 'xla_flops_per_pair': xla}
 
 
@@ -157,7 +179,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # no progress bars between the figures
   config = FLAGS.config
   if _SYNTHETIC_ITEMS.value:
-    use_synthetic_data(config, _SYNTHETIC_ITEMS.value, _SYNTHETIC_USERS.value)
+    use_synthetic_data(config, _SYNTHETIC_ITEMS.value, _SYNTHETIC_USERS.value,
+                       _SYNTHETIC_MIN_LENGTH.value)
   device = jax.devices()[0]
   backend = jax.default_backend()
   size = 2048 if backend == 'cpu' else 8192
@@ -174,7 +197,7 @@ def main(argv):
   median = float(np.median(step_seconds))
   xla_step = reference_step_flops(run, train_figures['batch'])
   eval_figures = time_eval(run)
-  pair_flops = flops.eval_pair_flops(model_config)
+  pair_flops = flops.eval_pair_flops(model_config)  # a full window
   pairs_per_second = eval_figures['pairs'] / eval_figures['seconds']
   device_pairs_per_second = config.eval_batch_size / eval_figures['device_batch_seconds']
 
@@ -187,7 +210,8 @@ def main(argv):
                  'num_items': run.dataset.num_items, 'dtype': config.dtype,
                  'microbatches': run.train_microbatches,
                  'attention_impl': config.attention_impl, 'loss': config.loss,
-                 'eval_batch_size': config.eval_batch_size},
+                 'eval_batch_size': config.eval_batch_size,
+                 'eval_trim': run.trim_eval_windows},
       'peak_flops': peaks,
       'train': {
           'compile_seconds': train_figures['compile_seconds'],
@@ -205,9 +229,11 @@ def main(argv):
           'pairs': eval_figures['pairs'],
           'pairs_per_second': pairs_per_second,
           'device_pairs_per_second': device_pairs_per_second,
+          'pairs_at_width': eval_figures['pairs_at_width'],
+          'model_flops': eval_figures['pass_flops'],
           'model_flops_per_pair': pair_flops,
           'xla_flops_per_pair': eval_figures['xla_flops_per_pair'],
-          'mfu': pairs_per_second * pair_flops / peak,
+          'mfu': eval_figures['pass_flops'] / eval_figures['seconds'] / peak,
           'device_mfu': device_pairs_per_second * pair_flops / peak,
       },
   }
@@ -243,11 +269,14 @@ def print_report(report: dict) -> None:
   print(f"            memory: compiled {memory['compiled_bytes'] / 2**20:,.0f} MiB "
         f"(temporaries {memory['compiled_temp_bytes'] / 2**20:,.0f} MiB)"
         + (f", device peak {device_peak / 2**20:,.0f} MiB" if device_peak else ''))
+  widths = ', '.join(f'{w}: {n:,}' for w, n in e['pairs_at_width'].items())
   print(f"evaluation  {e['pairs']:,} pairs: {e['pairs_per_second']:,.0f} pairs/s "
-        f"(MFU {100 * e['mfu']:.1f}%), device alone {e['device_pairs_per_second']:,.0f} "
-        f"pairs/s (MFU {100 * e['device_mfu']:.1f}%)")
-  print(f"            {e['model_flops_per_pair'] / 1e6:,.1f} model MFLOP/pair "
-        f"(XLA: {e['xla_flops_per_pair'] / 1e6:,.1f})")
+        f"(MFU {100 * e['mfu']:.1f}%); pairs per window width {{{widths}}}"
+        + (' (trimmed)' if c['eval_trim'] else ''))
+  print(f"            {e['model_flops'] / e['pairs'] / 1e6:,.1f} model MFLOP/pair on average, "
+        f"{e['model_flops_per_pair'] / 1e6:,.1f} at full width (XLA: "
+        f"{e['xla_flops_per_pair'] / 1e6:,.1f}); a full-width batch alone on the device "
+        f"{e['device_pairs_per_second']:,.0f} pairs/s (MFU {100 * e['device_mfu']:.1f}%)")
   for i, epoch in enumerate(report.get('epochs', {}).get('epochs', [])):
     total = epoch['time/train_s'] + epoch['time/valid_s'] + epoch['time/other_s']
     steps = report['epochs']['steps_per_epoch']

@@ -216,7 +216,8 @@ class CausalSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, q_in_BxQxD, k_in_BxTxD, v_in_BxTxD, key_valid_BxT, *,
-               k_kernel_TxT=None, v_kernel_TxT=None) -> jax.Array:
+               k_kernel_TxT=None, v_kernel_TxT=None, first_position: int = 0) -> jax.Array:
+    """`first_position`: the position of the first key (RoPE's angles start there)."""
     batch, num_queries, d = q_in_BxQxD.shape
     size = k_in_BxTxD.shape[1]
     if d % self.num_heads:
@@ -243,8 +244,8 @@ class CausalSelfAttention(nn.Module):
     k_BxTxHxK, _ = project('key', k_in_BxTxD, k_kernel_TxT, k_on_logits)
     v_BxTxHxK, value_bias_HxK = project('value', v_in_BxTxD, v_kernel_TxT, v_on_logits)
     if self.rope:
-      q_BxQxHxK = rotary(q_BxQxHxK, first_position=size - num_queries)
-      k_BxTxHxK = rotary(k_BxTxHxK)
+      q_BxQxHxK = rotary(q_BxQxHxK, first_position=first_position + size - num_queries)
+      k_BxTxHxK = rotary(k_BxTxHxK, first_position=first_position)
     mask_Bx1xQxT = visible_keys(num_queries, key_valid_BxT, size)
     scale = 1.0 / math.sqrt(head_dim)
 

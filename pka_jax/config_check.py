@@ -68,6 +68,7 @@ def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
       'checkpoint_every_steps': non_negative_int,
       'top_k': positive_int,
       'eval_batch_size': positive_int,
+      'eval_trim': (lambda v: isinstance(v, bool), 'True or False'),
       'max_eval': positive_int,
   }
   return [(name, test, expected) for name, (test, expected) in rules.items()]

@@ -62,14 +62,26 @@ class SuccessiveSteps:
   def num_batches(self, batch_size: int) -> int:
     return -(-len(self) // batch_size)
 
+  def by_context_length(self) -> SuccessiveSteps:
+    """The same steps, shortest window first (stable): batches of similar contexts, which
+    `batch(trim=True)` cuts to narrow windows. Metrics do not depend on the order."""
+    order = np.argsort(np.minimum(self.length, self.maxlen), kind='stable')
+    return dataclasses.replace(self, user=self.user[order], length=self.length[order],
+                               target=self.target[order])
+
   def batch(self, start: int, batch_size: int, *, shards: int = 1,
-            held: Sequence[int] | None = None) -> EvalBatch:
+            held: Sequence[int] | None = None, trim: bool = False) -> EvalBatch:
     """Steps `start .. start + batch_size` (invalid rows past the last step) in `shards` row
-    blocks, of which only the blocks in `held` (all by default) are built."""
+    blocks, of which only the blocks in `held` (all by default) are built.
+
+    With `trim`, the window is `window_width` of the batch's longest context instead of
+    `maxlen`: the columns dropped are padding in every row (exact where the model's
+    `trims_exactly`)."""
     step_B = start + np.arange(batch_size)
     real_B = step_B < len(self)
     index_B = np.where(real_B, step_B, 0)
     length_B = np.where(real_B, self.length[index_B], 0)
+    window = window_width(int(length_B.max()), self.maxlen) if trim else self.maxlen
     # Every block's pairs get the same length, known from the lengths of all the rows.
     per_block = length_B.reshape(shards, batch_size // shards).sum(axis=1)
     width = _power_of_two_at_least(max(int(per_block.max()), 1))
@@ -80,7 +92,7 @@ class SuccessiveSteps:
     length_R = length_B[rows]
     items = self.histories.items
 
-    position_RxT = length_R[:, None] - self.maxlen + np.arange(self.maxlen)
+    position_RxT = length_R[:, None] - window + np.arange(window)
     inputs_RxT = _take(items, begin_R[:, None] + position_RxT, position_RxT >= 0)
     pairs = [_seen_pairs(items, begin_R[b:b + rows_per_block], length_R[b:b + rows_per_block],
                          width) for b in range(0, len(rows), rows_per_block)]
@@ -92,10 +104,19 @@ class SuccessiveSteps:
         valid_B=real_B)
 
   def batches(self, batch_size: int, *, shards: int = 1,
-              held: Sequence[int] | None = None) -> Iterator[EvalBatch]:
-    """Fixed-shape batches over all steps, built lazily in step order."""
+              held: Sequence[int] | None = None, trim: bool = False) -> Iterator[EvalBatch]:
+    """Batches over all steps, built lazily in step order; all of one shape unless `trim`."""
     for start in range(0, len(self), batch_size):
-      yield self.batch(start, batch_size, shards=shards, held=held)
+      yield self.batch(start, batch_size, shards=shards, held=held, trim=trim)
+
+
+SMALLEST_WINDOW = 8
+
+
+def window_width(longest: int, maxlen: int) -> int:
+  """The window a batch whose longest context is `longest` items gets when trimmed: a power of
+  two (at least SMALLEST_WINDOW) or maxlen, so that a pass compiles a handful of shapes."""
+  return min(maxlen, max(SMALLEST_WINDOW, _power_of_two_at_least(longest)))
 
 
 def _seen_pairs(items: np.ndarray, begin_R: np.ndarray, length_R: np.ndarray,
@@ -302,6 +323,7 @@ def evaluate_ranked(
     interrupt: Callable[[], bool] | None = None,
     shards: int = 1,
     held: Sequence[int] | None = None,
+    trim: bool = False,
 ) -> dict[str, float]:
   """`evaluate` with the scoring, masking and top-k of a batch fused in `rank_fn`.
 
@@ -309,15 +331,19 @@ def evaluate_ranked(
   `successive_steps`, when the caller keeps them between evaluations. `interrupt()`, asked
   after each batch, stops the evaluation with `Interrupted` when it returns True. `shards` and
   `held` are `SuccessiveSteps.batch`'s: `rank_fn` gets this host's rows and returns every
-  row's results.
+  row's results. With `trim`, steps run shortest context first in windows cut to their
+  batch's longest context (`rank_fn` then sees a few widths); only for a model that
+  `trims_exactly`.
   """
   if steps is None:
     steps = successive_steps(dataset, part, maxlen=maxlen)
+  if trim:
+    steps = steps.by_context_length()
   accumulator = metrics.RankingAccumulator(k=top_k, num_items=dataset.num_items)
   if progress is None:
     progress = logging.level_info()
   batches = tqdm.tqdm(
-      steps.batches(batch_size, shards=shards, held=held),
+      steps.batches(batch_size, shards=shards, held=held, trim=trim),
       total=steps.num_batches(batch_size),
       desc=f'evaluate {part}',
       disable=not progress)

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pka_jax.models import ModelConfig
 
 
-def _kernel_flops(config: ModelConfig, num_queries: int) -> int:
+def _kernel_flops(config: ModelConfig, num_queries: int, size: int) -> int:
   """Per sequence and block: the K- and V-side kernels (the Q side is always on the inputs)."""
-  size, d, heads = config.maxlen, config.hidden_units, config.num_heads
+  d, heads = config.hidden_units, config.num_heads
   total = 0
   for side in ('k', 'v'):
     if config.kernel_kind(side) != 'none':
@@ -23,17 +23,18 @@ def _kernel_flops(config: ModelConfig, num_queries: int) -> int:
   return total
 
 
-def block_flops(config: ModelConfig, num_queries: int | None = None) -> int:
-  """Forward FLOPs of one block on one sequence whose last `num_queries` positions are
-  queried (all `T` by default; 1 for the newest position alone)."""
-  size, d = config.maxlen, config.hidden_units
+def block_flops(config: ModelConfig, num_queries: int | None = None,
+                size: int | None = None) -> int:
+  """Forward FLOPs of one block on one window of `size` positions (maxlen by default) whose
+  last `num_queries` are queried (all by default; 1 for the newest position alone)."""
+  size, d = size or config.maxlen, config.hidden_units
   queries = size if num_queries is None else num_queries
   projections = 2 * 2 * size * d * d + 4 * 2 * queries * d * d  # K, V on all; Q, O, FFN
   attention = 2 * 2 * queries * size * d  # Q Kᵀ and A V over all heads
   cope = 0
   if config.position_mode == 'contextual':  # the query's head_dim² layer, then the table
     cope = 2 * queries * d * (d // config.num_heads) + 2 * queries * size * d
-  return projections + attention + _kernel_flops(config, queries) + cope
+  return projections + attention + _kernel_flops(config, queries, size) + cope
 
 
 def loss_flops(config: ModelConfig, loss: str = 'ce') -> int:
@@ -48,10 +49,12 @@ def train_step_flops(config: ModelConfig, batch_size: int, loss: str = 'ce') -> 
   return 3 * batch_size * forward
 
 
-def eval_pair_flops(config: ModelConfig) -> int:
-  """Forward FLOPs of one successive-evaluation step: the encoder over the context window,
-  the last block querying only the newest position, then every item scored."""
+def eval_pair_flops(config: ModelConfig, width: int | None = None) -> int:
+  """Forward FLOPs of one successive-evaluation step: the encoder over a context window of
+  `width` positions (maxlen by default; evaluation trims it), the last block querying only
+  the newest position, then every item scored."""
   blocks = 0
   if config.num_blocks:
-    blocks = (config.num_blocks - 1) * block_flops(config) + block_flops(config, num_queries=1)
+    blocks = ((config.num_blocks - 1) * block_flops(config, size=width)
+              + block_flops(config, num_queries=1, size=width))
   return blocks + 2 * config.hidden_units * config.num_items

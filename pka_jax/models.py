@@ -75,6 +75,14 @@ class ModelConfig:
     """Rows of the item table: padding, the items, unused rows filling the last shard."""
     return sharding.table_rows(self.num_items, self.mesh_model)
 
+  @property
+  def trims_exactly(self) -> bool:
+    """Whether leading columns that are padding in every row can be dropped from a window
+    without changing any real position's output (Encoder). Not when padding keys are visible,
+    nor with a query-side kernel: it mixes the layer-normed padding rows (LN(0) is the
+    LayerNorm's bias) into real queries."""
+    return self.mask_padding_keys and self.kernel_kind('q') == 'none'
+
   def kernel_kind(self, side: str) -> str:
     return getattr(self, f'kernel_{side}_side') if self.position_mode == 'kernel' else 'none'
 
@@ -121,17 +129,20 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, valid_BxT, shared_kernels: dict[str, jax.Array], *,
                last_only: bool = False) -> jax.Array:
     config, dtype = self.config, self.config.compute_dtype
-    num_queries = 1 if last_only else x_BxTxD.shape[1]
+    width = x_BxTxD.shape[1]
+    num_queries = 1 if last_only else width
     kernels = dict(shared_kernels)
     for side in ('q', 'k', 'v'):
       if config.kernel_kind(side) != 'none' and not config.kernel_shared(side):
         kernels[side] = _kernel(config, side, f'{side}_{config.kernel_kind(side)}')()
+    # A window narrower than maxlen is its right end: the kernels' bottom-right corner.
+    kernels = {side: kernel[-width:, -width:] for side, kernel in kernels.items()}
 
     normed_BxTxD = _layer_norm('ln_attn', dtype)(x_BxTxD)
     k_in, v_in = x_BxTxD, x_BxTxD
     if config.position_mode == 'absolute_all':
       pos_TxD = self.param('pos_emb', nn.initializers.xavier_uniform(),
-                           (config.maxlen, config.hidden_units)).astype(dtype)
+                           (config.maxlen, config.hidden_units))[-width:].astype(dtype)
       normed_BxTxD, k_in, v_in = (a + pos_TxD[None] for a in (normed_BxTxD, k_in, v_in))
     q_in_BxQxD = normed_BxTxD[:, -num_queries:]
     query_BxQxD = q_in_BxQxD
@@ -144,7 +155,8 @@ class Block(nn.Module):
         impl=config.attention_impl, dtype=dtype, dropout_impl=config.dropout_impl,
         name='attention')(
             query_BxQxD, k_in, v_in, valid_BxT if config.mask_padding_keys else None,
-            k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'))
+            k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'),
+            first_position=config.maxlen - width)
     h_BxQxD = q_in_BxQxD + attended
 
     y_BxQxD = _layer_norm('ln_ffn', dtype)(h_BxQxD)
@@ -156,6 +168,10 @@ class Block(nn.Module):
 
 class Encoder(nn.Module):
   """Item ids `B×T` (left-padded with 0) to hidden states `B×T×D`; scores by tied weights.
+
+  A window of `W < maxlen` columns stands for the last `W` positions of a `maxlen` window
+  whose first `maxlen - W` are padding; where `config.trims_exactly`, every real position's
+  output is the same as in the full window (evaluation trims windows this way).
 
   `mesh`: the device mesh whose 'model' axis splits the item table's rows (sharding.py), or
   None for an unsharded table.
@@ -186,6 +202,10 @@ class Encoder(nn.Module):
     """Hidden states after the final LayerNorm: `B×T×D`, or `B×1×D` for the newest position
     alone with `last_only` (the last block then queries that position only)."""
     config, dtype = self.config, self.config.compute_dtype
+    width = inputs_BxT.shape[1]
+    if width > config.maxlen:
+      raise ValueError(f'inputs have {width} positions; the model takes at most maxlen = '
+                       f'{config.maxlen}')
     valid_BxT = inputs_BxT != 0
     if self.mesh is not None and self.mesh.shape[sharding.MODEL] > 1:
       x_BxTxD = sharding.lookup(self.item_emb.embedding, inputs_BxT, self.mesh)
@@ -193,7 +213,7 @@ class Encoder(nn.Module):
       x_BxTxD = self.item_emb(inputs_BxT)
     x_BxTxD = x_BxTxD * math.sqrt(config.hidden_units)
     if config.position_mode == 'absolute':
-      x_BxTxD = x_BxTxD + self.pos_emb(jnp.arange(inputs_BxT.shape[1]))[None]
+      x_BxTxD = x_BxTxD + self.pos_emb(jnp.arange(config.maxlen - width, config.maxlen))[None]
     x_BxTxD = self.embed_dropout(x_BxTxD.astype(dtype)) * valid_BxT[..., None].astype(dtype)
     # A zero no-op unless a 'perturbations' collection is passed: tests read input gradients.
     x_BxTxD = self.perturb('embeddings', x_BxTxD)

@@ -311,8 +311,8 @@ class Run:
     rows_per_device = config.eval_batch_size // data_shards
     encode = functools.partial(self.eval_model.apply, {'params': params},
                                method=Encoder.encode_last)
-    hidden_BxD = map_microbatches(encode, microbatches_for(rows_per_device, config.maxlen),
-                                  inputs_BxT)
+    hidden_BxD = map_microbatches(
+        encode, microbatches_for(rows_per_device, inputs_BxT.shape[1]), inputs_BxT)
     table_VxD = params['item_emb']['embedding']
     rows_per_shard = table_VxD.shape[0] // self.mesh.shape[sharding.MODEL]
     top_k = functools.partial(
@@ -322,6 +322,10 @@ class Run:
     return jax.shard_map(top_k, mesh=self.mesh, in_specs=(data, model, data, data, data),
                          out_specs=(data, data))(
                              hidden_BxD, table_VxD, seen_rows_P, seen_items_P, targets_B)
+
+  @property
+  def trim_eval_windows(self) -> bool:
+    return self.config.eval_trim and self.eval_model.config.trims_exactly
 
   def successive_steps(self, part: str) -> evaluate.SuccessiveSteps:
     """The part's evaluation steps, indexed once per run."""
@@ -347,7 +351,8 @@ class Run:
         batch_size=self.config.eval_batch_size, top_k=self.config.top_k,
         steps=self.successive_steps(part), interrupt=lambda: self.watch.signalled,
         shards=data_shards,
-        held=range(self.host_index * per_host, (self.host_index + 1) * per_host))
+        held=range(self.host_index * per_host, (self.host_index + 1) * per_host),
+        trim=self.trim_eval_windows)
 
   def save(self, metrics: dict | None = None) -> None:
     checkpoint.save(

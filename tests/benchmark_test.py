@@ -34,6 +34,12 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   assert train_figures['model_flops'] == flops.train_step_flops(model_config, config.batch_size)
   assert train_figures['xla_flops'] > train_figures['model_flops']
   assert eval_figures['pairs'] > 0 and eval_figures['pairs_per_second'] > 0
+  # Every pair is counted once, at the width of the window its batch ran in.
+  at_width = {int(width): pairs for width, pairs in eval_figures['pairs_at_width'].items()}
+  assert sum(at_width.values()) == eval_figures['pairs']
+  assert set(at_width) <= {8, 16}  # window_width's choices at maxlen 16
+  assert eval_figures['model_flops'] == sum(
+      pairs * flops.eval_pair_flops(model_config, width) for width, pairs in at_width.items())
   assert 0 < eval_figures['mfu'] and 0 < train_figures['mfu']
   assert len(report['epochs']['epochs']) == 1
   assert 'MFU' in result.stdout and 'pairs/s' in result.stdout

@@ -119,6 +119,38 @@ def test_rows_come_in_blocks_a_host_builds_only_its_own():
   assert len(steps) == 3 and steps.num_batches(2) == 2
 
 
+def test_window_widths_are_powers_of_two_up_to_maxlen():
+  assert [evaluate.window_width(n, 128) for n in (1, 8, 9, 16, 17, 100, 128, 500)] == [
+      8, 8, 16, 16, 32, 128, 128, 128]
+  assert evaluate.window_width(5, 6) == 6  # never wider than maxlen
+
+
+def test_trimmed_batches_run_shortest_context_first_in_narrow_windows():
+  # valid contexts: [1 2 3 2], [3], [4 5], [1 2 3 2 5]; shortest first: 1, 2, 4, 5 items.
+  steps = evaluate.successive_steps(_dataset(), 'valid', maxlen=20).by_context_length()
+  np.testing.assert_array_equal(steps.target, [6, 1, 5, 1])
+  first, second = steps.batches(2, trim=True)
+  # Every window is the last 8 columns (the narrowest) of the 20-wide one, and every seen
+  # item is still listed.
+  _assert_batch(first, inputs=[[0] * 7 + [3], [0] * 6 + [4, 5]], targets=[6, 1],
+                seen=[[3], [4, 5]], valid=[True, True], pairs=4)
+  _assert_batch(second, inputs=[[0] * 4 + [1, 2, 3, 2], [0] * 3 + [1, 2, 3, 2, 5]],
+                targets=[5, 1], seen=[[1, 2, 3, 2], [1, 2, 3, 2, 5]], valid=[True, True],
+                pairs=16)
+  full = evaluate.successive_steps(_dataset(), 'valid', maxlen=20).by_context_length()
+  np.testing.assert_array_equal(full.batch(0, 2).inputs_BxT[:, -8:], first.inputs_BxT)
+  assert not full.batch(0, 2).inputs_BxT[:, :-8].any()
+
+
+@pytest.mark.parametrize('batch_size', [1, 3])
+def test_trimmed_evaluation_gives_the_hand_worked_metrics(batch_size):
+  # The scorer reads the newest item only, so any window shows it the same: the metrics of
+  # the steps in another order and narrower windows are the hand-worked ones.
+  summary = evaluate.evaluate(_score_next_of_last, _dataset(), 'valid', maxlen=MAXLEN,
+                              batch_size=batch_size, top_k=3, trim=True)
+  assert summary == pytest.approx(VALID_METRICS)
+
+
 def test_unknown_part():
   with pytest.raises(ValueError, match='part'):
     evaluate.successive_steps(_dataset(), 'train', maxlen=MAXLEN)

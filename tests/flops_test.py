@@ -25,6 +25,10 @@ def test_hand_count_of_a_tiny_pka_model():
   assert flops.train_step_flops(config, batch_size=3) == 79_488
   # Evaluation pair: a full block, the one-query block, and 2·d·N = 160 to score every item.
   assert flops.eval_pair_flops(config) == 4096 + 1792 + 160
+  # A window trimmed to its last 2 positions. Full block: projections 2·2·2·d² + 4·2·2·d² =
+  # 1,536; attention 2·2·2·2·d = 128; kernels min(2·2²·d, 2·H·2·2²) = 32 each. Total 1,728.
+  # One-query block: 512 + 512; attention 2·2·1·2·d = 64; kernels 2·H·1·2² = 16 each: 1,120.
+  assert flops.eval_pair_flops(config, width=2) == 1728 + 1120 + 160
 
 
 @pytest.mark.parametrize('model', ['pka', 'sasrec', 'rope', 'cope', 'nope'])
@@ -45,5 +49,7 @@ def test_xla_counts_the_same_matrix_products_plus_elementwise_work(model):
   ratio = compiled.cost_analysis()['flops'] / flops.train_step_flops(model.config, batch_size)
   assert 1.0 < ratio < 1.12
   score = jax.jit(lambda p, x: model.apply({'params': p}, x, method=Encoder.score_last))
-  per_pair = score.lower(state.params, inputs).compile().cost_analysis()['flops'] / batch_size
-  assert 1.0 < per_pair / flops.eval_pair_flops(model.config) < 1.12
+  for width in (config.maxlen, 8):  # full and trimmed windows
+    compiled = score.lower(state.params, inputs[:, -width:]).compile()
+    per_pair = compiled.cost_analysis()['flops'] / batch_size
+    assert 1.0 < per_pair / flops.eval_pair_flops(model.config, width) < 1.12

@@ -129,6 +129,59 @@ def test_amount_of_padding_is_invisible_when_padding_keys_are_masked(mode):
     assert np.allclose(out_short, out_long, atol=1e-5) == invisible, mask_padding_keys
 
 
+SHORT = jnp.array([[0, 0, 0, 0, 5, 6], [0, 0, 0, 9, 10, 11]], dtype=jnp.int32)
+
+
+def _perturbed(variables, scale=0.1):
+  """Every parameter moved off its initial value (biases, CoPE's table): nothing is trivially
+  zero, so padding that leaked into real positions would show."""
+  leaves, tree = jax.tree.flatten(variables['params'])
+  keys = jax.random.split(jax.random.key(7), len(leaves))
+  moved = [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+  return {'params': jax.tree.unflatten(tree, moved)}
+
+
+@pytest.mark.parametrize(
+    'mode,overrides',
+    [(m, {}) for m in POSITION_MODES] + [('kernel', o) for o in KERNEL_LAYOUTS])
+def test_a_trimmed_window_is_the_right_end_of_the_full_one(mode, overrides):
+  # Evaluation drops leading columns that are padding in every row; positions keep their
+  # place counted from the right end, so the real positions' outputs must not change.
+  config = make_config(mode, **overrides)
+  variables = _perturbed(init(config))
+  model = Encoder(config)
+  full = model.apply(variables, SHORT)
+  for width in (3, 4):
+    trimmed = model.apply(variables, SHORT[:, -width:])
+    real = SHORT[:, -width:] != 0
+    same = np.allclose(trimmed[real], full[:, -width:][real], rtol=1e-5, atol=1e-5)
+    # The query-side kernel mixes LN(padding) = the LayerNorm bias into real queries.
+    assert same == config.trims_exactly == (overrides.get('kernel_q_side') != 'toeplitz')
+    if same:
+      np.testing.assert_allclose(
+          model.apply(variables, SHORT[:, -width:], method=Encoder.score_last),
+          model.apply(variables, SHORT, method=Encoder.score_last), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('mode', POSITION_MODES)
+def test_trimming_changes_outputs_when_padding_keys_are_visible(mode):
+  # The authors' masking lets padding keys in; then the window's width matters, and
+  # evaluation must not trim.
+  config = make_config(mode, mask_padding_keys=False)
+  assert not config.trims_exactly
+  variables = _perturbed(init(config))
+  model = Encoder(config)
+  full = model.apply(variables, SHORT, method=Encoder.score_last)
+  trimmed = model.apply(variables, SHORT[:, -3:], method=Encoder.score_last)
+  assert not np.allclose(trimmed, full, atol=1e-3)
+
+
+def test_a_window_wider_than_maxlen_is_refused():
+  config = make_config('none')
+  with pytest.raises(ValueError, match='at most maxlen = 6'):
+    Encoder(config).apply(init(config), jnp.ones((1, T + 1), jnp.int32))
+
+
 @pytest.mark.parametrize('mode', POSITION_MODES)
 def test_jit_equals_no_jit(mode):
   config = make_config(mode)

@@ -152,6 +152,22 @@ def test_end_to_end_train_checkpoint_restore_evaluate(tmp_path):
   assert again['best_step'] == results['best_step']
 
 
+def test_trimmed_evaluation_windows_rank_as_the_full_ones(tmp_path):
+  cfg = config(eval_batch_size=16)
+  cfg.synthetic.min_length = 2  # short contexts: some batches fit 8 columns
+  run = train.Run(cfg, str(tmp_path))
+  for batch in run.inputs.epoch(0):  # trained a little: no parameter at its initial value
+    run.state, _ = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
+  steps = run.successive_steps('valid').by_context_length()
+  widths = {steps.batch(start, 16, trim=True).inputs_BxT.shape[1]
+            for start in range(0, len(steps), 16)}
+  assert widths == {8, 16}
+  assert run.trim_eval_windows
+  trimmed = run.evaluate('valid')
+  run.config.eval_trim = False
+  assert run.evaluate('valid') == pytest.approx(trimmed, rel=1e-6)
+
+
 def test_evaluating_an_empty_workdir_says_so(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
     train.evaluate_checkpoint(config(), str(tmp_path))
