@@ -402,7 +402,11 @@ class Recommender:
   def _score_rows(self, rows: Sequence[np.ndarray], k: int, exclude_seen: bool,
                   allowed_V: jax.Array) -> tuple[jax.Array, jax.Array]:
     batch = _batch_shape(len(rows))
-    inputs_BxT = left_padded(rows, batch, self.maxlen)
+    longest = max(len(r) for r in rows)
+    # As in evaluation: a window no wider than the longest history needs (a few shapes).
+    window = (evaluate.window_width(longest, self.maxlen) if self.model.config.trims_exactly
+              else self.maxlen)
+    inputs_BxT = left_padded(rows, batch, window)
     if exclude_seen:
       width = _power_of_two_at_least(max([self.maxlen] + [len(r) for r in rows]))
       seen_BxS = np.zeros((batch, width), np.int32)
