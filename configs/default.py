@@ -80,7 +80,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ce over items in blocks of this size (exact; memory of one B·T × block slab instead of the
   # B·T × N logits, about 2x the loss FLOPs); 0 computes all logits at once.
   config.ce_block_size = 0
-  # With ce_block_size 0: rows per chunk of the fused loss (0: chunk logits of ~16 MB on CPU,
+  # With ce_block_size 0: rows per chunk of the fused loss (0: chunk logits of ~8 MB on CPU,
   # ~1 GB on accelerators). Exact whatever the value; a speed and memory setting.
   config.ce_chunk_rows = 0
   config.learning_rate = 1e-3  # Adam, constant

@@ -46,8 +46,10 @@ _SYNTHETIC_USERS = flags.DEFINE_integer(
     'synthetic_users', 0, 'Users of the synthetic data (0: four batches, at least 2,000; '
     "6,040 gives ML-1M's 23 steps an epoch at batch 256).")
 _SYNTHETIC_MIN_LENGTH = flags.DEFINE_integer(
-    'synthetic_min_length', 0, 'Shortest synthetic history (0: half the longest, maxlen + 1); '
-    'histories are uniform between the two.')
+    'synthetic_min_length', 0, 'Shortest synthetic history (0: half the longest); histories '
+    'are uniform between the two.')
+_SYNTHETIC_MAX_LENGTH = flags.DEFINE_integer(
+    'synthetic_max_length', 0, 'Longest synthetic history (0: maxlen + 1).')
 _EVAL_REPEATS = flags.DEFINE_integer('eval_repeats', 2, 'Timed validation passes.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch workdir (default: a temporary one).')
@@ -67,12 +69,13 @@ def matmul_peak(dtype, size: int, repeats: int = 10) -> float:
   return 2 * size**3 / best
 
 
-def use_synthetic_data(config, num_items: int, num_users: int, min_length: int = 0) -> None:
+def use_synthetic_data(config, num_items: int, num_users: int, min_length: int = 0,
+                       max_length: int = 0) -> None:
   """The config's shapes on generated data: by default enough users for a few batches."""
   config.dataset = 'synthetic'
   config.synthetic.num_items = num_items
   config.synthetic.num_users = num_users or max(config.batch_size * 4, 2000)
-  config.synthetic.max_length = min(config.maxlen + 1, num_items - 1)
+  config.synthetic.max_length = min(max_length or config.maxlen + 1, num_items - 1)
   config.synthetic.min_length = min_length or config.synthetic.max_length // 2
 
 
@@ -105,8 +108,10 @@ def time_train(run: train.Run) -> dict:
     jax.block_until_ready(metrics)
     if i > _WARMUP.value:
       seconds.append(time.perf_counter() - start)
+  timed = batches[_WARMUP.value + 1:_WARMUP.value + 1 + _STEPS.value]
+  real_targets = round(np.mean([np.count_nonzero(jax.device_get(b['targets'])) for b in timed]))
   return {'compile_seconds': compile_seconds, 'seconds': np.array(seconds),
-          'memory': peak_memory(compiled), 'batch': batches[0]}
+          'memory': peak_memory(compiled), 'batch': batches[0], 'real_targets': real_targets}
 
 
 def reference_step_flops(run: train.Run, batch) -> float:
@@ -180,7 +185,7 @@ def main(argv):
   config = FLAGS.config
   if _SYNTHETIC_ITEMS.value:
     use_synthetic_data(config, _SYNTHETIC_ITEMS.value, _SYNTHETIC_USERS.value,
-                       _SYNTHETIC_MIN_LENGTH.value)
+                       _SYNTHETIC_MIN_LENGTH.value, _SYNTHETIC_MAX_LENGTH.value)
   device = jax.devices()[0]
   backend = jax.default_backend()
   size = 2048 if backend == 'cpu' else 8192
@@ -191,8 +196,13 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='pka_jax_benchmark_')
   run = train.Run(config, workdir)
   model_config = run.model.config
-  step_flops = flops.train_step_flops(model_config, config.batch_size, config.loss)
   train_figures = time_train(run)
+  # The chunked loss skips chunks of padding: count the real targets of the timed batches.
+  real_targets = (train_figures['real_targets'] if config.loss == 'ce' and not
+                  config.ce_block_size and config.mesh_model == 1 else None)
+  step_flops = flops.train_step_flops(model_config, config.batch_size, config.loss,
+                                      real_targets)
+  full_window_flops = flops.train_step_flops(model_config, config.batch_size, config.loss)
   step_seconds = train_figures['seconds']
   median = float(np.median(step_seconds))
   xla_step = reference_step_flops(run, train_figures['batch'])
@@ -220,7 +230,9 @@ def main(argv):
           'step_seconds_max': float(step_seconds.max()),
           'steps_timed': len(step_seconds),
           'sequences_per_second': config.batch_size / median,
+          'real_targets': train_figures['real_targets'],
           'model_flops': step_flops,
+          'model_flops_full_windows': full_window_flops,
           'xla_flops': xla_step,
           'mfu': step_flops / median / peak,
           'memory': train_figures['memory'],
@@ -262,8 +274,12 @@ def print_report(report: dict) -> None:
         f"[{t['step_seconds_min'] * 1e3:,.1f}, {t['step_seconds_max'] * 1e3:,.1f}] over "
         f"{t['steps_timed']} steps; compile {t['compile_seconds']:.1f} s; "
         f"{t['sequences_per_second']:,.0f} sequences/s")
-  print(f"            {gflops(t['model_flops'])} model FLOPs/step (XLA: {gflops(t['xla_flops'])},"
-        f" ratio {t['xla_flops'] / t['model_flops']:.3f}); MFU {100 * t['mfu']:.1f}%")
+  positions = c['batch_size'] * c['maxlen']
+  print(f"            {gflops(t['model_flops'])} model FLOPs/step, the loss over "
+        f"{t['real_targets']:,} real targets of {positions:,} positions; MFU "
+        f"{100 * t['mfu']:.1f}%")
+  print(f"            every position counted: {gflops(t['model_flops_full_windows'])}, XLA "
+        f"{gflops(t['xla_flops'])} (ratio {t['xla_flops'] / t['model_flops_full_windows']:.3f})")
   memory = t['memory']
   device_peak = memory['device_peak_bytes']
   print(f"            memory: compiled {memory['compiled_bytes'] / 2**20:,.0f} MiB "

@@ -37,16 +37,22 @@ def block_flops(config: ModelConfig, num_queries: int | None = None,
   return projections + attention + _kernel_flops(config, queries, size) + cope
 
 
-def loss_flops(config: ModelConfig, loss: str = 'ce') -> int:
-  """Forward FLOPs of the training loss on one sequence."""
+def loss_flops(config: ModelConfig, loss: str = 'ce', positions: int | None = None) -> int:
+  """Forward FLOPs of the training loss over `positions` targets (a whole window's by
+  default; the chunked loss skips chunks of padding, so a batch costs its real targets)."""
   classes = config.num_items if loss == 'ce' else 2  # bce: the target and one negative
-  return 2 * config.maxlen * config.hidden_units * classes
+  return 2 * (config.maxlen if positions is None else positions) * config.hidden_units * classes
 
 
-def train_step_flops(config: ModelConfig, batch_size: int, loss: str = 'ce') -> int:
-  """Model FLOPs of one training step: forward and backward over the batch."""
-  forward = config.num_blocks * block_flops(config) + loss_flops(config, loss)
-  return 3 * batch_size * forward
+def train_step_flops(config: ModelConfig, batch_size: int, loss: str = 'ce',
+                     real_targets: int | None = None) -> int:
+  """Model FLOPs of one training step: forward and backward over the batch, the loss over
+  `real_targets` positions (every position of every window by default)."""
+  if real_targets is None:
+    real_targets = batch_size * config.maxlen
+  forward = (batch_size * config.num_blocks * block_flops(config)
+             + loss_flops(config, loss, real_targets))
+  return 3 * forward
 
 
 def eval_pair_flops(config: ModelConfig, width: int | None = None) -> int:

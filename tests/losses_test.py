@@ -50,6 +50,28 @@ def test_exact_variants_equal_the_full_loss(loss, size):
   assert float(loss(hidden, table, targets, size)[1]) == float(jnp.sum(targets > 0))
 
 
+def test_chunks_without_a_real_target_are_never_computed():
+  # 8 real targets among 15 rows, chunks of 4: the real rows fill two chunks and the padding
+  # rows' chunks are skipped, so not even a NaN there reaches the loss or its gradients.
+  hidden, table, _ = inputs()
+  real = jnp.zeros((B, T), bool).at[0, 2:].set(True).at[1, :].set(True)
+  targets = jnp.where(real, 1 + jnp.arange(B * T).reshape(B, T) % N, 0)
+  poisoned = jnp.where(real[..., None], hidden, jnp.nan)
+
+  def chunked(h, e):
+    return losses.chunked_cross_entropy(h, e, targets, 4)[0]
+
+  def full_on_real_rows(h, e):
+    return losses.full_cross_entropy(jnp.where(real[..., None], h, 0.0), e, targets)[0]
+
+  value, grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1)))(poisoned, table)
+  expected_value, expected = jax.value_and_grad(full_on_real_rows, argnums=(0, 1))(
+      hidden, table)
+  np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+  for g, e in zip(grads, expected):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_chunked_in_bfloat16_follows_float32():
   hidden, table, targets = inputs()
   loss = lambda h, e: losses.chunked_cross_entropy(h, e, targets, 4)[0]
@@ -65,8 +87,8 @@ def test_chunked_in_bfloat16_follows_float32():
 
 
 def test_chunk_rows_fit_the_backend_budget():
-  # CPU: 16 MiB of float32 logits a chunk; 3,416 items -> 1,228 rows -> 1,024 (a power of 2).
-  assert losses.chunk_rows_for(3416, 32768, 'cpu') == 1024
+  # CPU: 8 MiB of float32 logits a chunk; 3,416 items -> 614 rows -> 512 (a power of 2).
+  assert losses.chunk_rows_for(3416, 32768, 'cpu') == 512
   assert losses.chunk_rows_for(3416, 500, 'cpu') == 500  # never more than all rows
   assert losses.chunk_rows_for(10_000_000, 32768, 'cpu') == 128  # floor: compute-bound
   assert losses.chunk_rows_for(3416, 32768, 'gpu') == 32768  # 1 GiB holds them all
