@@ -90,6 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Gradient accumulated over this many slices of each step's batch (same gradient); 0: auto,
   # slices of ~2,048 positions per device on CPU (they stay in cache), none on accelerators.
   config.microbatches = 0
+  # Windows cut to the columns their batch needs (a power of two): training batches to their
+  # longest history, evaluation batches (of similar contexts) to their longest context. The
+  # same outputs for fewer FLOPs where the model trims exactly (padding keys masked, no
+  # query-side kernel; otherwise every window is maxlen wide). Dropout masks depend on the
+  # width, so training takes another (equally likely) course than untrimmed.
+  config.trim_windows = True
   # Devices the item table's rows (and their Adam moments) are split over: the 'model' axis of
   # a (data, model) mesh of all devices. 1 replicates the table (data parallel only); a larger
   # catalog than one device holds needs more (pka_jax/sharding.py).
@@ -107,10 +113,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- evaluation ----
   config.top_k = 10  # metrics at k
   config.eval_batch_size = 512  # evaluation steps scored per batch
-  # Batches of similar context lengths, each window cut to its batch's longest context: the
-  # same rankings for fewer FLOPs. Only where the model trims exactly (padding keys masked,
-  # no query-side kernel); otherwise every window is maxlen wide.
-  config.eval_trim = True
 
   apply_variant(config, arg)
   return config

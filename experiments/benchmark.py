@@ -109,9 +109,10 @@ def time_train(run: train.Run) -> dict:
     if i > _WARMUP.value:
       seconds.append(time.perf_counter() - start)
   timed = batches[_WARMUP.value + 1:_WARMUP.value + 1 + _STEPS.value]
-  real_targets = round(np.mean([np.count_nonzero(jax.device_get(b['targets'])) for b in timed]))
   return {'compile_seconds': compile_seconds, 'seconds': np.array(seconds),
-          'memory': peak_memory(compiled), 'batch': batches[0], 'real_targets': real_targets}
+          'memory': peak_memory(compiled), 'batch': batches[0],
+          'real_targets': [int(np.count_nonzero(jax.device_get(b['targets']))) for b in timed],
+          'widths': [int(b['inputs'].shape[1]) for b in timed]}
 
 
 def reference_step_flops(run: train.Run, batch) -> float:
@@ -128,7 +129,7 @@ def eval_pass_flops(run: train.Run, steps) -> tuple[int, dict[int, int]]:
   """Model FLOPs of a validation pass (real pairs only, each at its batch's window width)
   and how many pairs ran at each width."""
   config, model_config = run.config, run.eval_model.config
-  trim = run.trim_eval_windows
+  trim = run.trims_windows
   ordered = steps.by_context_length() if trim else steps
   total, pairs_at = 0, collections.Counter()
   for start in range(0, len(ordered), config.eval_batch_size):
@@ -197,11 +198,13 @@ def main(argv):
   run = train.Run(config, workdir)
   model_config = run.model.config
   train_figures = time_train(run)
-  # The chunked loss skips chunks of padding: count the real targets of the timed batches.
-  real_targets = (train_figures['real_targets'] if config.loss == 'ce' and not
-                  config.ce_block_size and config.mesh_model == 1 else None)
-  step_flops = flops.train_step_flops(model_config, config.batch_size, config.loss,
-                                      real_targets)
+  # Averaged over the timed batches: their windows' widths (trimmed batches are narrower)
+  # and, since the chunked loss skips chunks of padding, their real targets.
+  skips_padding = config.loss == 'ce' and not config.ce_block_size and config.mesh_model == 1
+  step_flops = round(np.mean([
+      flops.train_step_flops(model_config, config.batch_size, config.loss,
+                             real if skips_padding else None, width)
+      for real, width in zip(train_figures['real_targets'], train_figures['widths'])]))
   full_window_flops = flops.train_step_flops(model_config, config.batch_size, config.loss)
   step_seconds = train_figures['seconds']
   median = float(np.median(step_seconds))
@@ -221,7 +224,7 @@ def main(argv):
                  'microbatches': run.train_microbatches,
                  'attention_impl': config.attention_impl, 'loss': config.loss,
                  'eval_batch_size': config.eval_batch_size,
-                 'eval_trim': run.trim_eval_windows},
+                 'trim_windows': run.trims_windows},
       'peak_flops': peaks,
       'train': {
           'compile_seconds': train_figures['compile_seconds'],
@@ -230,7 +233,8 @@ def main(argv):
           'step_seconds_max': float(step_seconds.max()),
           'steps_timed': len(step_seconds),
           'sequences_per_second': config.batch_size / median,
-          'real_targets': train_figures['real_targets'],
+          'real_targets': float(np.mean(train_figures['real_targets'])),
+          'widths': train_figures['widths'],
           'model_flops': step_flops,
           'model_flops_full_windows': full_window_flops,
           'xla_flops': xla_step,
@@ -276,8 +280,8 @@ def print_report(report: dict) -> None:
         f"{t['sequences_per_second']:,.0f} sequences/s")
   positions = c['batch_size'] * c['maxlen']
   print(f"            {gflops(t['model_flops'])} model FLOPs/step, the loss over "
-        f"{t['real_targets']:,} real targets of {positions:,} positions; MFU "
-        f"{100 * t['mfu']:.1f}%")
+        f"{t['real_targets']:,.0f} real targets of {positions:,} positions, windows "
+        f"{sorted(set(t['widths']))} wide; MFU {100 * t['mfu']:.1f}%")
   print(f"            every position counted: {gflops(t['model_flops_full_windows'])}, XLA "
         f"{gflops(t['xla_flops'])} (ratio {t['xla_flops'] / t['model_flops_full_windows']:.3f})")
   memory = t['memory']
@@ -288,7 +292,7 @@ def print_report(report: dict) -> None:
   widths = ', '.join(f'{w}: {n:,}' for w, n in e['pairs_at_width'].items())
   print(f"evaluation  {e['pairs']:,} pairs: {e['pairs_per_second']:,.0f} pairs/s "
         f"(MFU {100 * e['mfu']:.1f}%); pairs per window width {{{widths}}}"
-        + (' (trimmed)' if c['eval_trim'] else ''))
+        + (' (trimmed)' if c['trim_windows'] else ''))
   print(f"            {e['model_flops'] / e['pairs'] / 1e6:,.1f} model MFLOP/pair on average, "
         f"{e['model_flops_per_pair'] / 1e6:,.1f} at full width (XLA: "
         f"{e['xla_flops_per_pair'] / 1e6:,.1f}); a full-width batch alone on the device "

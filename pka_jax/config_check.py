@@ -59,6 +59,7 @@ def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
       'adam_b2': fraction,
       'batch_size': positive_int,
       'microbatches': non_negative_int,
+      'trim_windows': (lambda v: isinstance(v, bool), 'True or False'),
       'mesh_model': positive_int,
       'max_epochs': positive_int,
       'patience': positive_int,
@@ -68,7 +69,6 @@ def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
       'checkpoint_every_steps': non_negative_int,
       'top_k': positive_int,
       'eval_batch_size': positive_int,
-      'eval_trim': (lambda v: isinstance(v, bool), 'True or False'),
       'max_eval': positive_int,
   }
   return [(name, test, expected) for name, (test, expected) in rules.items()]

@@ -20,7 +20,7 @@ from absl import logging
 
 from pka_jax import metrics
 from pka_jax import sharding
-from pka_jax.data.sequences import Events, SequenceStore, SplitDataset
+from pka_jax.data.sequences import Events, SequenceStore, SplitDataset, window_width
 
 ScoreFn = Callable[[jax.Array], jax.Array]
 
@@ -108,15 +108,6 @@ class SuccessiveSteps:
     """Batches over all steps, built lazily in step order; all of one shape unless `trim`."""
     for start in range(0, len(self), batch_size):
       yield self.batch(start, batch_size, shards=shards, held=held, trim=trim)
-
-
-SMALLEST_WINDOW = 8
-
-
-def window_width(longest: int, maxlen: int) -> int:
-  """The window a batch whose longest context is `longest` items gets when trimmed: a power of
-  two (at least SMALLEST_WINDOW) or maxlen, so that a pass compiles a handful of shapes."""
-  return min(maxlen, max(SMALLEST_WINDOW, _power_of_two_at_least(longest)))
 
 
 def _seen_pairs(items: np.ndarray, begin_R: np.ndarray, length_R: np.ndarray,

@@ -45,12 +45,14 @@ def loss_flops(config: ModelConfig, loss: str = 'ce', positions: int | None = No
 
 
 def train_step_flops(config: ModelConfig, batch_size: int, loss: str = 'ce',
-                     real_targets: int | None = None) -> int:
-  """Model FLOPs of one training step: forward and backward over the batch, the loss over
+                     real_targets: int | None = None, width: int | None = None) -> int:
+  """Model FLOPs of one training step: forward and backward over the batch's windows of
+  `width` positions (maxlen by default; trimmed batches are narrower), the loss over
   `real_targets` positions (every position of every window by default)."""
+  width = width or config.maxlen
   if real_targets is None:
-    real_targets = batch_size * config.maxlen
-  forward = (batch_size * config.num_blocks * block_flops(config)
+    real_targets = batch_size * width
+  forward = (batch_size * config.num_blocks * block_flops(config, size=width)
              + loss_flops(config, loss, real_targets))
   return 3 * forward
 

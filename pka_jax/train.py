@@ -106,9 +106,14 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
 
   With `microbatches > 1` the batch's gradient is accumulated over that many slices of it
   (each device's rows split evenly): the same gradient, with activations small enough to
-  stay in a CPU's cache.
+  stay in a CPU's cache. `microbatches=0` picks `microbatches_for` the batch's shape (its
+  windows may be trimmed).
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  if not microbatches:
+    rows, width = batch['inputs'].shape
+    data_shards = mesh.shape[sharding.DATA] if mesh is not None else 1
+    microbatches = microbatches_for(rows // data_shards, width)
 
   def sums_and_grads(micro_batch, micro_rng):
     def loss_sum(params):
@@ -264,12 +269,13 @@ class Run:
     self.state_shardings = sharding.state_shardings(jax.eval_shape(init, init_rng), self.mesh)
     self.state = jax.jit(init, out_shardings=self.state_shardings)(init_rng)
     data_shards = self.mesh.shape[sharding.DATA]
+    # Of a maxlen-wide batch; a trimmed one may be split in fewer (train_step).
     self.train_microbatches = config.microbatches or microbatches_for(
         config.batch_size // data_shards, config.maxlen)
     self.step_fn = jax.jit(
         functools.partial(train_step, loss_name=config.loss, ce_block_size=config.ce_block_size,
                           ce_chunk_rows=config.ce_chunk_rows,
-                          microbatches=self.train_microbatches, mesh=self.mesh,
+                          microbatches=config.microbatches, mesh=self.mesh,
                           num_items=num_items),
         in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
@@ -281,7 +287,8 @@ class Run:
     self.host_index, self.host_count = sharding.host_slice(self.mesh)
     self.inputs = TrainInput(
         self.dataset.train, maxlen=config.maxlen, batch_size=config.batch_size,
-        seed=config.seed, process_index=self.host_index, process_count=self.host_count)
+        seed=config.seed, process_index=self.host_index, process_count=self.host_count,
+        trim=self.trims_windows)
     self.checkpoints = checkpoint.manager(workdir)
     self.progress = Progress()
     self.epoch_seconds: dict[str, float] = {}
@@ -324,8 +331,9 @@ class Run:
                              hidden_BxD, table_VxD, seen_rows_P, seen_items_P, targets_B)
 
   @property
-  def trim_eval_windows(self) -> bool:
-    return self.config.eval_trim and self.eval_model.config.trims_exactly
+  def trims_windows(self) -> bool:
+    """Whether batches are cut to the columns they need (config.trim_windows, where exact)."""
+    return self.config.trim_windows and self.eval_model.config.trims_exactly
 
   def successive_steps(self, part: str) -> evaluate.SuccessiveSteps:
     """The part's evaluation steps, indexed once per run."""
@@ -352,7 +360,7 @@ class Run:
         steps=self.successive_steps(part), interrupt=lambda: self.watch.signalled,
         shards=data_shards,
         held=range(self.host_index * per_host, (self.host_index + 1) * per_host),
-        trim=self.trim_eval_windows)
+        trim=self.trims_windows)
 
   def save(self, metrics: dict | None = None) -> None:
     checkpoint.save(

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from configs import test as test_config
 from pka_jax import flops
 from pka_jax import models
@@ -32,8 +34,10 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   config = test_config.get_config()
   model_config = models.create_model(config, 60, deterministic=False).config
   assert 0 < train_figures['real_targets'] < config.batch_size * config.maxlen
-  assert train_figures['model_flops'] == flops.train_step_flops(
-      model_config, config.batch_size, real_targets=train_figures['real_targets'])
+  # Histories of 8-20 items: every batch needs its 16 columns.
+  assert set(train_figures['widths']) == {16}
+  assert train_figures['model_flops'] == pytest.approx(flops.train_step_flops(
+      model_config, config.batch_size, real_targets=train_figures['real_targets']), rel=1e-9)
   full = flops.train_step_flops(model_config, config.batch_size)
   assert train_figures['model_flops_full_windows'] == full > train_figures['model_flops']
   assert train_figures['xla_flops'] > full

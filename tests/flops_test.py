@@ -26,6 +26,9 @@ def test_hand_count_of_a_tiny_pka_model():
   # With 5 of the 12 positions holding a real target, the loss counts those: 3·(2·3·4,096 +
   # 5·2·d·N).
   assert flops.train_step_flops(config, batch_size=3, real_targets=5) == 3 * (24_576 + 800)
+  # Windows trimmed to 2 positions: 3 sequences of two full blocks at T = 2 (1,728 each).
+  assert flops.train_step_flops(config, batch_size=3, real_targets=5, width=2) == 3 * (
+      3 * 2 * 1728 + 800)
   # Evaluation pair: a full block, the one-query block, and 2·d·N = 160 to score every item.
   assert flops.eval_pair_flops(config) == 4096 + 1792 + 160
   # A window trimmed to its last 2 positions. Full block: projections 2·2·2·d² + 4·2·2·d² =

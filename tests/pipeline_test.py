@@ -73,3 +73,33 @@ def test_hosts_read_their_rows_of_the_single_host_batches():
 def test_too_few_users_for_one_batch_is_an_error():
   with pytest.raises(ValueError, match='fewer than one batch'):
     TrainInput(store_of(3), maxlen=16, batch_size=8, seed=0)
+
+
+def test_trimmed_batches_are_the_right_end_of_the_full_windows():
+  # 40 users of 3 items and 10 of 30: a batch needs 8 columns (the narrowest) or 32.
+  sequences = [np.arange(3 if u < 40 else 30) + 100 * u + 1 for u in range(50)]
+  offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])])
+  store = SequenceStore(offsets=offsets, items=np.concatenate(sequences).astype(np.int32))
+  full = TrainInput(store, maxlen=64, batch_size=5, seed=0)
+  trimmed = TrainInput(store, maxlen=64, batch_size=5, seed=0, trim=True)
+  widths = set()
+  for whole, cut in zip(full.epoch(1), trimmed.epoch(1)):
+    longest = max(int((row > 0).sum()) for row in whole['inputs'])
+    width = cut['inputs'].shape[1]
+    widths.add(width)
+    # The narrowest power of two (at least 8) that holds the longest history.
+    assert width == max(8, 1 << (longest - 1).bit_length())
+    for name in ('inputs', 'targets'):
+      np.testing.assert_array_equal(cut[name], whole[name][:, -width:])
+      assert not whole[name][:, :-width].any()
+  assert widths == {8, 32}
+
+
+def test_hosts_trim_to_the_width_of_the_whole_batch():
+  # Each host reads its own rows but cuts them to what every host's rows need.
+  single = TrainInput(store_of(11), maxlen=16, batch_size=4, seed=0, trim=True)
+  hosts = [TrainInput(store_of(11), maxlen=16, batch_size=4, seed=0, process_index=i,
+                      process_count=2, trim=True) for i in range(2)]
+  for whole, *parts in zip(single.epoch(3), *(h.epoch(3) for h in hosts)):
+    for name in ('inputs', 'targets'):
+      np.testing.assert_array_equal(np.concatenate([p[name] for p in parts]), whole[name])

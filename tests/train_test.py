@@ -162,10 +162,40 @@ def test_trimmed_evaluation_windows_rank_as_the_full_ones(tmp_path):
   widths = {steps.batch(start, 16, trim=True).inputs_BxT.shape[1]
             for start in range(0, len(steps), 16)}
   assert widths == {8, 16}
-  assert run.trim_eval_windows
+  assert run.trims_windows
   trimmed = run.evaluate('valid')
-  run.config.eval_trim = False
+  run.config.trim_windows = False
   assert run.evaluate('valid') == pytest.approx(trimmed, rel=1e-6)
+
+
+def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_path):
+  runs = {}
+  for trim in (True, False):
+    cfg = config(dropout=0.0, maxlen=32, trim_windows=trim)
+    cfg.synthetic.min_length, cfg.synthetic.max_length = 2, 12  # batches need 8 or 16 columns
+    runs[trim] = train.Run(cfg, str(tmp_path / str(trim)))
+  assert runs[True].trims_windows
+  pairs = list(zip(runs[True].inputs.epoch(0), runs[False].inputs.epoch(0)))
+  assert {cut['inputs'].shape[1] for cut, _ in pairs} <= {8, 16}  # of maxlen 32
+  state = runs[False].state
+
+  def loss_and_grads(batch):
+    def loss(params):
+      total, count = train.loss_sums(params, state.apply_fn, batch, runs[False].dropout_rng,
+                                     'ce')
+      return total / count
+    return jax.value_and_grad(loss)(state.params)
+
+  for cut, whole in pairs:
+    (cut_loss, cut_grads), (loss, grads) = loss_and_grads(cut), loss_and_grads(whole)
+    assert float(cut_loss) == pytest.approx(float(loss), rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 cut_grads, grads)
+  # The jitted step takes every width (microbatches picked per shape).
+  run = runs[True]
+  for cut, _ in pairs:
+    run.state, metrics = run.step_fn(run.state, run._global_batch(cut), run.dropout_rng)
+    assert bool(metrics['finite'])
 
 
 def test_evaluating_an_empty_workdir_says_so(tmp_path):

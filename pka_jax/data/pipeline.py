@@ -12,13 +12,16 @@ import functools
 import grain
 import numpy as np
 
-from pka_jax.data.sequences import SequenceStore
+from pka_jax.data.sequences import SequenceStore, window_width
 
 
 def training_windows(store: SequenceStore, users_B: np.ndarray, maxlen: int
                      ) -> dict[str, np.ndarray]:
   """Each user's last `maxlen + 1` items as right-aligned inputs (left-padded with 0) and the
-  next-item targets (0 wherever the input is padding): one gather for the whole batch."""
+  next-item targets (0 wherever the input is padding): one gather for the whole batch.
+
+  `maxlen` may be less than the model's: the windows are then the last columns of the
+  model's (`trimmed_width`)."""
   end_B = store.offsets[users_B + 1]
   begin_B = store.offsets[users_B]
   index_BxW = end_B[:, None] - (maxlen + 1) + np.arange(maxlen + 1)[None, :]
@@ -29,10 +32,18 @@ def training_windows(store: SequenceStore, users_B: np.ndarray, maxlen: int
   return {'inputs': inputs_BxT, 'targets': targets_BxT}
 
 
+def trimmed_width(store: SequenceStore, users_B: np.ndarray, maxlen: int) -> int:
+  """The window the batch of `users_B` needs: the columns that are not padding in every row
+  (rounded up by window_width). A user of `n` items has `n - 1` inputs."""
+  longest = int((store.offsets[users_B + 1] - store.offsets[users_B]).max()) - 1
+  return window_width(longest, maxlen)
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchOfEpoch(grain.transforms.Map):
   """This host's rows of batch `i` of an epoch: the training windows of users
-  `order[i·B + first : i·B + first + rows]`."""
+  `order[i·B + first : i·B + first + rows]`, `maxlen` wide or, with `trim`, as wide as the
+  whole batch (every host's rows) needs."""
 
   store: SequenceStore
   order: np.ndarray  # every user, in the epoch's order
@@ -41,10 +52,15 @@ class BatchOfEpoch(grain.transforms.Map):
   rows: int  # this host's rows of each batch
 
   maxlen: int
+  trim: bool = False
 
   def map(self, index: int) -> dict[str, np.ndarray]:
+    width = self.maxlen
+    if self.trim:
+      batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+      width = trimmed_width(self.store, batch, self.maxlen)
     start = index * self.batch_size + self.first
-    return training_windows(self.store, self.order[start:start + self.rows], self.maxlen)
+    return training_windows(self.store, self.order[start:start + self.rows], width)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +73,8 @@ class TrainInput:
   seed: int
   process_index: int = 0
   process_count: int = 1
+  # Windows cut to the columns their batch needs (exact only for a model that trims_exactly).
+  trim: bool = False
 
   def __post_init__(self):
     if self.batch_size % self.process_count:
@@ -92,7 +110,7 @@ class TrainInput:
     order = np.random.default_rng([self.seed, epoch]).permutation(self.users)
     dataset = grain.MapDataset.range(self.steps_per_epoch).map(BatchOfEpoch(
         self.store, order, self.batch_size, first=self.process_index * self.local_batch_size,
-        rows=self.local_batch_size, maxlen=self.maxlen))
+        rows=self.local_batch_size, maxlen=self.maxlen, trim=self.trim))
     iterator = dataset.to_iter_dataset().__iter__()
     if state is not None:
       iterator.set_state(state)

@@ -66,3 +66,13 @@ class SplitDataset:
   @property
   def num_users(self) -> int:
     return len(self.user_ids)
+
+
+SMALLEST_WINDOW = 8
+
+
+def window_width(longest: int, maxlen: int) -> int:
+  """The columns a batch of left-padded windows keeps when the leading all-padding ones are
+  trimmed, its longest sequence holding `longest` items: a power of two (at least
+  SMALLEST_WINDOW) or maxlen, so that training and evaluation compile a handful of shapes."""
+  return min(maxlen, max(SMALLEST_WINDOW, 1 << max(longest - 1, 0).bit_length()))
