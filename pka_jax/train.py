@@ -58,16 +58,16 @@ def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
   if loss_name == 'ce' and mesh is not None and mesh.shape[sharding.MODEL] > 1:
     return _sharded_loss_sums(hidden_BxTxD, item_emb_VxD, batch['targets'], mesh=mesh,
                               num_items=num_items, block_size=ce_block_size)
-  if loss_name == 'ce' and ce_block_size:
-    return losses.blockwise_cross_entropy(
-        hidden_BxTxD, item_emb_VxD, batch['targets'], ce_block_size)
   if loss_name == 'ce':
-    local = functools.partial(losses.chunked_cross_entropy, chunk_rows=ce_chunk_rows)
+    if ce_block_size:
+      local = functools.partial(losses.blockwise_cross_entropy, block_size=ce_block_size)
+    else:
+      local = functools.partial(losses.chunked_cross_entropy, chunk_rows=ce_chunk_rows)
     if mesh is None or mesh.size == 1:
       return local(hidden_BxTxD, item_emb_VxD, batch['targets'])
     def per_device(hidden, item_emb, targets):
-      # Each device chunks its own rows. The table, cast to per-device values, gets a
-      # per-device gradient that the cast's transpose sums over devices, once.
+      # Each device sorts and chunks its own rows. The table, cast to per-device values, gets
+      # a per-device gradient that the cast's transpose sums over devices, once.
       item_emb = jax.lax.pcast(item_emb, sharding.DATA, to='varying')
       return jax.tree.map(lambda x: jax.lax.psum(x, sharding.DATA),
                           local(hidden, item_emb, targets))

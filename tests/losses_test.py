@@ -1,5 +1,7 @@
 """Losses: the chunked and blockwise cross-entropies equal the full one in value and gradients."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +33,8 @@ def test_full_cross_entropy_by_hand():
 # chunks of 4 and 7 leave a padded last chunk; 64 holds every row in one chunk).
 @pytest.mark.parametrize('loss,size', [
     *((losses.blockwise_cross_entropy, size) for size in (1, 5, 8, 23, 64)),
+    *((functools.partial(losses.blockwise_cross_entropy, chunk_rows=rows), 5)
+      for rows in (1, 4, 7)),  # items in blocks, rows in chunks
     *((losses.chunked_cross_entropy, size) for size in (1, 4, 7, 15, 64))])
 def test_exact_variants_equal_the_full_loss(loss, size):
   hidden, table, targets = inputs()
@@ -50,7 +54,10 @@ def test_exact_variants_equal_the_full_loss(loss, size):
   assert float(loss(hidden, table, targets, size)[1]) == float(jnp.sum(targets > 0))
 
 
-def test_chunks_without_a_real_target_are_never_computed():
+@pytest.mark.parametrize('loss', [
+    lambda h, e, t: losses.chunked_cross_entropy(h, e, t, 4),
+    lambda h, e, t: losses.blockwise_cross_entropy(h, e, t, 5, chunk_rows=4)])
+def test_chunks_without_a_real_target_are_never_computed(loss):
   # 8 real targets among 15 rows, chunks of 4: the real rows fill two chunks and the padding
   # rows' chunks are skipped, so not even a NaN there reaches the loss or its gradients.
   hidden, table, _ = inputs()
@@ -59,7 +66,7 @@ def test_chunks_without_a_real_target_are_never_computed():
   poisoned = jnp.where(real[..., None], hidden, jnp.nan)
 
   def chunked(h, e):
-    return losses.chunked_cross_entropy(h, e, targets, 4)[0]
+    return loss(h, e, targets)[0]
 
   def full_on_real_rows(h, e):
     return losses.full_cross_entropy(jnp.where(real[..., None], h, 0.0), e, targets)[0]
