@@ -4,6 +4,8 @@
   python experiments/benchmark.py --config=configs/ml1m.py:model=sasrec --synthetic_items=3416
   python experiments/benchmark.py --config=configs/ml1m.py --synthetic_items=3416 \
       --config.dtype=bfloat16 --json=/tmp/bench.json
+  python experiments/benchmark.py --config=configs/ml1m.py --synthetic_items=3416 \
+      --profile_dir=/tmp/trace  # and a profiler trace of the step and evaluation
 
 Measures, in one process on the default backend: the dense-matmul peak in float32 and
 bfloat16; the train step's compile time, step time (median and spread), sequences/s, model
@@ -53,6 +55,9 @@ _SYNTHETIC_MAX_LENGTH = flags.DEFINE_integer(
 _EVAL_REPEATS = flags.DEFINE_integer('eval_repeats', 2, 'Timed validation passes.')
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch workdir (default: a temporary one).')
+_PROFILE_DIR = flags.DEFINE_string(
+    'profile_dir', None, 'Also write a jax.profiler trace of a few train steps and evaluation '
+    'batches here (TensorBoard/XProf or Perfetto read it): where the time goes.')
 
 
 def matmul_peak(dtype, size: int, repeats: int = 10) -> float:
@@ -167,6 +172,29 @@ def time_eval(run: train.Run) -> dict:
           'device_batch_seconds': float(np.median(device_seconds)), 'xla_flops_per_pair': xla}
 
 
+def write_trace(run: train.Run, directory: str, steps: int = 3) -> None:
+  """A profiler trace of `steps` train steps and as many evaluation batches, compiled first."""
+  batches = [run._global_batch(b) for _, b in zip(range(steps), run.inputs.epoch(0))]
+  evaluation = run.successive_steps('valid').by_context_length()
+  eval_batches = [evaluation.batch(start * run.config.eval_batch_size,
+                                   run.config.eval_batch_size, trim=run.trims_windows)
+                  for start in range(min(steps, evaluation.num_batches(
+                      run.config.eval_batch_size)))]
+
+  def run_all():
+    for batch in batches:
+      run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
+      jax.block_until_ready(metrics)
+    for batch in eval_batches:
+      jax.block_until_ready(run.rank_fn(run.state.params, *(
+          run._sharded_rows(a) for a in (batch.inputs_BxT, batch.seen_rows_P,
+                                         batch.seen_items_P, batch.targets_B))))
+
+  run_all()  # compiles every shape outside the trace
+  with jax.profiler.trace(directory):
+    run_all()
+
+
 def time_epochs(run: train.Run, workdir: str) -> dict:
   writer = metric_writer.MetricWriter(workdir)
   try:
@@ -255,6 +283,9 @@ def main(argv):
   }
   if _EPOCHS.value:
     report['epochs'] = time_epochs(run, workdir)
+  if _PROFILE_DIR.value:
+    write_trace(run, _PROFILE_DIR.value)
+    report['profile_dir'] = _PROFILE_DIR.value
   run.checkpoints.close()
   print_report(report)
   if _JSON.value:

@@ -19,7 +19,8 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   result = subprocess.run(
       [sys.executable, 'experiments/benchmark.py', '--config=configs/test.py',
        f'--config.data_dir={tmp_path / "data"}', f'--workdir={tmp_path / "work"}',
-       '--steps=3', '--warmup=1', '--eval_repeats=1', '--epochs=1', f'--json={out}'],
+       '--steps=3', '--warmup=1', '--eval_repeats=1', '--epochs=1', f'--json={out}',
+       f'--profile_dir={tmp_path / "trace"}'],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')})
   assert result.returncode == 0, result.stderr[-3000:]
@@ -51,3 +52,6 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   assert 0 < eval_figures['mfu'] and 0 < train_figures['mfu']
   assert len(report['epochs']['epochs']) == 1
   assert 'MFU' in result.stdout and 'pairs/s' in result.stdout
+  # A trace that profilers read: the XSpace protobuf of the traced steps.
+  assert report['profile_dir'] == str(tmp_path / 'trace')
+  assert list((tmp_path / 'trace').glob('plugins/profile/*/*.xplane.pb'))
