@@ -227,8 +227,8 @@ def main(argv):
   model_config = run.model.config
   train_figures = time_train(run)
   # Averaged over the timed batches: their windows' widths (trimmed batches are narrower)
-  # and, since the chunked and blockwise losses skip chunks of padding, their real targets.
-  skips_padding = config.loss == 'ce' and config.mesh_model == 1
+  # and, since the cross-entropy skips chunks of padding, their real targets.
+  skips_padding = config.loss == 'ce'
   step_flops = round(np.mean([
       flops.train_step_flops(model_config, config.batch_size, config.loss,
                              real if skips_padding else None, width)

@@ -8,8 +8,9 @@ Three exact implementations of the full-catalog cross-entropy, one definition:
 * `blockwise_cross_entropy`: items in blocks, for catalogs whose logits for even a few rows
   would not fit (memory of one block, about 2x the FLOPs).
 
-The last two sort the real targets first and skip the chunks of rows that hold none: a batch
-costs the catalog products of its real positions, however much of its windows is padding.
+These two, and `sharded_cross_entropy` (the table split over devices), sort the real targets
+first and skip the chunks of rows that hold none: a batch costs the catalog products of its
+real positions, however much of its windows is padding.
 """
 
 from __future__ import annotations
@@ -295,7 +296,7 @@ _chunked_nll_sum.defvjp(_chunked_forward, _chunked_backward)
 
 def sharded_cross_entropy(
     hidden_BxTxD: jax.Array, table_RxD: jax.Array, targets_BxT: jax.Array, *,
-    num_items: int, block_size: int,
+    num_items: int, block_size: int, chunk_rows: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
   """`full_cross_entropy` inside shard_map over ('data', 'model'), the item table's rows split
   over 'model' (sharding.py).
@@ -304,13 +305,24 @@ def sharded_cross_entropy(
   shards' log-sum-exps meet in a `pmax` and a `psum` of one number per position, the target
   logit in a `psum` from the shard that holds it. The backward pass recomputes each block's
   softmax with the global log-sum-exp: the table's gradient stays on its shard, the hidden
-  states' gradient is summed over 'model'. Rows outside `1..num_items` never score.
+  states' gradient is summed over 'model'. Rows outside `1..num_items` never score. Positions
+  go in chunks of `chunk_rows` (0: `chunk_rows_for` the block), real targets first, and a
+  chunk without one is skipped; every 'model' shard holds the same positions, so they skip
+  alike and the collectives, outside the chunk loops, line up.
   """
   d = hidden_BxTxD.shape[-1]
   hidden_MxD = hidden_BxTxD.reshape(-1, d)
   targets_M = targets_BxT.reshape(-1)
+  order_M = jnp.argsort(targets_M <= 0, stable=True)  # as in chunked_cross_entropy
+  hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
   weight_M = (targets_M > 0).astype(jnp.float32)
-  total = _sharded_nll_sum(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items)
+  rows = chunk_rows or chunk_rows_for(block_size, hidden_MxD.shape[0])
+  pad = -hidden_MxD.shape[0] % rows
+  if pad:
+    hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
+    targets_M, weight_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weight_M, (0, pad))
+  total = _sharded_nll_sum(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items,
+                           rows)
   return total, jnp.sum(weight_M)
 
 
@@ -331,31 +343,43 @@ def _held_targets(table_RxD, targets_M):
   return jnp.clip(row_M, 0, rows - 1), held_M
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _sharded_nll_sum(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items):
-  return _sharded_forward(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _sharded_nll_sum(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items, rows):
+  return _sharded_forward(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items,
+                          rows)[0]
 
 
-def _sharded_forward(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items):
-  blocks, real = _shard_blocks(table_RxD.astype(hidden_MxD.dtype), block_size, num_items)
+def _shard_max_sum(hidden_RxD, blocks, real):
+  """Per row: the max of this shard's logits and the sum of their exponentials below it."""
 
   def block_max_sum(block):
-    logits_MxK = _block_logits(hidden_MxD, *block)
-    max_M = logits_MxK.max(axis=1)
-    shift_M = jnp.where(jnp.isfinite(max_M), max_M, 0.0)  # a block of unused rows only
-    return max_M, jnp.exp(logits_MxK - shift_M[:, None]).sum(axis=1)
+    logits_RxK = _block_logits(hidden_RxD, *block)
+    max_R = logits_RxK.max(axis=1)
+    shift_R = jnp.where(jnp.isfinite(max_R), max_R, 0.0)  # a block of unused rows only
+    return max_R, jnp.exp(logits_RxK - shift_R[:, None]).sum(axis=1)
 
   def add_block(carry, block):
-    max_M, sum_M = carry
-    block_max_M, block_sum_M = block_max_sum(block)
-    new_max_M = jnp.maximum(max_M, block_max_M)
-    shift_M = jnp.where(jnp.isfinite(new_max_M), new_max_M, 0.0)
-    rescale = lambda m: jnp.exp(jnp.where(jnp.isfinite(m), m, -jnp.inf) - shift_M)
-    return (new_max_M, sum_M * rescale(max_M) + block_sum_M * rescale(block_max_M)), None
+    max_R, sum_R = carry
+    block_max_R, block_sum_R = block_max_sum(block)
+    new_max_R = jnp.maximum(max_R, block_max_R)
+    shift_R = jnp.where(jnp.isfinite(new_max_R), new_max_R, 0.0)
+    rescale = lambda m: jnp.exp(jnp.where(jnp.isfinite(m), m, -jnp.inf) - shift_R)
+    return (new_max_R, sum_R * rescale(max_R) + block_sum_R * rescale(block_max_R)), None
 
   # The first block seeds the carry: under shard_map it has the per-shard type the scan needs.
   start = block_max_sum((blocks[0], real[0]))
-  (max_M, sum_M), _ = jax.lax.scan(add_block, start, (blocks[1:], real[1:]))
+  (max_R, sum_R), _ = jax.lax.scan(add_block, start, (blocks[1:], real[1:]))
+  return max_R, sum_R
+
+
+def _sharded_forward(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items, rows):
+  blocks, real = _shard_blocks(table_RxD.astype(hidden_MxD.dtype), block_size, num_items)
+  chunk_max_sum = lambda chunk: _shard_max_sum(chunk[0], blocks, real)
+  # A skipped chunk gets max 0 and sum 0: its log-sum-exp is -inf, and its rows no weight.
+  _, (max_CxR, sum_CxR) = jax.lax.scan(
+      lambda _, chunk: (None, _unless_empty(chunk_max_sum, chunk)), None,
+      _chunks(rows, hidden_MxD, targets_M, weight_M))
+  max_M, sum_M = max_CxR.reshape(-1), sum_CxR.reshape(-1)
   global_max_M = jax.lax.pmax(max_M, sharding.MODEL)
   log_z_M = global_max_M + jnp.log(
       jax.lax.psum(sum_M * jnp.exp(max_M - global_max_M), sharding.MODEL))
@@ -363,38 +387,53 @@ def _sharded_forward(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num
   target_logit_M = jax.lax.psum(jnp.where(held_M, jnp.einsum(
       'md,md->m', hidden_MxD, table_RxD[row_M].astype(hidden_MxD.dtype),
       preferred_element_type=jnp.float32), 0.0), sharding.MODEL)
-  total = jnp.sum((log_z_M - target_logit_M) * weight_M)
+  total = jnp.sum(jnp.where(weight_M > 0, log_z_M - target_logit_M, 0.0))
   return total, (hidden_MxD, table_RxD, targets_M, weight_M, log_z_M)
 
 
-def _sharded_backward(block_size, num_items, residuals, grad_total):
+def _sharded_backward(block_size, num_items, rows, residuals, grad_total):
   hidden_MxD, table_RxD, targets_M, weight_M, log_z_M = residuals
   dtype = hidden_MxD.dtype
   blocks, real = _shard_blocks(table_RxD.astype(dtype), block_size, num_items)
   scale_M = grad_total * weight_M
 
-  def block_grads(block):
-    block_KxD, real_K = block
-    probs_MxK = jnp.exp(_block_logits(hidden_MxD, block_KxD, real_K) - log_z_M[:, None])
-    probs_MxK = (probs_MxK * scale_M[:, None]).astype(dtype)
-    return (jnp.dot(probs_MxK, block_KxD, preferred_element_type=jnp.float32),
-            jnp.dot(probs_MxK.T, hidden_MxD, preferred_element_type=jnp.float32))
+  def chunk_grads(chunk):
+    hidden_RxD, _, _, log_z_R, scale_R = chunk
 
-  def add_block(grad_hidden_MxD, block):
-    grad_hidden, grad_block = block_grads(block)
-    return grad_hidden_MxD + grad_hidden, grad_block
+    def block_grads(block):
+      block_KxD, real_K = block
+      probs_RxK = jnp.exp(_block_logits(hidden_RxD, block_KxD, real_K) - log_z_R[:, None])
+      probs_RxK = (probs_RxK * scale_R[:, None]).astype(dtype)
+      return (jnp.dot(probs_RxK, block_KxD, preferred_element_type=jnp.float32),
+              jnp.dot(probs_RxK.T, hidden_RxD, preferred_element_type=jnp.float32))
 
-  first_hidden_MxD, first_block_KxD = block_grads((blocks[0], real[0]))
-  grad_hidden_MxD, grad_blocks = jax.lax.scan(add_block, first_hidden_MxD,
-                                              (blocks[1:], real[1:]))
-  rows = table_RxD.shape[0]
-  grad_table_RxD = jnp.concatenate([first_block_KxD[None], grad_blocks]).reshape(
-      -1, table_RxD.shape[1])[:rows]
+    def add_block(grad_hidden_RxD, block):
+      grad_hidden, grad_block = block_grads(block)
+      return grad_hidden_RxD + grad_hidden, grad_block
+
+    first_hidden_RxD, first_block_KxD = block_grads((blocks[0], real[0]))
+    grad_hidden_RxD, grad_blocks = jax.lax.scan(add_block, first_hidden_RxD,
+                                                (blocks[1:], real[1:]))
+    return grad_hidden_RxD, jnp.concatenate([first_block_KxD[None], grad_blocks])
+
+  def add_chunk(grad_blocks, chunk):
+    grad_hidden_RxD, chunk_blocks = _unless_empty(chunk_grads, chunk)
+    return grad_blocks + chunk_blocks, grad_hidden_RxD
+
+  chunks = _chunks(rows, hidden_MxD, targets_M, weight_M, log_z_M, scale_M)
+  # The first chunk (real targets come first) seeds the table's gradient, with its type.
+  first_hidden_RxD, first_blocks = chunk_grads(jax.tree.map(lambda c: c[0], chunks))
+  grad_blocks, grad_hidden_CxRxD = jax.lax.scan(
+      add_chunk, first_blocks, jax.tree.map(lambda c: c[1:], chunks))
+  grad_hidden_MxD = jnp.concatenate([first_hidden_RxD[None], grad_hidden_CxRxD]).reshape(
+      hidden_MxD.shape)
+  table_rows = table_RxD.shape[0]
+  grad_table_RxD = grad_blocks.reshape(-1, table_RxD.shape[1])[:table_rows]
   row_M, held_M = _held_targets(table_RxD, targets_M)
   target_scale_M = jnp.where(held_M, scale_M, 0.0)
   grad_hidden_MxD = grad_hidden_MxD - target_scale_M[:, None] * table_RxD[row_M]
-  grad_table_RxD = grad_table_RxD.at[row_M].add(
-      -target_scale_M[:, None] * hidden_MxD.astype(jnp.float32))
+  grad_table_RxD = grad_table_RxD.at[row_M].add(jnp.where(
+      held_M[:, None], -target_scale_M[:, None] * hidden_MxD.astype(jnp.float32), 0.0))
   grad_hidden_MxD = jax.lax.psum(grad_hidden_MxD, sharding.MODEL)
   return grad_hidden_MxD.astype(dtype), grad_table_RxD.astype(table_RxD.dtype), None, None
 

@@ -92,34 +92,39 @@ def place(array, spec):
   return jax.device_put(array, NamedSharding(MESH, spec))
 
 
-def sharded_loss(hidden_BxTxD, table_VxD, targets_BxT, block_size):
+def sharded_loss(hidden_BxTxD, table_VxD, targets_BxT, block_size, chunk_rows=0):
   def per_device(hidden, table, targets):
     table = jax.lax.pcast(table, sharding.DATA, to='varying')
     total, count = losses.sharded_cross_entropy(hidden, table, targets, num_items=N,
-                                                block_size=block_size)
+                                                block_size=block_size, chunk_rows=chunk_rows)
     return jax.lax.psum(total, sharding.DATA), jax.lax.psum(count, sharding.DATA)
 
   return jax.shard_map(per_device, mesh=MESH, in_specs=(P('data'), P('model'), P('data')),
                        out_specs=P())(hidden_BxTxD, table_VxD, targets_BxT)
 
 
-@pytest.mark.parametrize('block_size', [1, 3, 6])
+@pytest.mark.parametrize('block_size,chunk_rows', [(1, 0), (3, 0), (6, 0), (3, 2)])
 @pytest.mark.parametrize('targets_from', ['everywhere', 'first_shard_only'])
-def test_sharded_loss_and_gradients_equal_the_full_ones(block_size, targets_from):
+def test_sharded_loss_and_gradients_equal_the_full_ones(block_size, chunk_rows, targets_from):
   keys = jax.random.split(jax.random.key(0), 3)
   rows = sharding.table_rows(N, 4)  # 24: rows 22 and 23 are unused
   table = jax.random.normal(keys[0], (rows, D)).at[N + 1:].set(0.0)
   hidden = jax.random.normal(keys[1], (4, 5, D))
   high = 6 if targets_from == 'first_shard_only' else N + 1  # shard 0 holds rows 0..5
-  targets = jax.random.randint(keys[2], (4, 5), 0, high)
+  # Left padding: each device holds 6 real targets and 4 padding rows, so with chunks of 2
+  # rows it skips two chunks. Not even a NaN in those rows may reach the loss or gradients.
+  targets = jax.random.randint(keys[2], (4, 5), 1, high).at[0::2, :4].set(0)
+  real = (targets > 0)[..., None]
 
   def full(h, e):
     return losses.full_cross_entropy(h, e[:N + 1], targets)[0]
 
   def sharded(h, e):
-    return sharded_loss(h, e, place(targets, P('data')), block_size)[0]
+    return sharded_loss(h, e, place(targets, P('data')), block_size, chunk_rows)[0]
 
-  args = place(hidden, P('data')), place(table, P('model'))
+  poisoned = jnp.where(real, hidden, jnp.nan) if chunk_rows else hidden
+  hidden = jnp.where(real, hidden, 0.0)
+  args = place(poisoned, P('data')), place(table, P('model'))
   np.testing.assert_allclose(jax.jit(sharded)(*args), full(hidden, table), rtol=1e-5)
   want = jax.grad(full, argnums=(0, 1))(hidden, table)
   got = jax.jit(jax.grad(sharded, argnums=(0, 1)))(*args)
