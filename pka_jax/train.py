@@ -294,6 +294,10 @@ class Run:
     self.epoch_seconds: dict[str, float] = {}
     self._successive_steps: dict[str, evaluate.SuccessiveSteps] = {}
     self.watch = faults.PreemptionWatch()  # entered by train_and_evaluate
+    if config.trim_windows and not self.trims_windows:
+      logging.info('Windows stay maxlen wide: with %s, leading padding changes the outputs.',
+                   'padding keys visible' if not config.mask_padding_keys
+                   else 'a query-side kernel')
 
   def restore_latest(self) -> bool:
     step = self.checkpoints.latest_step()
