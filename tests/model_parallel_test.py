@@ -25,11 +25,15 @@ from configs import test
 from pka_jax import train
 config = test.get_config()
 config.dropout = 0.0  # dropout bits may depend on the sharding; the arithmetic must not
+# Histories of at most 16 items in 32-wide windows: every batch, training and evaluation,
+# runs trimmed (to 16 or 8 columns) on every mesh.
+config.maxlen, config.synthetic.max_length = 32, 16
 config.mesh_model = int(sys.argv[2])
 config.data_dir = sys.argv[3]
 run = train.Run(config, sys.argv[4])
-losses = []
+losses, widths = [], []
 for batch in list(run.inputs.epoch(0))[:3]:
+  widths.append(batch['inputs'].shape[1])
   run.state, metrics = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
   losses.append(float(metrics['loss_sum'] / metrics['loss_count']))
 steps = run.successive_steps('valid')
@@ -44,7 +48,7 @@ leaves = jax.tree_util.tree_flatten_with_path(run.state.params)[0]
 np.savez(sys.argv[4] + '.npz', top=np.concatenate(top),
          **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
 table = run.state.params['item_emb']['embedding']
-print(json.dumps({'losses': losses, 'mesh': dict(run.mesh.shape),
+print(json.dumps({'losses': losses, 'widths': widths, 'mesh': dict(run.mesh.shape),
                   'table_shard_rows': table.addressable_shards[0].data.shape[0],
                   'valid': run.evaluate('valid')}))
 '''
@@ -69,6 +73,7 @@ def test_meshes_with_a_model_axis_train_and_rank_like_one_device(tmp_path):
     sharded = run_with(devices, mesh_model, tmp_path)
     assert sharded['mesh'] == {'data': devices // mesh_model, 'model': mesh_model}
     assert sharded['table_shard_rows'] == shard_rows
+    assert max(sharded['widths']) < 32 and sharded['widths'] == one['widths']
     np.testing.assert_allclose(sharded['losses'], one['losses'], rtol=1e-5)
     for path, leaf in one['arrays'].items():
       got = sharded['arrays'][path]
