@@ -70,17 +70,9 @@ def blockwise_cross_entropy(
   Rows go in chunks of `chunk_rows` (0: `chunk_rows_for` the block), real targets first; a
   chunk without one is skipped, so padding costs no catalog products.
   """
-  d = hidden_BxTxD.shape[-1]
-  hidden_MxD = hidden_BxTxD.reshape(-1, d)
-  targets_M = targets_BxT.reshape(-1)
-  order_M = jnp.argsort(targets_M <= 0, stable=True)  # as in chunked_cross_entropy
-  hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
-  weight_M = (targets_M > 0).astype(hidden_MxD.dtype)
-  rows = chunk_rows or chunk_rows_for(block_size, hidden_MxD.shape[0])
-  pad = -hidden_MxD.shape[0] % rows
-  if pad:
-    hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
-    targets_M, weight_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weight_M, (0, pad))
+  rows = chunk_rows or chunk_rows_for(block_size, targets_BxT.size)
+  hidden_MxD, targets_M, weight_M = _real_rows_first(hidden_BxTxD, targets_BxT, rows,
+                                                     hidden_BxTxD.dtype)
   total = _blockwise_nll_sum(hidden_MxD, item_emb_VxD[1:], targets_M, weight_M, block_size,
                              rows)
   return total, jnp.sum(weight_M)
@@ -195,21 +187,24 @@ def chunked_cross_entropy(
   and the hidden states at once (`g E` and `hᵀ g`): one pass, one chunk of logits in memory.
   Logits and softmax are float32 whatever the activations' dtype.
   """
-  d = hidden_BxTxD.shape[-1]
-  hidden_MxD = hidden_BxTxD.reshape(-1, d)
-  targets_M = targets_BxT.reshape(-1)
-  # Real targets first (a stable sort): the chunks after them hold none and are skipped, so
-  # short histories in long windows cost the catalog product of their real positions only.
-  order_M = jnp.argsort(targets_M <= 0, stable=True)
-  hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
-  weight_M = (targets_M > 0).astype(jnp.float32)
-  rows = chunk_rows or chunk_rows_for(item_emb_VxD.shape[0] - 1, hidden_MxD.shape[0])
-  pad = -hidden_MxD.shape[0] % rows
-  if pad:
-    hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
-    targets_M, weight_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weight_M, (0, pad))
+  rows = chunk_rows or chunk_rows_for(item_emb_VxD.shape[0] - 1, targets_BxT.size)
+  hidden_MxD, targets_M, weight_M = _real_rows_first(hidden_BxTxD, targets_BxT, rows)
   total = _chunked_nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows)
   return total, jnp.sum(weight_M)
+
+
+def _real_rows_first(hidden_BxTxD: jax.Array, targets_BxT: jax.Array, rows: int,
+                     weight_dtype=jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Positions as rows `(hidden_MxD, targets_M, weight_M)`, real targets first (a stable
+  sort) and padded to whole chunks of `rows`: the chunks after the real rows hold none, and
+  `_unless_empty` skips them, so padding costs no catalog products."""
+  hidden_MxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
+  targets_M = targets_BxT.reshape(-1)
+  order_M = jnp.argsort(targets_M <= 0, stable=True)
+  hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
+  pad = -targets_M.shape[0] % rows
+  hidden_MxD, targets_M = jnp.pad(hidden_MxD, ((0, pad), (0, 0))), jnp.pad(targets_M, (0, pad))
+  return hidden_MxD, targets_M, (targets_M > 0).astype(weight_dtype)
 
 
 def _unless_empty(fn, chunk):
@@ -310,17 +305,8 @@ def sharded_cross_entropy(
   chunk without one is skipped; every 'model' shard holds the same positions, so they skip
   alike and the collectives, outside the chunk loops, line up.
   """
-  d = hidden_BxTxD.shape[-1]
-  hidden_MxD = hidden_BxTxD.reshape(-1, d)
-  targets_M = targets_BxT.reshape(-1)
-  order_M = jnp.argsort(targets_M <= 0, stable=True)  # as in chunked_cross_entropy
-  hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
-  weight_M = (targets_M > 0).astype(jnp.float32)
-  rows = chunk_rows or chunk_rows_for(block_size, hidden_MxD.shape[0])
-  pad = -hidden_MxD.shape[0] % rows
-  if pad:
-    hidden_MxD = jnp.pad(hidden_MxD, ((0, pad), (0, 0)))
-    targets_M, weight_M = jnp.pad(targets_M, (0, pad)), jnp.pad(weight_M, (0, pad))
+  rows = chunk_rows or chunk_rows_for(block_size, targets_BxT.size)
+  hidden_MxD, targets_M, weight_M = _real_rows_first(hidden_BxTxD, targets_BxT, rows)
   total = _sharded_nll_sum(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items,
                            rows)
   return total, jnp.sum(weight_M)
