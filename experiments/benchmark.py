@@ -19,6 +19,7 @@ without their data on a synthetic catalog of `--synthetic_items` items.
 
 import collections
 import functools
+import itertools
 import json
 import os
 import tempfile
@@ -32,7 +33,6 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from pka_jax import evaluate
 from pka_jax import flops
 from pka_jax import metric_writer
 from pka_jax import train
@@ -136,16 +136,12 @@ def reference_step_flops(run: train.Run, batch) -> float:
 
 def eval_pass_flops(run: train.Run, steps) -> tuple[int, dict[int, int]]:
   """Model FLOPs of a validation pass (real pairs only, each at its batch's window width)
-  and how many pairs ran at each width."""
-  config, model_config = run.config, run.eval_model.config
-  trim = run.trims_windows
-  ordered = steps.by_context_length() if trim else steps
+  and how many pairs ran at each width: read off the batches the pass itself runs."""
   total, pairs_at = 0, collections.Counter()
-  for start in range(0, len(ordered), config.eval_batch_size):
-    lengths = ordered.length[start:start + config.eval_batch_size]
-    width = evaluate.window_width(int(lengths.max()), config.maxlen) if trim else config.maxlen
-    total += len(lengths) * flops.eval_pair_flops(model_config, width)
-    pairs_at[width] += len(lengths)
+  for batch in steps.pass_batches(run.config.eval_batch_size, trim=run.trims_windows):
+    width, pairs = batch.inputs_BxT.shape[1], int(batch.valid_B.sum())
+    total += pairs * flops.eval_pair_flops(run.eval_model.config, width)
+    pairs_at[width] += pairs
   return total, dict(sorted(pairs_at.items()))
 
 
@@ -159,17 +155,16 @@ def time_eval(run: train.Run) -> dict:
     run.evaluate('valid')
     seconds.append(time.perf_counter() - start)
   batch = steps.batch(0, run.config.eval_batch_size, shards=run.mesh.shape['data'])
-  arrays = [run._sharded_rows(a) for a in (batch.inputs_BxT, batch.seen_rows_P,
-                                           batch.seen_items_P, batch.targets_B)]
-  jax.block_until_ready(run.rank_fn(run.state.params, *arrays))
+  jax.block_until_ready(run.rank_batch(batch))
   device_seconds = []
   for _ in range(5):
     start = time.perf_counter()
-    jax.block_until_ready(run.rank_fn(run.state.params, *arrays))
+    jax.block_until_ready(run.rank_batch(batch))
     device_seconds.append(time.perf_counter() - start)
   score = lambda params, inputs: run.eval_model.apply(
       {'params': params}, inputs, method=Encoder.score_last)
-  xla = xla_flops(score, run.state.params, arrays[0]) / run.config.eval_batch_size
+  xla = xla_flops(score, run.state.params, run._sharded_rows(batch.inputs_BxT))
+  xla /= run.config.eval_batch_size
   pass_flops, pairs_at_width = eval_pass_flops(run, steps)
   return {'pairs': len(steps), 'seconds': float(np.median(seconds)),
           'pass_flops': pass_flops, 'pairs_at_width': pairs_at_width,
@@ -179,20 +174,16 @@ def time_eval(run: train.Run) -> dict:
 def write_trace(run: train.Run, directory: str, steps: int = 3) -> None:
   """A profiler trace of `steps` train steps and as many evaluation batches, compiled first."""
   batches = [run._global_batch(b) for _, b in zip(range(steps), run.inputs.epoch(0))]
-  evaluation = run.successive_steps('valid').by_context_length()
-  eval_batches = [evaluation.batch(start * run.config.eval_batch_size,
-                                   run.config.eval_batch_size, trim=run.trims_windows)
-                  for start in range(min(steps, evaluation.num_batches(
-                      run.config.eval_batch_size)))]
+  eval_batches = list(itertools.islice(run.successive_steps('valid').pass_batches(
+      run.config.eval_batch_size, shards=run.mesh.shape['data'], trim=run.trims_windows),
+      steps))
 
   def run_all():
     for batch in batches:
       run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
       jax.block_until_ready(metrics)
     for batch in eval_batches:
-      jax.block_until_ready(run.rank_fn(run.state.params, *(
-          run._sharded_rows(a) for a in (batch.inputs_BxT, batch.seen_rows_P,
-                                         batch.seen_items_P, batch.targets_B))))
+      jax.block_until_ready(run.rank_batch(batch))
 
   run_all()  # compiles every shape outside the trace
   with jax.profiler.trace(directory):

@@ -20,7 +20,8 @@ from absl import logging
 
 from pka_jax import metrics
 from pka_jax import sharding
-from pka_jax.data.sequences import Events, SequenceStore, SplitDataset, window_width
+from pka_jax.data.sequences import (Events, SequenceStore, SplitDataset, power_of_two_at_least,
+                                    window_width)
 
 ScoreFn = Callable[[jax.Array], jax.Array]
 
@@ -84,7 +85,7 @@ class SuccessiveSteps:
     window = window_width(int(length_B.max()), self.maxlen) if trim else self.maxlen
     # Every block's pairs get the same length, known from the lengths of all the rows.
     per_block = length_B.reshape(shards, batch_size // shards).sum(axis=1)
-    width = _power_of_two_at_least(max(int(per_block.max()), 1))
+    width = power_of_two_at_least(max(int(per_block.max()), 1))
     rows_per_block = batch_size // shards
     rows = np.concatenate([np.arange(b * rows_per_block, (b + 1) * rows_per_block)
                            for b in (range(shards) if held is None else held)])
@@ -109,6 +110,14 @@ class SuccessiveSteps:
     for start in range(0, len(self), batch_size):
       yield self.batch(start, batch_size, shards=shards, held=held, trim=trim)
 
+  def pass_batches(self, batch_size: int, *, shards: int = 1,
+                   held: Sequence[int] | None = None, trim: bool = False
+                   ) -> Iterator[EvalBatch]:
+    """The batches an evaluation pass runs: in step order, or with `trim` shortest context
+    first in windows cut to each batch's longest context."""
+    steps = self.by_context_length() if trim else self
+    return steps.batches(batch_size, shards=shards, held=held, trim=trim)
+
 
 def _seen_pairs(items: np.ndarray, begin_R: np.ndarray, length_R: np.ndarray,
                 width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,10 +133,6 @@ def _seen_pairs(items: np.ndarray, begin_R: np.ndarray, length_R: np.ndarray,
 
 def _take(items: np.ndarray, index_BxW: np.ndarray, valid_BxW: np.ndarray) -> np.ndarray:
   return np.where(valid_BxW, items[np.where(valid_BxW, index_BxW, 0)], 0).astype(np.int32)
-
-
-def _power_of_two_at_least(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
 
 
 def _append(store: SequenceStore, events: Events) -> tuple[SequenceStore, np.ndarray]:
@@ -328,13 +333,11 @@ def evaluate_ranked(
   """
   if steps is None:
     steps = successive_steps(dataset, part, maxlen=maxlen)
-  if trim:
-    steps = steps.by_context_length()
   accumulator = metrics.RankingAccumulator(k=top_k, num_items=dataset.num_items)
   if progress is None:
     progress = logging.level_info()
   batches = tqdm.tqdm(
-      steps.batches(batch_size, shards=shards, held=held, trim=trim),
+      steps.pass_batches(batch_size, shards=shards, held=held, trim=trim),
       total=steps.num_batches(batch_size),
       desc=f'evaluate {part}',
       disable=not progress)

@@ -43,7 +43,7 @@ from pka_jax import evaluate
 from pka_jax import losses
 from pka_jax import sharding
 from pka_jax.data.errors import DataError
-from pka_jax.data.sequences import SequenceStore, SplitDataset
+from pka_jax.data.sequences import SequenceStore, SplitDataset, power_of_two_at_least
 from pka_jax.models import Encoder, create_model
 
 SERVING_DIR = 'serving'
@@ -257,10 +257,6 @@ def _batch_shape(rows: int) -> int:
   return next(b for b in BATCH_SHAPES if b >= rows)
 
 
-def _power_of_two_at_least(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
 class Recommendations(NamedTuple):
   """Best first. For one history: `items` and `scores` of shape K; for many: B×K."""
 
@@ -408,7 +404,7 @@ class Recommender:
               else self.maxlen)
     inputs_BxT = left_padded(rows, batch, window)
     if exclude_seen:
-      width = _power_of_two_at_least(max([self.maxlen] + [len(r) for r in rows]))
+      width = power_of_two_at_least(max([self.maxlen] + [len(r) for r in rows]))
       seen_BxS = np.zeros((batch, width), np.int32)
       for row, history in enumerate(rows):
         seen_BxS[row, :len(history)] = history

@@ -346,6 +346,12 @@ class Run:
           self.dataset, part, maxlen=self.config.maxlen)
     return self._successive_steps[part]
 
+  def rank_batch(self, batch: evaluate.EvalBatch, params=None) -> tuple[jax.Array, jax.Array]:
+    """Top-k lists and target ranks of one evaluation batch (this host's rows), dispatched."""
+    arrays = (batch.inputs_BxT, batch.seen_rows_P, batch.seen_items_P, batch.targets_B)
+    return self.rank_fn(self.state.params if params is None else params,
+                        *map(self._sharded_rows, arrays))
+
   def evaluate(self, part: str) -> dict[str, float]:
     """Metrics of the current parameters on `part`; a preemption signal interrupts it
     between batches (evaluate.Interrupted). Each host builds only its rows of a batch."""
@@ -353,8 +359,7 @@ class Run:
 
     def rank(batch: evaluate.EvalBatch):
       faults.die_here('eval_batch')
-      arrays = (batch.inputs_BxT, batch.seen_rows_P, batch.seen_items_P, batch.targets_B)
-      return self.rank_fn(params, *map(self._sharded_rows, arrays))
+      return self.rank_batch(batch, params)
 
     data_shards = self.mesh.shape[sharding.DATA]
     per_host = data_shards // self.host_count

@@ -40,9 +40,7 @@ steps = run.successive_steps('valid')
 shards = run.mesh.shape['data']
 top = []
 for batch in steps.batches(config.eval_batch_size, shards=shards):
-  arrays = [run._sharded_rows(a) for a in (batch.inputs_BxT, batch.seen_rows_P,
-                                           batch.seen_items_P, batch.targets_B)]
-  items, _ = run.rank_fn(run.state.params, *arrays)
+  items, _ = run.rank_batch(batch)
   top.append(np.asarray(items)[batch.valid_B])
 leaves = jax.tree_util.tree_flatten_with_path(run.state.params)[0]
 np.savez(sys.argv[4] + '.npz', top=np.concatenate(top),

@@ -71,8 +71,12 @@ class SplitDataset:
 SMALLEST_WINDOW = 8
 
 
+def power_of_two_at_least(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
 def window_width(longest: int, maxlen: int) -> int:
   """The columns a batch of left-padded windows keeps when the leading all-padding ones are
   trimmed, its longest sequence holding `longest` items: a power of two (at least
   SMALLEST_WINDOW) or maxlen, so that training and evaluation compile a handful of shapes."""
-  return min(maxlen, max(SMALLEST_WINDOW, 1 << max(longest - 1, 0).bit_length()))
+  return min(maxlen, max(SMALLEST_WINDOW, power_of_two_at_least(longest)))
