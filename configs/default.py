@@ -93,8 +93,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Windows cut to the columns their batch needs (a power of two): training batches to their
   # longest history, evaluation batches (of similar contexts) to their longest context. The
   # same outputs for fewer FLOPs where the model trims exactly (padding keys masked, no
-  # query-side kernel; otherwise every window is maxlen wide). Dropout masks depend on the
-  # width, so training takes another (equally likely) course than untrimmed.
+  # query-side kernel; otherwise every window is maxlen wide). Hashed dropout masks follow
+  # each element's place in the full-width batch, so neither this nor `microbatches` changes
+  # a run, only its speed (`dropout_impl='jax'` masks do change with both).
   config.trim_windows = True
   # Devices the item table's rows (and their Adam moments) are split over: the 'model' axis of
   # a (data, model) mesh of all devices. 1 replicates the table (data parallel only); a larger

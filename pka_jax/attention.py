@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pka_jax.dropout import Dropout
+from pka_jax.dropout import Dropout, Window
 
 KERNEL_KINDS = ('none', 'toeplitz', 'full')
 # plain: our masked softmax (kernels on the logits where cheaper; any dropout, CoPE);
@@ -216,8 +216,10 @@ class CausalSelfAttention(nn.Module):
 
   @nn.compact
   def __call__(self, q_in_BxQxD, k_in_BxTxD, v_in_BxTxD, key_valid_BxT, *,
-               k_kernel_TxT=None, v_kernel_TxT=None, first_position: int = 0) -> jax.Array:
-    """`first_position`: the position of the first key (RoPE's angles start there)."""
+               k_kernel_TxT=None, v_kernel_TxT=None, first_position: int = 0,
+               window: Window | None = None) -> jax.Array:
+    """`first_position`: the position of the first key (RoPE's angles start there);
+    `window`: where the batch sits in the step's batch (dropout on the weights)."""
     batch, num_queries, d = q_in_BxQxD.shape
     size = k_in_BxTxD.shape[1]
     if d % self.num_heads:
@@ -273,7 +275,7 @@ class CausalSelfAttention(nn.Module):
       # For figures (pka_jax/figures.py); free unless 'intermediates' is mutable.
       self.sow('intermediates', 'attention_weights', weights)
       weights_BxHxQxT = Dropout(self.dropout, self.deterministic, self.dropout_impl)(
-          weights.astype(self.dtype))
+          weights.astype(self.dtype), window, position_axes=(2, 3))
       mixed_BxHxQxT = weights_BxHxQxT
       if v_on_logits:
         mixed_BxHxQxT = jnp.dot(weights_BxHxQxT, v_kernel_TxT.astype(self.dtype))

@@ -7,11 +7,17 @@ index with them (two keyed rounds of the `lowbias32` integer hash, a bijection o
 near-ideal avalanche); XLA fuses the hash into the elementwise op that consumes the mask, so the
 bits cost about what one more elementwise pass does (50x cheaper on CPU, no mask in memory).
 `impl='jax'` keeps flax's `jax.random.bernoulli` masks.
+
+A hashed mask is a function of each element's place in the step's whole batch at full width
+(`Window`), not in the array at hand: microbatches and trimmed windows draw the very masks the
+whole batch would, so neither changes a run, only its speed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -28,34 +34,68 @@ def _lowbias32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def hash_bits(seed_2: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Uniform uint32 bits for every element of `shape`, determined by the two words of `seed_2`."""
-  index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+@dataclasses.dataclass(frozen=True)
+class Window:
+  """Where a batch's elements sit in the step's whole batch: its rows are rows `rows_B` of it
+  (a microbatch; all rows in order if None), and a window `W <= maxlen` positions wide is the
+  right end of the `maxlen` wide one (a trimmed batch)."""
+
+  maxlen: int
+  rows_B: jax.Array | None = None
+
+  def index(self, shape: tuple[int, ...], position_axes: Sequence[int]) -> jax.Array:
+    """uint32 row-major index of every element of an array of `shape` (rows first) in the
+    whole batch's array, whose `position_axes` are `maxlen` long. With all rows and full
+    windows it is the flat index of the array itself."""
+    if self.rows_B is None:
+      index = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+    else:
+      rows = self.rows_B.astype(jnp.uint32).reshape((-1,) + (1,) * (len(shape) - 1))
+      index = jnp.broadcast_to(rows, shape)
+    for axis in range(1, len(shape)):
+      full = self.maxlen if axis in position_axes else shape[axis]
+      coordinate = jax.lax.broadcasted_iota(jnp.uint32, shape, axis) + jnp.uint32(
+          full - shape[axis])
+      index = index * jnp.uint32(full) + coordinate
+    return index
+
+
+def hash_bits(seed_2: jax.Array, shape: tuple[int, ...], index: jax.Array | None = None
+              ) -> jax.Array:
+  """Uniform uint32 bits for every element of `shape`, determined by the two words of `seed_2`
+  and the element's `index` (uint32, its flat index by default)."""
+  if index is None:
+    index = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
   return _lowbias32(_lowbias32(index ^ seed_2[0]) + seed_2[1])
 
 
-def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...], impl: str = 'hash'
-              ) -> jax.Array:
-  """Boolean mask, each element True with probability `1 - rate`."""
+def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...], impl: str = 'hash',
+              index: jax.Array | None = None) -> jax.Array:
+  """Boolean mask, each element True with probability `1 - rate`; `index` as `hash_bits`'s."""
   if impl == 'jax':
     return jax.random.bernoulli(rng, 1.0 - rate, shape)
   if impl != 'hash':
     raise ValueError(f'dropout impl {impl!r}: expected one of {DROPOUT_IMPLS}')
   # P(bits >= threshold) = 1 - threshold / 2**32, exact to 2**-32.
   threshold = jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
-  return hash_bits(jax.random.bits(rng, (2,), jnp.uint32), shape) >= threshold
+  return hash_bits(jax.random.bits(rng, (2,), jnp.uint32), shape, index) >= threshold
 
 
 class Dropout(nn.Module):
-  """Inverted dropout at `rate` on the 'dropout' rng stream (identity when deterministic)."""
+  """Inverted dropout at `rate` on the 'dropout' rng stream (identity when deterministic).
+
+  Given a `window`, hashed masks follow each element's place in the whole batch: `x`'s rows
+  are its batch's rows and `position_axes` its positions (`Window.index`)."""
 
   rate: float
   deterministic: bool
   impl: str = 'hash'
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, window: Window | None = None,
+               position_axes: Sequence[int] = (1,)) -> jax.Array:
     if self.deterministic or self.rate == 0.0:
       return x
-    keep = keep_mask(self.make_rng('dropout'), self.rate, x.shape, self.impl)
+    index = None if window is None else window.index(x.shape, position_axes)
+    keep = keep_mask(self.make_rng('dropout'), self.rate, x.shape, self.impl, index)
     return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))

@@ -12,7 +12,7 @@ import ml_collections
 
 from pka_jax import attention
 from pka_jax import sharding
-from pka_jax.dropout import DROPOUT_IMPLS, Dropout
+from pka_jax.dropout import DROPOUT_IMPLS, Dropout, Window
 
 POSITION_MODES = ('none', 'absolute', 'absolute_all', 'rotary', 'contextual', 'kernel')
 DTYPES = ('float32', 'bfloat16')
@@ -127,7 +127,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, valid_BxT, shared_kernels: dict[str, jax.Array], *,
-               last_only: bool = False) -> jax.Array:
+               window: Window, last_only: bool = False) -> jax.Array:
     config, dtype = self.config, self.config.compute_dtype
     width = x_BxTxD.shape[1]
     num_queries = 1 if last_only else width
@@ -156,13 +156,13 @@ class Block(nn.Module):
         name='attention')(
             query_BxQxD, k_in, v_in, valid_BxT if config.mask_padding_keys else None,
             k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'),
-            first_position=config.maxlen - width)
+            first_position=config.maxlen - width, window=window)
     h_BxQxD = q_in_BxQxD + attended
 
     y_BxQxD = _layer_norm('ln_ffn', dtype)(h_BxQxD)
     drop = Dropout(config.dropout, config.deterministic, config.dropout_impl)
-    hidden = drop(nn.relu(_dense(config.hidden_units, 'ffn_in', dtype)(y_BxQxD)))
-    z_BxQxD = y_BxQxD + drop(_dense(config.hidden_units, 'ffn_out', dtype)(hidden))
+    hidden = drop(nn.relu(_dense(config.hidden_units, 'ffn_in', dtype)(y_BxQxD)), window)
+    z_BxQxD = y_BxQxD + drop(_dense(config.hidden_units, 'ffn_out', dtype)(hidden), window)
     return z_BxQxD * valid_BxT[:, -num_queries:, None].astype(dtype)
 
 
@@ -198,9 +198,13 @@ class Encoder(nn.Module):
     self.ln_final = _layer_norm('ln_final', config.compute_dtype)
     self.embed_dropout = Dropout(config.dropout, config.deterministic, config.dropout_impl)
 
-  def __call__(self, inputs_BxT: jax.Array, *, last_only: bool = False) -> jax.Array:
+  def __call__(self, inputs_BxT: jax.Array, *, last_only: bool = False,
+               rows_B: jax.Array | None = None) -> jax.Array:
     """Hidden states after the final LayerNorm: `B×T×D`, or `B×1×D` for the newest position
-    alone with `last_only` (the last block then queries that position only)."""
+    alone with `last_only` (the last block then queries that position only).
+
+    `rows_B`: which rows of the step's batch these are (a microbatch's); dropout masks follow
+    each element's place in that batch at full width (dropout.Window)."""
     config, dtype = self.config, self.config.compute_dtype
     width = inputs_BxT.shape[1]
     if width > config.maxlen:
@@ -214,12 +218,14 @@ class Encoder(nn.Module):
     x_BxTxD = x_BxTxD * math.sqrt(config.hidden_units)
     if config.position_mode == 'absolute':
       x_BxTxD = x_BxTxD + self.pos_emb(jnp.arange(config.maxlen - width, config.maxlen))[None]
-    x_BxTxD = self.embed_dropout(x_BxTxD.astype(dtype)) * valid_BxT[..., None].astype(dtype)
+    window = Window(config.maxlen, rows_B)
+    x_BxTxD = (self.embed_dropout(x_BxTxD.astype(dtype), window)
+               * valid_BxT[..., None].astype(dtype))
     # A zero no-op unless a 'perturbations' collection is passed: tests read input gradients.
     x_BxTxD = self.perturb('embeddings', x_BxTxD)
     kernels = {side: kernel() for side, kernel in self.shared_kernels.items()}
     for i, block in enumerate(self.blocks):
-      x_BxTxD = block(x_BxTxD, valid_BxT, kernels,
+      x_BxTxD = block(x_BxTxD, valid_BxT, kernels, window=window,
                       last_only=last_only and i == len(self.blocks) - 1)
     return self.ln_final(x_BxTxD)
 

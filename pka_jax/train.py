@@ -51,9 +51,14 @@ def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
               mesh: jax.sharding.Mesh | None = None, num_items: int | None = None,
               ) -> tuple[jax.Array, jax.Array]:
   """`(sum, count)` of the loss over the real targets of `batch` (rows sharded over `mesh`'s
-  'data' axis and the item table over its 'model' axis, if given)."""
+  'data' axis and the item table over its 'model' axis, if given). A microbatch says which
+  rows of the step's batch it holds in `batch['rows']`: its dropout masks are theirs."""
   dropout_rng, negatives_rng = jax.random.split(rng)
-  hidden_BxTxD = apply_fn({'params': params}, batch['inputs'], rngs={'dropout': dropout_rng})
+  rows_B = batch.get('rows')
+  if rows_B is not None:  # every microbatch its own negatives
+    negatives_rng = jax.random.fold_in(negatives_rng, rows_B[0])
+  hidden_BxTxD = apply_fn({'params': params}, batch['inputs'], rows_B=rows_B,
+                          rngs={'dropout': dropout_rng})
   item_emb_VxD = params['item_emb']['embedding']
   if loss_name == 'ce' and mesh is not None and mesh.shape[sharding.MODEL] > 1:
     return _sharded_loss_sums(hidden_BxTxD, item_emb_VxD, batch['targets'], mesh=mesh,
@@ -105,9 +110,9 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
   """One Adam step on the mean loss over the batch; metrics leave as sums and counts.
 
   With `microbatches > 1` the batch's gradient is accumulated over that many slices of it
-  (each device's rows split evenly): the same gradient, with activations small enough to
-  stay in a CPU's cache. `microbatches=0` picks `microbatches_for` the batch's shape (its
-  windows may be trimmed).
+  (each device's rows split evenly): the same gradient, dropout masks included, with
+  activations small enough to stay in a CPU's cache. `microbatches=0` picks
+  `microbatches_for` the batch's shape (its windows may be trimmed).
   """
   step_rng = jax.random.fold_in(rng, state.step)
   if not microbatches:
@@ -126,9 +131,12 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
   if microbatches == 1:
     grads, total, count = sums_and_grads(batch, step_rng)
   else:
+    rows_per_microbatch = batch['inputs'].shape[0] // microbatches
+
     def accumulate(carry, micro):
       micro_batch, index = micro
-      sums = sums_and_grads(micro_batch, jax.random.fold_in(step_rng, index))
+      rows_B = jnp.arange(rows_per_microbatch) * microbatches + index  # split_microbatches'
+      sums = sums_and_grads({**micro_batch, 'rows': rows_B}, step_rng)
       return jax.tree.map(jnp.add, carry, sums), None
 
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))

@@ -60,3 +60,26 @@ def test_hash_is_a_bijection_of_the_index_for_a_fixed_seed():
   # a mask has no structure a smaller hash range could introduce.
   bits = np.asarray(dropout.hash_bits(jnp.array([7, 11], jnp.uint32), (1 << 20,)))
   assert len(np.unique(bits)) == len(bits)
+
+
+def test_a_window_indexes_its_elements_in_the_whole_batch_at_full_width():
+  # Rows 1 and 3 of a batch of 4, the last 3 of maxlen 5 positions, as attention weights
+  # (B, H, Q, T): the index is numpy's flat index into the whole (4, 2, 5, 5) array.
+  window = dropout.Window(maxlen=5, rows_B=jnp.array([1, 3]))
+  index = np.asarray(window.index((2, 2, 3, 3), position_axes=(2, 3)))
+  b, h, q, t = np.meshgrid([1, 3], [0, 1], [2, 3, 4], [2, 3, 4], indexing='ij')
+  np.testing.assert_array_equal(index, np.ravel_multi_index((b, h, q, t), (4, 2, 5, 5)))
+  # All rows at full width: the array's own flat index, so such masks are unchanged.
+  whole = np.asarray(dropout.Window(maxlen=5).index((4, 5, 6), position_axes=(1,)))
+  np.testing.assert_array_equal(whole, np.arange(4 * 5 * 6).reshape(4, 5, 6))
+
+
+def test_a_microbatch_of_a_trimmed_batch_draws_the_whole_batchs_masks():
+  module = dropout.Dropout(rate=0.5, deterministic=False)
+  rng = {'dropout': jax.random.key(5)}
+  x = jnp.ones((8, 16, 4))
+  whole = np.asarray(module.apply({}, x, dropout.Window(maxlen=16), rngs=rng))
+  rows = jnp.array([2, 6])  # the third of four microbatches, split as train.split_microbatches
+  part = np.asarray(module.apply({}, x[:2, -6:], dropout.Window(maxlen=16, rows_B=rows),
+                                 rngs=rng))
+  np.testing.assert_array_equal(part, whole[np.asarray(rows)][:, -6:])

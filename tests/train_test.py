@@ -169,9 +169,10 @@ def test_trimmed_evaluation_windows_rank_as_the_full_ones(tmp_path):
 
 
 def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_path):
+  # Dropout on: a trimmed window draws the masks of the full window's right end.
   runs = {}
   for trim in (True, False):
-    cfg = config(dropout=0.0, maxlen=32, trim_windows=trim)
+    cfg = config(dropout=0.3, maxlen=32, trim_windows=trim)
     cfg.synthetic.min_length, cfg.synthetic.max_length = 2, 12  # batches need 8 or 16 columns
     runs[trim] = train.Run(cfg, str(tmp_path / str(trim)))
   assert runs[True].trims_windows
@@ -258,7 +259,8 @@ def trainable_leaves(run: train.Run):
 
 
 def test_microbatches_give_the_whole_batch_gradient(tmp_path):
-  runs = [train.Run(config(dropout=0.0, microbatches=n), str(tmp_path / str(n)))
+  # Dropout on: each microbatch draws the masks of its rows in the whole batch.
+  runs = [train.Run(config(dropout=0.3, microbatches=n), str(tmp_path / str(n)))
           for n in (1, 4)]
   assert [run.train_microbatches for run in runs] == [1, 4]
   batches = [run._global_batch(b) for run in runs[:1] for b in run.inputs.epoch(0)][:3]
