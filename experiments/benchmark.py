@@ -101,27 +101,59 @@ def xla_flops(fn, *args) -> float:
 def time_train(run: train.Run) -> dict:
   batches = []
   while len(batches) < 1 + _WARMUP.value + _STEPS.value:
-    batches.extend(run._global_batch(b) for b in run.inputs.epoch(len(batches)))
+    batches.extend(run.inputs.epoch(len(batches)))
+  batches = batches[:1 + _WARMUP.value + _STEPS.value]
   start = time.perf_counter()
-  compiled = run.step_fn.lower(run.state, batches[0], run.dropout_rng).compile()
+  if run.sorts_microbatches:  # the program train_on runs
+    compiled = run.sorted_step_fn.lower(run.state, run.sorted_microbatches(batches[0]),
+                                        run.dropout_rng).compile()
+  else:
+    compiled = run.step_fn.lower(run.state, run._global_batch(batches[0]),
+                                 run.dropout_rng).compile()
   compile_seconds = time.perf_counter() - start
-  # Trimmed batches come in a few widths: each compiles before the clock runs.
-  for width in sorted({b['inputs'].shape[1] for b in batches}):
-    first = next(b for b in batches if b['inputs'].shape[1] == width)
-    run.state, metrics = run.step_fn(run.state, first, run.dropout_rng)
-    jax.block_until_ready(metrics)
+  # Trimmed batches and length-sorted microbatches come in a few widths: one pass over the
+  # batches compiles them all before the clock runs.
+  for batch in batches:
+    jax.block_until_ready(run.train_on(batch))
   seconds = []
-  for i, batch in enumerate(batches[:1 + _WARMUP.value + _STEPS.value]):
+  for i, batch in enumerate(batches):
     start = time.perf_counter()
-    run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(run.train_on(batch))
     if i > _WARMUP.value:
       seconds.append(time.perf_counter() - start)
-  timed = batches[_WARMUP.value + 1:_WARMUP.value + 1 + _STEPS.value]
+  timed = batches[_WARMUP.value + 1:]
   return {'compile_seconds': compile_seconds, 'seconds': np.array(seconds),
-          'memory': peak_memory(compiled), 'batch': batches[0],
-          'real_targets': [int(np.count_nonzero(jax.device_get(b['targets']))) for b in timed],
-          'widths': [int(b['inputs'].shape[1]) for b in timed]}
+          'memory': peak_memory(compiled), 'batch': run._global_batch(batches[0]),
+          'flops': [step_flops(run, b) for b in timed],
+          'real_targets': [int(np.count_nonzero(b['targets'])) for b in timed],
+          'widths': [microbatch_widths(run, b) for b in timed]}
+
+
+def window_counts(widths_per_step: list[list[tuple[int, int]]]) -> dict[int, float]:
+  """How many programs a step ran at each window width, on average over the steps."""
+  counts = collections.Counter(width for step in widths_per_step for _, width in step)
+  return {width: counts[width] / len(widths_per_step) for width in sorted(counts)}
+
+
+def microbatch_widths(run: train.Run, batch) -> list[tuple[int, int]]:
+  """`(rows, width)` of each program the step runs on `batch`: the whole batch, or its
+  length-sorted microbatches (train.Run.train_on)."""
+  inputs = batch['inputs']
+  if not run.sorts_microbatches:
+    return [inputs.shape]
+  return [(len(rows), width) for rows, width in run.microbatches_of(inputs)]
+
+
+def step_flops(run: train.Run, batch) -> int:
+  """Model FLOPs of the step on `batch` as it runs: each program's rows at its width and,
+  since the cross-entropy skips chunks of padding, the loss over the real targets."""
+  config, model_config = run.config, run.model.config
+  real = int(np.count_nonzero(batch['targets'])) if config.loss == 'ce' else None
+  encoder = sum(flops.train_step_flops(model_config, rows, config.loss, 0, width)
+                for rows, width in microbatch_widths(run, batch))
+  loss = 3 * flops.loss_flops(model_config, config.loss,
+                              real if real is not None else batch['targets'].size)
+  return encoder + loss
 
 
 def reference_step_flops(run: train.Run, batch) -> float:
@@ -173,15 +205,14 @@ def time_eval(run: train.Run) -> dict:
 
 def write_trace(run: train.Run, directory: str, steps: int = 3) -> None:
   """A profiler trace of `steps` train steps and as many evaluation batches, compiled first."""
-  batches = [run._global_batch(b) for _, b in zip(range(steps), run.inputs.epoch(0))]
+  batches = list(itertools.islice(run.inputs.epoch(0), steps))
   eval_batches = list(itertools.islice(run.successive_steps('valid').pass_batches(
       run.config.eval_batch_size, shards=run.mesh.shape['data'], trim=run.trims_windows),
       steps))
 
   def run_all():
     for batch in batches:
-      run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
-      jax.block_until_ready(metrics)
+      jax.block_until_ready(run.train_on(batch))
     for batch in eval_batches:
       jax.block_until_ready(run.rank_batch(batch))
 
@@ -221,13 +252,8 @@ def main(argv):
   run = train.Run(config, workdir)
   model_config = run.model.config
   train_figures = time_train(run)
-  # Averaged over the timed batches: their windows' widths (trimmed batches are narrower)
-  # and, since the cross-entropy skips chunks of padding, their real targets.
-  skips_padding = config.loss == 'ce'
-  step_flops = round(np.mean([
-      flops.train_step_flops(model_config, config.batch_size, config.loss,
-                             real if skips_padding else None, width)
-      for real, width in zip(train_figures['real_targets'], train_figures['widths'])]))
+  # Averaged over the timed batches, as they ran (step_flops).
+  mean_step_flops = round(np.mean(train_figures['flops']))
   full_window_flops = flops.train_step_flops(model_config, config.batch_size, config.loss)
   step_seconds = train_figures['seconds']
   median = float(np.median(step_seconds))
@@ -257,11 +283,12 @@ def main(argv):
           'steps_timed': len(step_seconds),
           'sequences_per_second': config.batch_size / median,
           'real_targets': float(np.mean(train_figures['real_targets'])),
-          'widths': train_figures['widths'],
-          'model_flops': step_flops,
+          'sorted_microbatches': run.sorts_microbatches,
+          'widths_per_step': window_counts(train_figures['widths']),
+          'model_flops': mean_step_flops,
           'model_flops_full_windows': full_window_flops,
           'xla_flops': xla_step,
-          'mfu': step_flops / median / peak,
+          'mfu': mean_step_flops / median / peak,
           'memory': train_figures['memory'],
       },
       'eval': {
@@ -306,8 +333,11 @@ def print_report(report: dict) -> None:
         f"{t['sequences_per_second']:,.0f} sequences/s")
   positions = c['batch_size'] * c['maxlen']
   print(f"            {gflops(t['model_flops'])} model FLOPs/step, the loss over "
-        f"{t['real_targets']:,.0f} real targets of {positions:,} positions, windows "
-        f"{sorted(set(t['widths']))} wide; MFU {100 * t['mfu']:.1f}%")
+        f"{t['real_targets']:,.0f} real targets of {positions:,} positions; MFU "
+        f"{100 * t['mfu']:.1f}%")
+  programs = ', '.join(f'{w}: {n:g}' for w, n in t['widths_per_step'].items())
+  print(f"            programs per step by window width {{{programs}}}"
+        + (' (length-sorted microbatches)' if t['sorted_microbatches'] else ''))
   print(f"            every position counted: {gflops(t['model_flops_full_windows'])}, XLA "
         f"{gflops(t['xla_flops'])} (ratio {t['xla_flops'] / t['model_flops_full_windows']:.3f})")
   memory = t['memory']

@@ -30,7 +30,7 @@ from pka_jax import metric_writer
 from pka_jax import recommend
 from pka_jax import sharding
 from pka_jax.data.pipeline import TrainInput
-from pka_jax.data.sequences import SplitDataset
+from pka_jax.data.sequences import SplitDataset, window_width
 from pka_jax.models import Encoder, ModelConfig, create_model
 
 
@@ -102,6 +102,23 @@ def _sharded_loss_sums(hidden_BxTxD, table_VxD, targets_BxT, *, mesh, num_items,
       out_specs=P())(hidden_BxTxD, table_VxD, targets_BxT)
 
 
+def _sums_and_grads(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array, **loss):
+  """`(grads, total, count)`: the gradient of the loss sum over `batch`, and the sums."""
+  def loss_sum(params):
+    return loss_sums(params, apply_fn, batch, rng, **loss)
+  (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(params)
+  return grads, total, count
+
+
+def _apply_summed_gradients(state: train_state.TrainState, grads, total, count
+                            ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+  """One Adam step on the mean loss, from the gradient of the loss sum and the target count."""
+  grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
+  state = state.apply_gradients(grads=grads)
+  finite = jnp.isfinite(total) & state.opt_state.last_finite
+  return state, {'loss_sum': total, 'loss_count': count, 'finite': finite}
+
+
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                *, loss_name: str, ce_block_size: int = 0, ce_chunk_rows: int = 0,
                microbatches: int = 1, mesh: jax.sharding.Mesh | None = None,
@@ -115,38 +132,92 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
   `microbatches_for` the batch's shape (its windows may be trimmed).
   """
   step_rng = jax.random.fold_in(rng, state.step)
+  loss = dict(loss_name=loss_name, ce_block_size=ce_block_size, ce_chunk_rows=ce_chunk_rows,
+              mesh=mesh, num_items=num_items)
   if not microbatches:
     rows, width = batch['inputs'].shape
     data_shards = mesh.shape[sharding.DATA] if mesh is not None else 1
     microbatches = microbatches_for(rows // data_shards, width)
 
-  def sums_and_grads(micro_batch, micro_rng):
-    def loss_sum(params):
-      total, count = loss_sums(params, state.apply_fn, micro_batch, micro_rng, loss_name,
-                               ce_block_size, ce_chunk_rows, mesh, num_items)
-      return total, count
-    (total, count), grads = jax.value_and_grad(loss_sum, has_aux=True)(state.params)
-    return grads, total, count
-
   if microbatches == 1:
-    grads, total, count = sums_and_grads(batch, step_rng)
+    sums = _sums_and_grads(state.params, state.apply_fn, batch, step_rng, **loss)
   else:
     rows_per_microbatch = batch['inputs'].shape[0] // microbatches
 
     def accumulate(carry, micro):
       micro_batch, index = micro
       rows_B = jnp.arange(rows_per_microbatch) * microbatches + index  # split_microbatches'
-      sums = sums_and_grads({**micro_batch, 'rows': rows_B}, step_rng)
+      sums = _sums_and_grads(state.params, state.apply_fn, {**micro_batch, 'rows': rows_B},
+                             step_rng, **loss)
       return jax.tree.map(jnp.add, carry, sums), None
 
     zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
     micro = (jax.tree.map(lambda x: split_microbatches(x, microbatches), batch),
              jnp.arange(microbatches))
-    (grads, total, count), _ = jax.lax.scan(accumulate, zeros, micro)
-  grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-  state = state.apply_gradients(grads=grads)
-  finite = jnp.isfinite(total) & state.opt_state.last_finite
-  return state, {'loss_sum': total, 'loss_count': count, 'finite': finite}
+    sums, _ = jax.lax.scan(accumulate, zeros, micro)
+  return _apply_summed_gradients(state, *sums)
+
+
+def length_sorted_step(state: train_state.TrainState, microbatches: dict[int, dict],
+                       rng: jax.Array, **loss
+                       ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+  """`train_step` on a batch given as length-sorted microbatches (`microbatch_stacks`): for
+  each window width, `count` microbatches of `rows` rows each (of a fixed-size stack, so one
+  program takes every batch). Each microbatch's `rows` name its rows in the batch, whose
+  dropout masks it draws: the same step as the whole batch's, for the FLOPs of its widths."""
+  step_rng = jax.random.fold_in(rng, state.step)
+  sums = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+  for stack in microbatches.values():
+    def add_microbatch(index, sums, stack=stack):
+      micro = {name: stack[name][index] for name in ('inputs', 'targets', 'rows')}
+      new = _sums_and_grads(state.params, state.apply_fn, micro, step_rng, **loss)
+      return jax.tree.map(jnp.add, sums, new)
+    sums = jax.lax.fori_loop(0, stack['count'], add_microbatch, sums)
+  return _apply_summed_gradients(state, *sums)
+
+
+def microbatch_rows(width: int, *, positions: int, data_shards: int) -> int:
+  """Rows of a length-sorted microbatch `width` wide: `positions` per data shard."""
+  return max(1, positions // width) * data_shards
+
+
+def length_sorted_microbatches(inputs_BxT: np.ndarray, *, data_shards: int, positions: int,
+                               maxlen: int) -> list[tuple[np.ndarray, int]]:
+  """A batch's rows in microbatches of similar history length, as `(rows, width)`, longest
+  first: each takes the longest rows left, as many as fill `positions` positions per data
+  shard at the `window_width` of the longest of them (so a few shapes recur). The last, of
+  the shortest rows, is filled up with -1 (no row)."""
+  lengths_B = np.count_nonzero(inputs_BxT, axis=1)
+  order = np.argsort(-lengths_B, kind='stable')
+  microbatches, start = [], 0
+  while start < len(order):
+    width = window_width(int(lengths_B[order[start]]), maxlen)
+    size = microbatch_rows(width, positions=positions, data_shards=data_shards)
+    rows_R = order[start:start + size]
+    microbatches.append((np.pad(rows_R, (0, size - len(rows_R)), constant_values=-1), width))
+    start += size
+  return microbatches
+
+
+def microbatch_stacks(local_batch: dict[str, np.ndarray],
+                      microbatches: list[tuple[np.ndarray, int]], *, rows_at: dict[int, int],
+                      capacity: dict[int, int]) -> dict[int, dict[str, np.ndarray]]:
+  """`length_sorted_microbatches` stacked by width: `capacity[w]` slots of `rows_at[w]` rows
+  (the first `count` filled, rows -1 and the rest empty), the same shapes for every batch."""
+  stacks = {}
+  for width, size in rows_at.items():
+    stack = {name: np.zeros((capacity[width], size, width), np.int32)
+             for name in ('inputs', 'targets')}
+    stack['rows'] = np.zeros((capacity[width], size), np.int32)
+    chosen = [rows_R for rows_R, w in microbatches if w == width]
+    for slot, rows_R in enumerate(chosen):
+      real_Rx1 = (rows_R >= 0)[:, None]
+      for name in ('inputs', 'targets'):
+        stack[name][slot] = np.where(real_Rx1, local_batch[name][rows_R, -width:], 0)
+      stack['rows'][slot] = np.maximum(rows_R, 0)  # -1: an empty row, its masks unused
+    stack['count'] = np.int32(len(chosen))
+    stacks[width] = stack
+  return stacks
 
 
 # Positions per microbatch on CPU: a block's activations then stay in cache. Measured at the
@@ -287,6 +358,16 @@ class Run:
                           num_items=num_items),
         in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
+    # On one host, where windows trim: microbatches of rows of similar length, each cut to
+    # its own window (train_on). Several hosts would have to agree on every width.
+    self.sorts_microbatches = (self.trims_windows and self.train_microbatches > 1
+                               and jax.process_count() == 1)
+    self.sorted_step_fn = jax.jit(
+        functools.partial(length_sorted_step, loss_name=config.loss,
+                          ce_block_size=config.ce_block_size,
+                          ce_chunk_rows=config.ce_chunk_rows, mesh=self.mesh,
+                          num_items=num_items),
+        out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     # Evaluation scores, masks and ranks each device's rows; only the top-k leave it.
     self.rank_fn = jax.jit(
         self._rank_batch,
@@ -406,6 +487,49 @@ class Run:
   def _global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: self._sharded_rows(v) for k, v in local_batch.items()}
 
+  def train_on(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """One train step on this host's rows of a batch; its metrics (dispatched, not awaited).
+
+    The batch runs as one program (`step_fn`) or, where `sorts_microbatches`, as
+    microbatches of rows of similar history length, each cut to the window its longest
+    history needs (`length_sorted_microbatches`): the same gradient, dropout masks included,
+    for fewer FLOPs when lengths are spread.
+    """
+    if not self.sorts_microbatches:
+      self.state, metrics = self.step_fn(self.state, self._global_batch(local_batch),
+                                         self.dropout_rng)
+      return metrics
+    self.state, metrics = self.sorted_step_fn(
+        self.state, self.sorted_microbatches(local_batch), self.dropout_rng)
+    return metrics
+
+  @property
+  def _microbatch_positions(self) -> int:
+    """Positions per device of a length-sorted microbatch: those of one of
+    `train_microbatches` maxlen-wide microbatches."""
+    rows_per_device = self.config.batch_size // self.mesh.shape[sharding.DATA]
+    return rows_per_device * self.config.maxlen // self.train_microbatches
+
+  def microbatches_of(self, inputs_BxT: np.ndarray) -> list[tuple[np.ndarray, int]]:
+    """`train_on`'s length-sorted microbatches of a batch, as `(rows, width)`."""
+    return length_sorted_microbatches(
+        inputs_BxT, data_shards=self.mesh.shape[sharding.DATA], maxlen=self.config.maxlen,
+        positions=self._microbatch_positions)
+
+  def sorted_microbatches(self, local_batch: dict[str, np.ndarray]) -> dict[int, dict]:
+    """A batch as `length_sorted_step` takes it, on the devices: a stack per window width
+    `window_width` can give, each as many slots as the batch could fill."""
+    data_shards, maxlen = self.mesh.shape[sharding.DATA], self.config.maxlen
+    widths = sorted({window_width(n, maxlen) for n in range(1, maxlen + 1)})
+    rows_at = {w: microbatch_rows(w, positions=self._microbatch_positions,
+                                  data_shards=data_shards) for w in widths}
+    capacity = {w: -(-self.config.batch_size // rows) for w, rows in rows_at.items()}
+    stacks = microbatch_stacks(local_batch, self.microbatches_of(local_batch['inputs']),
+                               rows_at=rows_at, capacity=capacity)
+    rows_sharding = NamedSharding(self.mesh, P(None, sharding.DATA))
+    return jax.tree.map(
+        lambda x: jax.device_put(x, rows_sharding if x.ndim else self.replicated), stacks)
+
   def train_epoch(self, writer: metric_writer.MetricWriter) -> None:
     """Runs the rest of the current epoch, checkpointing every `checkpoint_every_steps`."""
     config = self.config
@@ -418,8 +542,7 @@ class Run:
     step = int(self.state.step)  # counted on the host: reading the state would block
     try:
       for local_batch in iterator:
-        self.state, metrics = self.step_fn(self.state, self._global_batch(local_batch),
-                                           self.dropout_rng)
+        metrics = self.train_on(local_batch)
         step += 1
         faults.die_here('step')
         log.add(step, metrics)

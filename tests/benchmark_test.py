@@ -35,8 +35,10 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   config = test_config.get_config()
   model_config = models.create_model(config, 60, deterministic=False).config
   assert 0 < train_figures['real_targets'] < config.batch_size * config.maxlen
-  # Histories of 8-20 items: every batch needs its 16 columns.
-  assert set(train_figures['widths']) == {16}
+  # Histories of 8-20 items: every batch needs its 16 columns, in one program (too few
+  # positions for microbatches).
+  assert not train_figures['sorted_microbatches']
+  assert train_figures['widths_per_step'] == {'16': 1}
   assert train_figures['model_flops'] == pytest.approx(flops.train_step_flops(
       model_config, config.batch_size, real_targets=train_figures['real_targets']), rel=1e-9)
   full = flops.train_step_flops(model_config, config.batch_size)

@@ -271,6 +271,41 @@ def test_microbatches_give_the_whole_batch_gradient(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
 
 
+def test_length_sorted_microbatches_fill_their_positions_longest_first():
+  # Histories of 5, 1, 9, 3, 2, 7, 4, 12 items (maxlen 16), 32 positions per shard: two rows
+  # 16 wide, then four 8 wide, then the last two 8 wide filled up with no rows (-1).
+  lengths = [5, 1, 9, 3, 2, 7, 4, 12]
+  inputs = np.array([[0] * (16 - n) + [1] * n for n in lengths])
+  groups = train.length_sorted_microbatches(inputs, data_shards=1, positions=32, maxlen=16)
+  assert [(rows.tolist(), width) for rows, width in groups] == [
+      ([7, 2], 16), ([5, 0, 6, 3], 8), ([4, 1, -1, -1], 8)]
+  # Two data shards: each takes its share of every microbatch.
+  groups = train.length_sorted_microbatches(inputs, data_shards=2, positions=32, maxlen=16)
+  assert [(rows.tolist(), width) for rows, width in groups] == [
+      ([7, 2, 5, 0], 16), ([6, 3, 4, 1, -1, -1, -1, -1], 8)]
+
+
+def test_length_sorted_microbatches_give_the_whole_batch_step(tmp_path):
+  # Histories of 2-30 items in 32-wide windows, dropout on: one program over whole windows,
+  # or four microbatches of similar lengths in windows of their own.
+  runs = {}
+  for name, overrides in {'whole': {'microbatches': 1, 'trim_windows': False},
+                          'sorted': {'microbatches': 4}}.items():
+    cfg = config(dropout=0.3, maxlen=32, **overrides)
+    cfg.synthetic.min_length, cfg.synthetic.max_length = 2, 30
+    runs[name] = train.Run(cfg, str(tmp_path / name))
+  assert runs['sorted'].sorts_microbatches and not runs['whole'].sorts_microbatches
+  batches = {name: list(run.inputs.epoch(0))[:3] for name, run in runs.items()}
+  widths = {width for batch in batches['sorted']
+            for _, width in runs['sorted'].microbatches_of(batch['inputs'])}
+  assert len(widths) > 1 and max(widths) <= 32
+  step_losses = {name: [float(run.train_on(batch)['loss_sum']) for batch in batches[name]]
+                 for name, run in runs.items()}
+  np.testing.assert_allclose(step_losses['sorted'], step_losses['whole'], rtol=1e-5)
+  for (path, a), (_, b) in zip(*map(trainable_leaves, runs.values())):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
+
+
 def test_bfloat16_loss_follows_float32(tmp_path):
   losses_by_dtype = {}
   for dtype in ('float32', 'bfloat16'):
