@@ -89,6 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 256  # sequences per step, over all devices
   # Gradient accumulated over this many slices of each step's batch (same gradient); 0: auto,
   # slices of ~2,048 positions per device on CPU (they stay in cache), none on accelerators.
+  # On one host with trim_windows, slices hold rows of similar length, each in the window its
+  # longest row needs (train.length_sorted_microbatches).
   config.microbatches = 0
   # Windows cut to the columns their batch needs (a power of two): training batches to their
   # longest history, evaluation batches (of similar contexts) to their longest context. The
