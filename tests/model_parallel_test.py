@@ -28,13 +28,16 @@ config.dropout = 0.0  # dropout bits may depend on the sharding; the arithmetic 
 # Histories of at most 16 items in 32-wide windows: every batch, training and evaluation,
 # runs trimmed (to 16 or 8 columns) on every mesh.
 config.maxlen, config.synthetic.max_length = 32, 16
+# Two microbatches a step: on one host they are length-sorted (train.Run.train_on), their
+# rows grouped differently on each mesh.
+config.microbatches = 2
 config.mesh_model = int(sys.argv[2])
 config.data_dir = sys.argv[3]
 run = train.Run(config, sys.argv[4])
 losses, widths = [], []
 for batch in list(run.inputs.epoch(0))[:3]:
   widths.append(batch['inputs'].shape[1])
-  run.state, metrics = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
+  metrics = run.train_on(batch)
   losses.append(float(metrics['loss_sum'] / metrics['loss_count']))
 steps = run.successive_steps('valid')
 shards = run.mesh.shape['data']
@@ -47,6 +50,7 @@ np.savez(sys.argv[4] + '.npz', top=np.concatenate(top),
          **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
 table = run.state.params['item_emb']['embedding']
 print(json.dumps({'losses': losses, 'widths': widths, 'mesh': dict(run.mesh.shape),
+                  'sorts_microbatches': run.sorts_microbatches,
                   'table_shard_rows': table.addressable_shards[0].data.shape[0],
                   'valid': run.evaluate('valid')}))
 '''
@@ -66,11 +70,12 @@ def run_with(devices: int, mesh_model: int, tmp_path) -> dict:
 
 def test_meshes_with_a_model_axis_train_and_rank_like_one_device(tmp_path):
   one = run_with(1, 1, tmp_path)
+  assert one['sorts_microbatches']
   # 60 items + padding = 61 rows: split 4 or 8 ways they pad to 64 (16 or 8 rows a shard).
   for devices, mesh_model, shard_rows in ((8, 4, 16), (8, 8, 8)):
     sharded = run_with(devices, mesh_model, tmp_path)
     assert sharded['mesh'] == {'data': devices // mesh_model, 'model': mesh_model}
-    assert sharded['table_shard_rows'] == shard_rows
+    assert sharded['table_shard_rows'] == shard_rows and sharded['sorts_microbatches']
     assert max(sharded['widths']) < 32 and sharded['widths'] == one['widths']
     np.testing.assert_allclose(sharded['losses'], one['losses'], rtol=1e-5)
     for path, leaf in one['arrays'].items():
