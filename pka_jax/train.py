@@ -132,8 +132,8 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
   `microbatches_for` the batch's shape (its windows may be trimmed).
   """
   step_rng = jax.random.fold_in(rng, state.step)
-  loss = dict(loss_name=loss_name, ce_block_size=ce_block_size, ce_chunk_rows=ce_chunk_rows,
-              mesh=mesh, num_items=num_items)
+  loss = {'loss_name': loss_name, 'ce_block_size': ce_block_size,
+          'ce_chunk_rows': ce_chunk_rows, 'mesh': mesh, 'num_items': num_items}
   if not microbatches:
     rows, width = batch['inputs'].shape
     data_shards = mesh.shape[sharding.DATA] if mesh is not None else 1
