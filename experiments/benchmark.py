@@ -170,7 +170,7 @@ def eval_pass_flops(run: train.Run, steps) -> tuple[int, dict[int, int]]:
   """Model FLOPs of a validation pass (real pairs only, each at its batch's window width)
   and how many pairs ran at each width: read off the batches the pass itself runs."""
   total, pairs_at = 0, collections.Counter()
-  for batch in steps.pass_batches(run.config.eval_batch_size, trim=run.trims_windows):
+  for batch in steps.pass_batches(run.config.eval_batch_size, **run.evaluation_windows):
     width, pairs = batch.inputs_BxT.shape[1], int(batch.valid_B.sum())
     total += pairs * flops.eval_pair_flops(run.eval_model.config, width)
     pairs_at[width] += pairs
@@ -207,7 +207,7 @@ def write_trace(run: train.Run, directory: str, steps: int = 3) -> None:
   """A profiler trace of `steps` train steps and as many evaluation batches, compiled first."""
   batches = list(itertools.islice(run.inputs.epoch(0), steps))
   eval_batches = list(itertools.islice(run.successive_steps('valid').pass_batches(
-      run.config.eval_batch_size, shards=run.mesh.shape['data'], trim=run.trims_windows),
+      run.config.eval_batch_size, shards=run.mesh.shape['data'], **run.evaluation_windows),
       steps))
 
   def run_all():
@@ -273,7 +273,8 @@ def main(argv):
                  'microbatches': run.train_microbatches,
                  'attention_impl': config.attention_impl, 'loss': config.loss,
                  'eval_batch_size': config.eval_batch_size,
-                 'trim_windows': run.trims_windows},
+                 'trim_windows': run.trims_windows,
+                 'trim_evaluation': run.evaluation_windows['trim']},
       'peak_flops': peaks,
       'train': {
           'compile_seconds': train_figures['compile_seconds'],
@@ -348,7 +349,7 @@ def print_report(report: dict) -> None:
   widths = ', '.join(f'{w}: {n:,}' for w, n in e['pairs_at_width'].items())
   print(f"evaluation  {e['pairs']:,} pairs: {e['pairs_per_second']:,.0f} pairs/s "
         f"(MFU {100 * e['mfu']:.1f}%); pairs per window width {{{widths}}}"
-        + (' (trimmed)' if c['trim_windows'] else ''))
+        + (' (trimmed)' if c['trim_evaluation'] else ''))
   print(f"            {e['model_flops'] / e['pairs'] / 1e6:,.1f} model MFLOP/pair on average, "
         f"{e['model_flops_per_pair'] / 1e6:,.1f} at full width (XLA: "
         f"{e['xla_flops_per_pair'] / 1e6:,.1f}); a full-width batch alone on the device "

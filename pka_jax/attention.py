@@ -217,9 +217,11 @@ class CausalSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, q_in_BxQxD, k_in_BxTxD, v_in_BxTxD, key_valid_BxT, *,
                k_kernel_TxT=None, v_kernel_TxT=None, first_position: int = 0,
-               window: Window | None = None) -> jax.Array:
+               window: Window | None = None, key_bias_BxT: jax.Array | None = None
+               ) -> jax.Array:
     """`first_position`: the position of the first key (RoPE's angles start there);
-    `window`: where the batch sits in the step's batch (dropout on the weights)."""
+    `window`: where the batch sits in the step's batch (dropout on the weights);
+    `key_bias_BxT`: added to every query's logit of each key (plain path only)."""
     batch, num_queries, d = q_in_BxQxD.shape
     size = k_in_BxTxD.shape[1]
     if d % self.num_heads:
@@ -227,7 +229,7 @@ class CausalSelfAttention(nn.Module):
     heads, head_dim = self.num_heads, d // self.num_heads
     impl = resolve_impl(self.impl, self.dtype, bool(self.cope_maxlen))
     weight_dropout = not self.deterministic and self.dropout > 0
-    fused = impl in ('xla', 'cudnn') and not weight_dropout
+    fused = impl in ('xla', 'cudnn') and not weight_dropout and key_bias_BxT is None
     on_logits = not fused and (self.kernels_on_logits if self.kernels_on_logits is not None
                                else heads * num_queries <= d)
     k_on_logits = on_logits and k_kernel_TxT is not None
@@ -265,6 +267,8 @@ class CausalSelfAttention(nn.Module):
                                  k_kernel_TxT.T.astype(self.dtype),
                                  preferred_element_type=jnp.float32)
       logits_BxHxQxT = logits_BxHxQxT * scale
+      if key_bias_BxT is not None:
+        logits_BxHxQxT = logits_BxHxQxT + key_bias_BxT[:, None, None, :]
       if self.cope_maxlen:
         logits_BxHxQxT = logits_BxHxQxT + ContextualPosition(self.cope_maxlen, name='cope')(
             jnp.swapaxes(q_BxQxHxK, 1, 2), logits_BxHxQxT, mask_Bx1xQxT)

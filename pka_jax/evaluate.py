@@ -71,18 +71,21 @@ class SuccessiveSteps:
                                target=self.target[order])
 
   def batch(self, start: int, batch_size: int, *, shards: int = 1,
-            held: Sequence[int] | None = None, trim: bool = False) -> EvalBatch:
+            held: Sequence[int] | None = None, trim: bool = False,
+            padding_column: bool = False) -> EvalBatch:
     """Steps `start .. start + batch_size` (invalid rows past the last step) in `shards` row
     blocks, of which only the blocks in `held` (all by default) are built.
 
     With `trim`, the window is `window_width` of the batch's longest context instead of
     `maxlen`: the columns dropped are padding in every row (exact where the model's
-    `trims_exactly`)."""
+    `trims_exactly`; with `padding_column`, which keeps one padding column in every row
+    that is not full, where its `padding_keys_alike`)."""
     step_B = start + np.arange(batch_size)
     real_B = step_B < len(self)
     index_B = np.where(real_B, step_B, 0)
     length_B = np.where(real_B, self.length[index_B], 0)
-    window = window_width(int(length_B.max()), self.maxlen) if trim else self.maxlen
+    longest = int(length_B.max()) + int(padding_column)
+    window = window_width(longest, self.maxlen) if trim else self.maxlen
     # Every block's pairs get the same length, known from the lengths of all the rows.
     per_block = length_B.reshape(shards, batch_size // shards).sum(axis=1)
     width = power_of_two_at_least(max(int(per_block.max()), 1))
@@ -105,18 +108,21 @@ class SuccessiveSteps:
         valid_B=real_B)
 
   def batches(self, batch_size: int, *, shards: int = 1,
-              held: Sequence[int] | None = None, trim: bool = False) -> Iterator[EvalBatch]:
+              held: Sequence[int] | None = None, trim: bool = False,
+              padding_column: bool = False) -> Iterator[EvalBatch]:
     """Batches over all steps, built lazily in step order; all of one shape unless `trim`."""
     for start in range(0, len(self), batch_size):
-      yield self.batch(start, batch_size, shards=shards, held=held, trim=trim)
+      yield self.batch(start, batch_size, shards=shards, held=held, trim=trim,
+                       padding_column=padding_column)
 
   def pass_batches(self, batch_size: int, *, shards: int = 1,
-                   held: Sequence[int] | None = None, trim: bool = False
-                   ) -> Iterator[EvalBatch]:
+                   held: Sequence[int] | None = None, trim: bool = False,
+                   padding_column: bool = False) -> Iterator[EvalBatch]:
     """The batches an evaluation pass runs: in step order, or with `trim` shortest context
-    first in windows cut to each batch's longest context."""
+    first in windows cut to each batch's longest context (`batch`)."""
     steps = self.by_context_length() if trim else self
-    return steps.batches(batch_size, shards=shards, held=held, trim=trim)
+    return steps.batches(batch_size, shards=shards, held=held, trim=trim,
+                         padding_column=padding_column)
 
 
 def _seen_pairs(items: np.ndarray, begin_R: np.ndarray, length_R: np.ndarray,
@@ -320,6 +326,7 @@ def evaluate_ranked(
     shards: int = 1,
     held: Sequence[int] | None = None,
     trim: bool = False,
+    padding_column: bool = False,
 ) -> dict[str, float]:
   """`evaluate` with the scoring, masking and top-k of a batch fused in `rank_fn`.
 
@@ -329,7 +336,7 @@ def evaluate_ranked(
   `held` are `SuccessiveSteps.batch`'s: `rank_fn` gets this host's rows and returns every
   row's results. With `trim`, steps run shortest context first in windows cut to their
   batch's longest context (`rank_fn` then sees a few widths); only for a model that
-  `trims_exactly`.
+  `trims_exactly`, or with `padding_column` one whose `padding_keys_alike`.
   """
   if steps is None:
     steps = successive_steps(dataset, part, maxlen=maxlen)
@@ -337,7 +344,8 @@ def evaluate_ranked(
   if progress is None:
     progress = logging.level_info()
   batches = tqdm.tqdm(
-      steps.pass_batches(batch_size, shards=shards, held=held, trim=trim),
+      steps.pass_batches(batch_size, shards=shards, held=held, trim=trim,
+                         padding_column=padding_column),
       total=steps.num_batches(batch_size),
       desc=f'evaluate {part}',
       disable=not progress)

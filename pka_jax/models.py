@@ -83,6 +83,14 @@ class ModelConfig:
     LayerNorm's bias) into real queries."""
     return self.mask_padding_keys and self.kernel_kind('q') == 'none'
 
+  @property
+  def padding_keys_alike(self) -> bool:
+    """Visible padding keys that are all one key: zeroed inputs make the key and value biases,
+    unless positions act inside the blocks (ALL-APE, RoPE, CoPE, kernels). A trimmed window
+    then stands for the full one once its padding keys weigh as many as the full window's
+    (`Encoder`), which needs one padding column in every row that is not full."""
+    return not self.mask_padding_keys and self.position_mode in ('none', 'absolute')
+
   def kernel_kind(self, side: str) -> str:
     return getattr(self, f'kernel_{side}_side') if self.position_mode == 'kernel' else 'none'
 
@@ -127,7 +135,8 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, valid_BxT, shared_kernels: dict[str, jax.Array], *,
-               window: Window, last_only: bool = False) -> jax.Array:
+               window: Window, key_bias_BxT: jax.Array | None = None,
+               last_only: bool = False) -> jax.Array:
     config, dtype = self.config, self.config.compute_dtype
     width = x_BxTxD.shape[1]
     num_queries = 1 if last_only else width
@@ -156,7 +165,7 @@ class Block(nn.Module):
         name='attention')(
             query_BxQxD, k_in, v_in, valid_BxT if config.mask_padding_keys else None,
             k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'),
-            first_position=config.maxlen - width, window=window)
+            first_position=config.maxlen - width, window=window, key_bias_BxT=key_bias_BxT)
     h_BxQxD = q_in_BxQxD + attended
 
     y_BxQxD = _layer_norm('ln_ffn', dtype)(h_BxQxD)
@@ -166,12 +175,23 @@ class Block(nn.Module):
     return z_BxQxD * valid_BxT[:, -num_queries:, None].astype(dtype)
 
 
+def _padding_key_bias(valid_BxT: jax.Array, maxlen: int) -> jax.Array:
+  """Logit offsets `B×W` that make a row's `W - L` identical padding keys weigh as the
+  `maxlen - L` of its full window: `log((maxlen - L) / (W - L))` on them, 0 on real keys."""
+  real_Bx1 = valid_BxT.sum(axis=1, keepdims=True).astype(jnp.float32)
+  padding_Bx1 = valid_BxT.shape[1] - real_Bx1
+  copies_Bx1 = jnp.log(maxlen - real_Bx1) - jnp.log(jnp.maximum(padding_Bx1, 1.0))
+  return jnp.where(valid_BxT, 0.0, copies_Bx1)
+
+
 class Encoder(nn.Module):
   """Item ids `B×T` (left-padded with 0) to hidden states `B×T×D`; scores by tied weights.
 
   A window of `W < maxlen` columns stands for the last `W` positions of a `maxlen` window
   whose first `maxlen - W` are padding; where `config.trims_exactly`, every real position's
-  output is the same as in the full window (evaluation trims windows this way).
+  output is the same as in the full window (evaluation trims windows this way). So it is,
+  without dropout, where `config.padding_keys_alike` and every row that is not full keeps a
+  padding column: the padding keys' logits are raised to weigh as the full window's.
 
   `mesh`: the device mesh whose 'model' axis splits the item table's rows (sharding.py), or
   None for an unsharded table.
@@ -224,8 +244,11 @@ class Encoder(nn.Module):
     # A zero no-op unless a 'perturbations' collection is passed: tests read input gradients.
     x_BxTxD = self.perturb('embeddings', x_BxTxD)
     kernels = {side: kernel() for side, kernel in self.shared_kernels.items()}
+    key_bias_BxT = None
+    if config.padding_keys_alike and width < config.maxlen:
+      key_bias_BxT = _padding_key_bias(valid_BxT, config.maxlen)
     for i, block in enumerate(self.blocks):
-      x_BxTxD = block(x_BxTxD, valid_BxT, kernels, window=window,
+      x_BxTxD = block(x_BxTxD, valid_BxT, kernels, window=window, key_bias_BxT=key_bias_BxT,
                       last_only=last_only and i == len(self.blocks) - 1)
     return self.ln_final(x_BxTxD)
 

@@ -384,9 +384,10 @@ class Run:
     self._successive_steps: dict[str, evaluate.SuccessiveSteps] = {}
     self.watch = faults.PreemptionWatch()  # entered by train_and_evaluate
     if config.trim_windows and not self.trims_windows:
-      logging.info('Windows stay maxlen wide: with %s, leading padding changes the outputs.',
-                   'padding keys visible' if not config.mask_padding_keys
-                   else 'a query-side kernel')
+      logging.info('Training windows stay maxlen wide: with %s, leading padding changes the '
+                   'outputs%s.', 'padding keys visible' if not config.mask_padding_keys
+                   else 'a query-side kernel', ' (evaluation keeps a padding column)'
+                   if self.evaluation_windows['trim'] else '')
 
   def restore_latest(self) -> bool:
     step = self.checkpoints.latest_step()
@@ -428,6 +429,14 @@ class Run:
     """Whether batches are cut to the columns they need (config.trim_windows, where exact)."""
     return self.config.trim_windows and self.eval_model.config.trims_exactly
 
+  @property
+  def evaluation_windows(self) -> dict[str, bool]:
+    """How evaluation cuts its windows (`SuccessiveSteps.batch`'s options): as training does
+    or, with visible padding keys that are all alike, keeping a padding column (exact without
+    dropout, so for evaluation only)."""
+    alike = self.config.trim_windows and self.eval_model.config.padding_keys_alike
+    return {'trim': self.trims_windows or alike, 'padding_column': alike}
+
   def successive_steps(self, part: str) -> evaluate.SuccessiveSteps:
     """The part's evaluation steps, indexed once per run."""
     if part not in self._successive_steps:
@@ -458,7 +467,7 @@ class Run:
         steps=self.successive_steps(part), interrupt=lambda: self.watch.signalled,
         shards=data_shards,
         held=range(self.host_index * per_host, (self.host_index + 1) * per_host),
-        trim=self.trims_windows)
+        **self.evaluation_windows)
 
   def save(self, metrics: dict | None = None) -> None:
     checkpoint.save(

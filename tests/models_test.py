@@ -164,16 +164,22 @@ def test_a_trimmed_window_is_the_right_end_of_the_full_one(mode, overrides):
 
 
 @pytest.mark.parametrize('mode', POSITION_MODES)
-def test_trimming_changes_outputs_when_padding_keys_are_visible(mode):
-  # The authors' masking lets padding keys in; then the window's width matters, and
-  # evaluation must not trim.
+def test_with_visible_padding_keys_a_window_trims_only_if_they_are_alike(mode):
+  # The authors' masking lets padding keys in. Where they are all one key (zeroed inputs, no
+  # position inside the blocks) a trimmed window can weigh its padding keys as the full
+  # window's, if every row that is not full keeps a padding column.
   config = make_config(mode, mask_padding_keys=False)
   assert not config.trims_exactly
+  assert config.padding_keys_alike == (mode in ('none', 'absolute'))
   variables = _perturbed(init(config))
   model = Encoder(config)
   full = model.apply(variables, SHORT, method=Encoder.score_last)
-  trimmed = model.apply(variables, SHORT[:, -3:], method=Encoder.score_last)
-  assert not np.allclose(trimmed, full, atol=1e-3)
+  keeping_padding = model.apply(variables, SHORT[:, -4:], method=Encoder.score_last)
+  same = np.allclose(keeping_padding, full, rtol=1e-5, atol=1e-5)
+  assert same == config.padding_keys_alike
+  # Three columns leave the second row (3 items) none: nothing can stand for its padding.
+  no_padding_left = model.apply(variables, SHORT[:, -3:], method=Encoder.score_last)
+  assert not np.allclose(no_padding_left, full, atol=1e-3)
 
 
 def test_a_window_wider_than_maxlen_is_refused():

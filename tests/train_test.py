@@ -168,6 +168,30 @@ def test_trimmed_evaluation_windows_rank_as_the_full_ones(tmp_path):
   assert run.evaluate('valid') == pytest.approx(trimmed, rel=1e-6)
 
 
+def test_visible_alike_padding_keys_evaluate_trimmed_as_in_full_windows(tmp_path):
+  # SASRec with the authors' masking: training keeps maxlen windows, evaluation trims them
+  # but keeps a padding column in every row that is not full.
+  cfg = config(eval_batch_size=16, model='sasrec', position_mode='absolute',
+               mask_padding_keys=False)
+  cfg.synthetic.min_length = 2
+  run = train.Run(cfg, str(tmp_path))
+  assert not run.trims_windows
+  assert run.evaluation_windows == {'trim': True, 'padding_column': True}
+  for batch in run.inputs.epoch(0):
+    run.state, _ = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
+  steps = run.successive_steps('valid').by_context_length()
+  batches = [steps.batch(start, 16, **run.evaluation_windows)
+             for start in range(0, len(steps), 16)]
+  assert {b.inputs_BxT.shape[1] for b in batches} == {8, 16}
+  for b in batches:  # a padding column in every row that is not full
+    real = np.count_nonzero(b.inputs_BxT, axis=1)
+    assert np.all((real < b.inputs_BxT.shape[1]) | (real == cfg.maxlen))
+  trimmed = run.evaluate('valid')
+  run.config.trim_windows = False
+  assert run.evaluation_windows == {'trim': False, 'padding_column': False}
+  assert run.evaluate('valid') == pytest.approx(trimmed, rel=1e-6)
+
+
 def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_path):
   # Dropout on: a trimmed window draws the masks of the full window's right end.
   runs = {}
