@@ -525,16 +525,21 @@ class Run:
         inputs_BxT, data_shards=self.mesh.shape[sharding.DATA], maxlen=self.config.maxlen,
         positions=self._microbatch_positions)
 
-  def sorted_microbatches(self, local_batch: dict[str, np.ndarray]) -> dict[int, dict]:
-    """A batch as `length_sorted_step` takes it, on the devices: a stack per window width
-    `window_width` can give, each as many slots as the batch could fill."""
+  @functools.cached_property
+  def _stack_layout(self) -> dict[str, dict[int, int]]:
+    """`microbatch_stacks`' shapes, the same every step: for each width `window_width` can
+    give, the rows of a microbatch and as many slots as a batch could fill."""
     data_shards, maxlen = self.mesh.shape[sharding.DATA], self.config.maxlen
     widths = sorted({window_width(n, maxlen) for n in range(1, maxlen + 1)})
     rows_at = {w: microbatch_rows(w, positions=self._microbatch_positions,
                                   data_shards=data_shards) for w in widths}
     capacity = {w: -(-self.config.batch_size // rows) for w, rows in rows_at.items()}
+    return {'rows_at': rows_at, 'capacity': capacity}
+
+  def sorted_microbatches(self, local_batch: dict[str, np.ndarray]) -> dict[int, dict]:
+    """A batch as `length_sorted_step` takes it, on the devices: a stack per window width."""
     stacks = microbatch_stacks(local_batch, self.microbatches_of(local_batch['inputs']),
-                               rows_at=rows_at, capacity=capacity)
+                               **self._stack_layout)
     rows_sharding = NamedSharding(self.mesh, P(None, sharding.DATA))
     return jax.tree.map(
         lambda x: jax.device_put(x, rows_sharding if x.ndim else self.replicated), stacks)
