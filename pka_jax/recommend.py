@@ -398,11 +398,7 @@ class Recommender:
   def _score_rows(self, rows: Sequence[np.ndarray], k: int, exclude_seen: bool,
                   allowed_V: jax.Array) -> tuple[jax.Array, jax.Array]:
     batch = _batch_shape(len(rows))
-    longest = max(len(r) for r in rows)
-    # As in evaluation: a window no wider than the longest history needs (a few shapes).
-    window = (evaluate.window_width(longest, self.maxlen) if self.model.config.trims_exactly
-              else self.maxlen)
-    inputs_BxT = left_padded(rows, batch, window)
+    inputs_BxT = left_padded(rows, batch, self.window_for(max(len(r) for r in rows)))
     if exclude_seen:
       width = power_of_two_at_least(max([self.maxlen] + [len(r) for r in rows]))
       seen_BxS = np.zeros((batch, width), np.int32)
@@ -411,6 +407,20 @@ class Recommender:
     else:
       seen_BxS = np.zeros((batch, 1), np.int32)
     return self._top_k(self.params, inputs_BxT, seen_BxS, allowed_V, self.popularity_V, k=k)
+
+  def window_for(self, longest: int) -> int:
+    """The window a batch whose longest history holds `longest` items is scored in: as in
+    evaluation (train.Run.evaluation_windows), no wider than that history needs (a few
+    shapes), where trimming is exact; with visible padding keys that are all alike, one
+    padding column wider (models.Encoder)."""
+    config = self.model.config
+    if not self.config.get('trim_windows', True):
+      return self.maxlen
+    if config.trims_exactly:
+      return evaluate.window_width(longest, self.maxlen)
+    if config.padding_keys_alike:
+      return evaluate.window_width(longest + 1, self.maxlen)
+    return self.maxlen
 
   def check_k(self, histories: Sequence[np.ndarray], k: int, *, exclude_seen: bool = True,
               allowed_V: np.ndarray | None = None) -> None:

@@ -367,3 +367,42 @@ def test_a_table_split_over_devices_recommends_like_one_device(tmp_path):
   np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(got.popular, want.popular)
 
+
+
+def test_visible_alike_padding_keys_score_trimmed_windows_as_full_ones(tmp_path):
+  # SASRec with the authors' visible padding keys: every padding key is the same key, so a
+  # window cut to the longest history plus one padding column scores as the maxlen window
+  # does (models.Encoder); an untrained model is enough, its padding weighs on every score.
+  config = test_config.get_config('model=sasrec')
+  config.mask_padding_keys, config.maxlen = False, 64
+  config.data_dir = str(tmp_path / 'data')
+  dataset = data.load_dataset(config)
+  model = train.create_model(config, dataset.num_items, deterministic=True)
+  params = train.create_train_state(model, config, jax.random.key(3)).params
+  recommender = recommend.Recommender(
+      config=config, params=params, served=recommend.ServingData.from_dataset(dataset), step=0)
+  widths = []
+  top_k = recommender._top_k
+  def spied(params, inputs_BxT, *args, **kwargs):
+    widths.append(inputs_BxT.shape[1])
+    return top_k(params, inputs_BxT, *args, **kwargs)
+  recommender._top_k = spied
+  rng = np.random.default_rng(0)
+  # Longest 16, a power of two: without the padding column its window would have none.
+  batches = [[16, 5, 1, 9], [3], [40, 2]]
+  for lengths in batches:
+    histories = [rng.choice(np.arange(1, dataset.num_items + 1), n, replace=False)
+                 for n in lengths]
+    got = recommender.recommend([raw(recommender, h) for h in histories], k=K)
+    inputs_BxT = recommend.left_padded(histories, len(histories), config.maxlen)
+    scores_BxV = np.asarray(recommender.model.apply(
+        {'params': params}, inputs_BxT, method=Encoder.score_last))
+    seen = np.zeros((len(histories), dataset.num_items + 1), bool)
+    for row, history in enumerate(histories):
+      seen[row, history] = True
+    scores_BxV = np.where(seen, -np.inf, scores_BxV)[:, 1:]
+    want_BxK = np.argsort(-scores_BxV, axis=1, kind='stable')[:, :K] + 1
+    assert got.items.tolist() == [raw(recommender, row) for row in want_BxK]
+    np.testing.assert_allclose(got.scores, np.take_along_axis(scores_BxV, want_BxK - 1, 1),
+                               rtol=1e-5, atol=1e-5)
+  assert widths == [32, 8, 64]
