@@ -53,6 +53,8 @@ def test_benchmark_writes_its_json_contract(tmp_path):
       pairs * flops.eval_pair_flops(model_config, width) for width, pairs in at_width.items())
   assert 0 < eval_figures['mfu'] and 0 < train_figures['mfu']
   assert len(report['epochs']['epochs']) == 1
+  # The epoch's own batches timed alone, to set its loop's time against.
+  assert len(report['epochs']['steps_seconds']) == 1 and report['epochs']['steps_seconds'][0] > 0
   assert 'MFU' in result.stdout and 'pairs/s' in result.stdout
   # A trace that profilers read: the XSpace protobuf of the traced steps.
   assert report['profile_dir'] == str(tmp_path / 'trace')
