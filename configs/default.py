@@ -94,10 +94,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.microbatches = 0
   # Windows cut to the columns their batch needs (a power of two): training batches to their
   # longest history, evaluation batches (of similar contexts) to their longest context. The
-  # same outputs for fewer FLOPs where the model trims exactly (padding keys masked, no
-  # query-side kernel; otherwise every window is maxlen wide). Hashed dropout masks follow
-  # each element's place in the full-width batch, so neither this nor `microbatches` changes
-  # a run, only its speed (`dropout_impl='jax'` masks do change with both).
+  # same outputs for fewer FLOPs where the model trims exactly: padding keys masked and no
+  # query-side kernel, or the authors' visible padding keys where they are all one key
+  # (SASRec, NoPE: windows then keep a padding column; models.Encoder); otherwise every
+  # window is maxlen wide. Hashed dropout masks follow each element's place in the full-width
+  # batch, so neither this nor `microbatches` changes a run, only its speed
+  # (`dropout_impl='jax'` masks do change with both).
   config.trim_windows = True
   # Devices the item table's rows (and their Adam moments) are split over: the 'model' axis of
   # a (data, model) mesh of all devices. 1 replicates the table (data parallel only); a larger

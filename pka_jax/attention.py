@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pka_jax.dropout import Dropout, Window
+from pka_jax.dropout import Dropout, StandIns, Window
 
 KERNEL_KINDS = ('none', 'toeplitz', 'full')
 # plain: our masked softmax (kernels on the logits where cheaper; any dropout, CoPE);
@@ -185,6 +185,15 @@ class Projection(nn.Module):
     return (y + bias[None, None] if with_bias else y), bias
 
 
+def stand_in_logit_bias(stand_ins: StandIns) -> jax.Array:
+  """Logit offsets `B×W` that make a row's stand-in columns, all one key, weigh as the
+  `count` keys they stand for: `log(count / columns)` on them, 0 elsewhere."""
+  columns_B = stand_ins.columns_BxT.sum(axis=1).astype(jnp.float32)
+  copies_B = (jnp.log(stand_ins.count_B.astype(jnp.float32))
+              - jnp.log(jnp.maximum(columns_B, 1.0)))
+  return jnp.where(stand_ins.columns_BxT, copies_B[:, None], 0.0)
+
+
 def resolve_impl(impl: str, dtype: Any, contextual: bool) -> str:
   """The attention implementation `impl` ('auto' included) stands for on this backend."""
   if impl not in ATTENTION_IMPLS:
@@ -217,11 +226,12 @@ class CausalSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, q_in_BxQxD, k_in_BxTxD, v_in_BxTxD, key_valid_BxT, *,
                k_kernel_TxT=None, v_kernel_TxT=None, first_position: int = 0,
-               window: Window | None = None, key_bias_BxT: jax.Array | None = None
+               window: Window | None = None, padding: StandIns | None = None
                ) -> jax.Array:
     """`first_position`: the position of the first key (RoPE's angles start there);
     `window`: where the batch sits in the step's batch (dropout on the weights);
-    `key_bias_BxT`: added to every query's logit of each key (plain path only)."""
+    `padding`: key columns that each stand for several identical keys of the full window,
+    which their logits and dropout weigh in (plain path only; `stand_in_logit_bias`)."""
     batch, num_queries, d = q_in_BxQxD.shape
     size = k_in_BxTxD.shape[1]
     if d % self.num_heads:
@@ -229,7 +239,7 @@ class CausalSelfAttention(nn.Module):
     heads, head_dim = self.num_heads, d // self.num_heads
     impl = resolve_impl(self.impl, self.dtype, bool(self.cope_maxlen))
     weight_dropout = not self.deterministic and self.dropout > 0
-    fused = impl in ('xla', 'cudnn') and not weight_dropout and key_bias_BxT is None
+    fused = impl in ('xla', 'cudnn') and not weight_dropout and padding is None
     on_logits = not fused and (self.kernels_on_logits if self.kernels_on_logits is not None
                                else heads * num_queries <= d)
     k_on_logits = on_logits and k_kernel_TxT is not None
@@ -267,8 +277,8 @@ class CausalSelfAttention(nn.Module):
                                  k_kernel_TxT.T.astype(self.dtype),
                                  preferred_element_type=jnp.float32)
       logits_BxHxQxT = logits_BxHxQxT * scale
-      if key_bias_BxT is not None:
-        logits_BxHxQxT = logits_BxHxQxT + key_bias_BxT[:, None, None, :]
+      if padding is not None:
+        logits_BxHxQxT = logits_BxHxQxT + stand_in_logit_bias(padding)[:, None, None, :]
       if self.cope_maxlen:
         logits_BxHxQxT = logits_BxHxQxT + ContextualPosition(self.cope_maxlen, name='cope')(
             jnp.swapaxes(q_BxQxHxK, 1, 2), logits_BxHxQxT, mask_Bx1xQxT)
@@ -279,7 +289,7 @@ class CausalSelfAttention(nn.Module):
       # For figures (pka_jax/figures.py); free unless 'intermediates' is mutable.
       self.sow('intermediates', 'attention_weights', weights)
       weights_BxHxQxT = Dropout(self.dropout, self.deterministic, self.dropout_impl)(
-          weights.astype(self.dtype), window, position_axes=(2, 3))
+          weights.astype(self.dtype), window, position_axes=(2, 3), stand_ins=padding)
       mixed_BxHxQxT = weights_BxHxQxT
       if v_on_logits:
         mixed_BxHxQxT = jnp.dot(weights_BxHxQxT, v_kernel_TxT.astype(self.dtype))

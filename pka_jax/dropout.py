@@ -76,16 +76,50 @@ def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...], impl: str = '
     return jax.random.bernoulli(rng, 1.0 - rate, shape)
   if impl != 'hash':
     raise ValueError(f'dropout impl {impl!r}: expected one of {DROPOUT_IMPLS}')
+  return _hashed_keep(_seed_words(rng), rate, shape, index)
+
+
+def _seed_words(rng: jax.Array) -> jax.Array:
+  return jax.random.bits(rng, (2,), jnp.uint32)
+
+
+def _hashed_keep(seed_2: jax.Array, rate: float, shape: tuple[int, ...],
+                 index: jax.Array | None = None) -> jax.Array:
   # P(bits >= threshold) = 1 - threshold / 2**32, exact to 2**-32.
   threshold = jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
-  return hash_bits(jax.random.bits(rng, (2,), jnp.uint32), shape, index) >= threshold
+  return hash_bits(seed_2, shape, index) >= threshold
+
+
+@dataclasses.dataclass(frozen=True)
+class StandIns:
+  """Key columns of a trimmed window that stand for more keys of the full one: in row `b`,
+  the columns `columns_BxT` marks stand, together, for the first `count_B[b]` key positions
+  of its maxlen wide window (identical padding keys, models.Encoder)."""
+
+  columns_BxT: jax.Array
+  count_B: jax.Array
+
+
+def _kept_share(seed_2: jax.Array, rate: float, shape: tuple[int, ...], window: Window,
+                position_axes: Sequence[int], stand_ins: StandIns) -> jax.Array:
+  """For each element of `shape` but its last (key) axis: the share of the full window's
+  first `count_B` keys that the hashed mask keeps, shape `shape[:-1] + (1,)`."""
+  full_shape = (*shape[:-1], window.maxlen)
+  keep = _hashed_keep(seed_2, rate, full_shape, window.index(full_shape, position_axes))
+  count = stand_ins.count_B.reshape((-1,) + (1,) * (len(shape) - 1))
+  first = jax.lax.broadcasted_iota(jnp.int32, full_shape, len(shape) - 1) < count
+  kept = jnp.sum(keep & first, axis=-1, keepdims=True, dtype=jnp.int32)
+  return kept.astype(jnp.float32) / jnp.maximum(count, 1).astype(jnp.float32)
 
 
 class Dropout(nn.Module):
   """Inverted dropout at `rate` on the 'dropout' rng stream (identity when deterministic).
 
   Given a `window`, hashed masks follow each element's place in the whole batch: `x`'s rows
-  are its batch's rows and `position_axes` its positions (`Window.index`)."""
+  are its batch's rows and `position_axes` its positions (`Window.index`). With `stand_ins`
+  (x's last axis holding keys), each column that stands for several keys of the full window
+  keeps the share of them that the full window's masks keep: the sum over those keys of
+  their dropped weights, which are all the same, is then the full window's."""
 
   rate: float
   deterministic: bool
@@ -93,9 +127,21 @@ class Dropout(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, window: Window | None = None,
-               position_axes: Sequence[int] = (1,)) -> jax.Array:
+               position_axes: Sequence[int] = (1,), stand_ins: StandIns | None = None
+               ) -> jax.Array:
     if self.deterministic or self.rate == 0.0:
       return x
     index = None if window is None else window.index(x.shape, position_axes)
-    keep = keep_mask(self.make_rng('dropout'), self.rate, x.shape, self.impl, index)
-    return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
+    if stand_ins is None:
+      keep = keep_mask(self.make_rng('dropout'), self.rate, x.shape, self.impl, index)
+      return jnp.where(keep, x / jnp.asarray(1.0 - self.rate, x.dtype), jnp.zeros_like(x))
+    if self.impl != 'hash' or window is None:
+      raise ValueError('keys that stand for others need hashed dropout masks and a window')
+    seed_2 = _seed_words(self.make_rng('dropout'))
+    keep = _hashed_keep(seed_2, self.rate, x.shape, index)
+    share = _kept_share(seed_2, self.rate, x.shape, window, position_axes, stand_ins)
+    columns = stand_ins.columns_BxT.reshape(
+        (x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
+    kept = x / jnp.asarray(1.0 - self.rate, x.dtype)
+    return jnp.where(columns, kept * share.astype(x.dtype),
+                     jnp.where(keep, kept, jnp.zeros_like(x)))

@@ -12,7 +12,7 @@ import ml_collections
 
 from pka_jax import attention
 from pka_jax import sharding
-from pka_jax.dropout import DROPOUT_IMPLS, Dropout, Window
+from pka_jax.dropout import DROPOUT_IMPLS, Dropout, StandIns, Window
 
 POSITION_MODES = ('none', 'absolute', 'absolute_all', 'rotary', 'contextual', 'kernel')
 DTYPES = ('float32', 'bfloat16')
@@ -91,6 +91,15 @@ class ModelConfig:
     (`Encoder`), which needs one padding column in every row that is not full."""
     return not self.mask_padding_keys and self.position_mode in ('none', 'absolute')
 
+  @property
+  def trims_in_training(self) -> bool:
+    """Whether training windows can be cut without changing the step: where `trims_exactly`
+    or, with alike padding keys, where dropout masks are hashed (or off): each trimmed row's
+    padding columns then keep the share of its full window's padding keys that those masks
+    keep (dropout.StandIns)."""
+    hashed = self.dropout_impl == 'hash' or self.dropout == 0.0
+    return self.trims_exactly or (self.padding_keys_alike and hashed)
+
   def kernel_kind(self, side: str) -> str:
     return getattr(self, f'kernel_{side}_side') if self.position_mode == 'kernel' else 'none'
 
@@ -135,7 +144,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxTxD, valid_BxT, shared_kernels: dict[str, jax.Array], *,
-               window: Window, key_bias_BxT: jax.Array | None = None,
+               window: Window, padding: StandIns | None = None,
                last_only: bool = False) -> jax.Array:
     config, dtype = self.config, self.config.compute_dtype
     width = x_BxTxD.shape[1]
@@ -165,7 +174,7 @@ class Block(nn.Module):
         name='attention')(
             query_BxQxD, k_in, v_in, valid_BxT if config.mask_padding_keys else None,
             k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'),
-            first_position=config.maxlen - width, window=window, key_bias_BxT=key_bias_BxT)
+            first_position=config.maxlen - width, window=window, padding=padding)
     h_BxQxD = q_in_BxQxD + attended
 
     y_BxQxD = _layer_norm('ln_ffn', dtype)(h_BxQxD)
@@ -175,13 +184,9 @@ class Block(nn.Module):
     return z_BxQxD * valid_BxT[:, -num_queries:, None].astype(dtype)
 
 
-def _padding_key_bias(valid_BxT: jax.Array, maxlen: int) -> jax.Array:
-  """Logit offsets `B×W` that make a row's `W - L` identical padding keys weigh as the
-  `maxlen - L` of its full window: `log((maxlen - L) / (W - L))` on them, 0 on real keys."""
-  real_Bx1 = valid_BxT.sum(axis=1, keepdims=True).astype(jnp.float32)
-  padding_Bx1 = valid_BxT.shape[1] - real_Bx1
-  copies_Bx1 = jnp.log(maxlen - real_Bx1) - jnp.log(jnp.maximum(padding_Bx1, 1.0))
-  return jnp.where(valid_BxT, 0.0, copies_Bx1)
+def _padding_stand_ins(valid_BxT: jax.Array, maxlen: int) -> StandIns:
+  """A trimmed row's `W - L` padding keys stand for the `maxlen - L` of its full window."""
+  return StandIns(columns_BxT=~valid_BxT, count_B=maxlen - valid_BxT.sum(axis=1))
 
 
 class Encoder(nn.Module):
@@ -189,9 +194,10 @@ class Encoder(nn.Module):
 
   A window of `W < maxlen` columns stands for the last `W` positions of a `maxlen` window
   whose first `maxlen - W` are padding; where `config.trims_exactly`, every real position's
-  output is the same as in the full window (evaluation trims windows this way). So it is,
-  without dropout, where `config.padding_keys_alike` and every row that is not full keeps a
-  padding column: the padding keys' logits are raised to weigh as the full window's.
+  output is the same as in the full window (training and evaluation trim windows this way).
+  So it is where `config.padding_keys_alike` and every row that is not full keeps a padding
+  column: the padding keys' logits are raised to weigh as the full window's, and dropout
+  keeps of them the share it keeps of the full window's (`config.trims_in_training`).
 
   `mesh`: the device mesh whose 'model' axis splits the item table's rows (sharding.py), or
   None for an unsharded table.
@@ -244,11 +250,11 @@ class Encoder(nn.Module):
     # A zero no-op unless a 'perturbations' collection is passed: tests read input gradients.
     x_BxTxD = self.perturb('embeddings', x_BxTxD)
     kernels = {side: kernel() for side, kernel in self.shared_kernels.items()}
-    key_bias_BxT = None
+    padding = None
     if config.padding_keys_alike and width < config.maxlen:
-      key_bias_BxT = _padding_key_bias(valid_BxT, config.maxlen)
+      padding = _padding_stand_ins(valid_BxT, config.maxlen)
     for i, block in enumerate(self.blocks):
-      x_BxTxD = block(x_BxTxD, valid_BxT, kernels, window=window, key_bias_BxT=key_bias_BxT,
+      x_BxTxD = block(x_BxTxD, valid_BxT, kernels, window=window, padding=padding,
                       last_only=last_only and i == len(self.blocks) - 1)
     return self.ln_final(x_BxTxD)
 

@@ -182,16 +182,18 @@ def microbatch_rows(width: int, *, positions: int, data_shards: int) -> int:
 
 
 def length_sorted_microbatches(inputs_BxT: np.ndarray, *, data_shards: int, positions: int,
-                               maxlen: int) -> list[tuple[np.ndarray, int]]:
+                               maxlen: int, padding_column: bool = False
+                               ) -> list[tuple[np.ndarray, int]]:
   """A batch's rows in microbatches of similar history length, as `(rows, width)`, longest
   first: each takes the longest rows left, as many as fill `positions` positions per data
-  shard at the `window_width` of the longest of them (so a few shapes recur). The last, of
-  the shortest rows, is filled up with -1 (no row)."""
+  shard at the `window_width` of the longest of them (so a few shapes recur), one column
+  wider with `padding_column`. The last, of the shortest rows, is filled up with -1 (no
+  row)."""
   lengths_B = np.count_nonzero(inputs_BxT, axis=1)
   order = np.argsort(-lengths_B, kind='stable')
   microbatches, start = [], 0
   while start < len(order):
-    width = window_width(int(lengths_B[order[start]]), maxlen)
+    width = window_width(int(lengths_B[order[start]]) + int(padding_column), maxlen)
     size = microbatch_rows(width, positions=positions, data_shards=data_shards)
     rows_R = order[start:start + size]
     microbatches.append((np.pad(rows_R, (0, size - len(rows_R)), constant_values=-1), width))
@@ -377,16 +379,18 @@ class Run:
     self.inputs = TrainInput(
         self.dataset.train, maxlen=config.maxlen, batch_size=config.batch_size,
         seed=config.seed, process_index=self.host_index, process_count=self.host_count,
-        trim=self.trims_windows)
+        trim=self.trims_windows, padding_column=self.padding_column)
     self.checkpoints = checkpoint.manager(workdir)
     self.progress = Progress()
     self.epoch_seconds: dict[str, float] = {}
     self._successive_steps: dict[str, evaluate.SuccessiveSteps] = {}
     self.watch = faults.PreemptionWatch()  # entered by train_and_evaluate
     if config.trim_windows and not self.trims_windows:
+      reason = ('a query-side kernel' if config.mask_padding_keys
+                else 'dropout masks drawn by jax.random' if self.padding_column
+                else 'padding keys visible')
       logging.info('Training windows stay maxlen wide: with %s, leading padding changes the '
-                   'outputs%s.', 'padding keys visible' if not config.mask_padding_keys
-                   else 'a query-side kernel', ' (evaluation keeps a padding column)'
+                   'outputs%s.', reason, ' (evaluation keeps a padding column)'
                    if self.evaluation_windows['trim'] else '')
 
   def restore_latest(self) -> bool:
@@ -427,15 +431,21 @@ class Run:
   @property
   def trims_windows(self) -> bool:
     """Whether batches are cut to the columns they need (config.trim_windows, where exact)."""
-    return self.config.trim_windows and self.eval_model.config.trims_exactly
+    return self.config.trim_windows and self.model.config.trims_in_training
+
+  @property
+  def padding_column(self) -> bool:
+    """Whether cut windows keep a padding column in every row that is not full: its
+    padding keys, all alike, stand for the full window's (models.Encoder)."""
+    return self.config.trim_windows and self.model.config.padding_keys_alike
 
   @property
   def evaluation_windows(self) -> dict[str, bool]:
     """How evaluation cuts its windows (`SuccessiveSteps.batch`'s options): as training does
     or, with visible padding keys that are all alike, keeping a padding column (exact without
-    dropout, so for evaluation only)."""
-    alike = self.config.trim_windows and self.eval_model.config.padding_keys_alike
-    return {'trim': self.trims_windows or alike, 'padding_column': alike}
+    dropout, so even where training keeps its windows: masks drawn by jax.random)."""
+    return {'trim': self.trims_windows or self.padding_column,
+            'padding_column': self.padding_column}
 
   def successive_steps(self, part: str) -> evaluate.SuccessiveSteps:
     """The part's evaluation steps, indexed once per run."""
@@ -523,7 +533,7 @@ class Run:
     """`train_on`'s length-sorted microbatches of a batch, as `(rows, width)`."""
     return length_sorted_microbatches(
         inputs_BxT, data_shards=self.mesh.shape[sharding.DATA], maxlen=self.config.maxlen,
-        positions=self._microbatch_positions)
+        positions=self._microbatch_positions, padding_column=self.padding_column)
 
   @functools.cached_property
   def _stack_layout(self) -> dict[str, dict[int, int]]:

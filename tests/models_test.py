@@ -182,6 +182,37 @@ def test_with_visible_padding_keys_a_window_trims_only_if_they_are_alike(mode):
   assert not np.allclose(no_padding_left, full, atol=1e-3)
 
 
+@pytest.mark.parametrize('mode', ['none', 'absolute', 'rotary'])
+def test_with_dropout_alike_padding_keys_still_trim_through_their_share_of_the_masks(mode):
+  # Training: dropout on the attention weights drops each of the full window's padding keys
+  # on its own; a trimmed row's padding columns keep the share of them its masks keep. The
+  # outputs and their gradients are the full window's where the padding keys are alike.
+  maxlen = 16
+  config = make_config(mode, maxlen=maxlen, mask_padding_keys=False, dropout=0.4,
+                       deterministic=False)
+  assert config.trims_in_training == (mode != 'rotary')
+  lengths = [3, 7, 1, 5]  # a window of 8 keeps a padding column in every row
+  inputs = jnp.array([[0] * (maxlen - n) + list(range(2, 2 + n)) for n in lengths], jnp.int32)
+  variables = _perturbed(init(config, inputs))
+  model = Encoder(config)
+  real = np.asarray(inputs[:, -8:] != 0)
+
+  def outputs_and_grads(window_BxT):
+    def real_outputs(params):
+      hidden = model.apply({'params': params}, window_BxT, rngs={'dropout': jax.random.key(5)})
+      return hidden[:, -8:][real]
+    out = real_outputs(variables['params'])
+    grads = jax.grad(lambda p: jnp.sum(jnp.sin(real_outputs(p))))(variables['params'])
+    return out, grads
+
+  (cut, cut_grads), (full, full_grads) = map(outputs_and_grads, (inputs[:, -8:], inputs))
+  same = np.allclose(cut, full, rtol=1e-5, atol=1e-5)
+  assert same == (mode != 'rotary')
+  if same:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 cut_grads, full_grads)
+
+
 def test_a_window_wider_than_maxlen_is_refused():
   config = make_config('none')
   with pytest.raises(ValueError, match='at most maxlen = 6'):

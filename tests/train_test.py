@@ -169,13 +169,13 @@ def test_trimmed_evaluation_windows_rank_as_the_full_ones(tmp_path):
 
 
 def test_visible_alike_padding_keys_evaluate_trimmed_as_in_full_windows(tmp_path):
-  # SASRec with the authors' masking: training keeps maxlen windows, evaluation trims them
-  # but keeps a padding column in every row that is not full.
+  # SASRec with the authors' masking: evaluation trims windows but keeps a padding column in
+  # every row that is not full.
   cfg = config(eval_batch_size=16, model='sasrec', position_mode='absolute',
                mask_padding_keys=False)
   cfg.synthetic.min_length = 2
   run = train.Run(cfg, str(tmp_path))
-  assert not run.trims_windows
+  assert run.trims_windows and run.padding_column
   assert run.evaluation_windows == {'trim': True, 'padding_column': True}
   for batch in run.inputs.epoch(0):
     run.state, _ = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
@@ -192,16 +192,30 @@ def test_visible_alike_padding_keys_evaluate_trimmed_as_in_full_windows(tmp_path
   assert run.evaluate('valid') == pytest.approx(trimmed, rel=1e-6)
 
 
-def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_path):
-  # Dropout on: a trimmed window draws the masks of the full window's right end.
+# The authors' masking: SASRec's padding keys visible and all alike.
+AUTHORS_PADDING = {'model': 'sasrec', 'position_mode': 'absolute', 'mask_padding_keys': False}
+
+
+@pytest.mark.parametrize('padding', ['masked', 'visible'])
+def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_path, padding):
+  # Dropout on: a trimmed window draws the masks of the full window's right end. Visible
+  # padding keys, all alike, weigh in the full window's through a padding column per row.
   runs = {}
+  # Masked: histories of at most 11 inputs need 8 or 16 of 32 columns. Visible: the longest
+  # histories, of 16 inputs, need 32 of 64 to keep a padding column.
+  overrides, maxlen, longest = (AUTHORS_PADDING, 64, 17) if padding == 'visible' else ({}, 32, 12)
   for trim in (True, False):
-    cfg = config(dropout=0.3, maxlen=32, trim_windows=trim)
-    cfg.synthetic.min_length, cfg.synthetic.max_length = 2, 12  # batches need 8 or 16 columns
+    cfg = config(dropout=0.3, maxlen=maxlen, trim_windows=trim, **overrides)
+    cfg.synthetic.min_length, cfg.synthetic.max_length = 2, longest
     runs[trim] = train.Run(cfg, str(tmp_path / str(trim)))
   assert runs[True].trims_windows
+  assert runs[True].padding_column == (padding == 'visible')
   pairs = list(zip(runs[True].inputs.epoch(0), runs[False].inputs.epoch(0)))
-  assert {cut['inputs'].shape[1] for cut, _ in pairs} <= {8, 16}  # of maxlen 32
+  widths = {cut['inputs'].shape[1] for cut, _ in pairs}
+  assert widths <= ({8, 16, 32} if padding == 'visible' else {8, 16}) and 16 in widths
+  for cut, _ in pairs:  # with visible padding, a padding column in every row
+    real = np.count_nonzero(cut['inputs'], axis=1)
+    assert np.all(real < cut['inputs'].shape[1]) or padding == 'masked'
   state = runs[False].state
 
   def loss_and_grads(batch):
@@ -307,14 +321,24 @@ def test_length_sorted_microbatches_fill_their_positions_longest_first():
   groups = train.length_sorted_microbatches(inputs, data_shards=2, positions=32, maxlen=16)
   assert [(rows.tolist(), width) for rows, width in groups] == [
       ([7, 2, 5, 0], 16), ([6, 3, 4, 1, -1, -1, -1, -1], 8)]
+  # Keeping a padding column: 8 items need a window of 16, 4 items one of 8.
+  lengths = [5, 1, 9, 3, 2, 8, 4, 12]
+  inputs = np.array([[0] * (16 - n) + [1] * n for n in lengths])
+  groups = train.length_sorted_microbatches(inputs, data_shards=1, positions=32, maxlen=16,
+                                            padding_column=True)
+  assert [(rows.tolist(), width) for rows, width in groups] == [
+      ([7, 2], 16), ([5, 0], 16), ([6, 3, 4, 1], 8)]
 
 
-def test_length_sorted_microbatches_give_the_whole_batch_step(tmp_path):
+@pytest.mark.parametrize('padding', ['masked', 'visible'])
+def test_length_sorted_microbatches_give_the_whole_batch_step(tmp_path, padding):
   # Histories of 2-30 items in 32-wide windows, dropout on: one program over whole windows,
   # or four microbatches of similar lengths in windows of their own.
   runs = {}
   for name, overrides in {'whole': {'microbatches': 1, 'trim_windows': False},
                           'sorted': {'microbatches': 4}}.items():
+    if padding == 'visible':
+      overrides = {**overrides, **AUTHORS_PADDING}
     cfg = config(dropout=0.3, maxlen=32, **overrides)
     cfg.synthetic.min_length, cfg.synthetic.max_length = 2, 30
     runs[name] = train.Run(cfg, str(tmp_path / name))

@@ -32,11 +32,13 @@ def training_windows(store: SequenceStore, users_B: np.ndarray, maxlen: int
   return {'inputs': inputs_BxT, 'targets': targets_BxT}
 
 
-def trimmed_width(store: SequenceStore, users_B: np.ndarray, maxlen: int) -> int:
+def trimmed_width(store: SequenceStore, users_B: np.ndarray, maxlen: int,
+                  padding_column: bool = False) -> int:
   """The window the batch of `users_B` needs: the columns that are not padding in every row
-  (rounded up by window_width). A user of `n` items has `n - 1` inputs."""
+  (rounded up by window_width), and one more with `padding_column`, so that every row that
+  is not full keeps one. A user of `n` items has `n - 1` inputs."""
   longest = int((store.offsets[users_B + 1] - store.offsets[users_B]).max()) - 1
-  return window_width(longest, maxlen)
+  return window_width(longest + int(padding_column), maxlen)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +55,13 @@ class BatchOfEpoch(grain.transforms.Map):
 
   maxlen: int
   trim: bool = False
+  padding_column: bool = False
 
   def map(self, index: int) -> dict[str, np.ndarray]:
     width = self.maxlen
     if self.trim:
       batch = self.order[index * self.batch_size:(index + 1) * self.batch_size]
-      width = trimmed_width(self.store, batch, self.maxlen)
+      width = trimmed_width(self.store, batch, self.maxlen, self.padding_column)
     start = index * self.batch_size + self.first
     return training_windows(self.store, self.order[start:start + self.rows], width)
 
@@ -73,8 +76,10 @@ class TrainInput:
   seed: int
   process_index: int = 0
   process_count: int = 1
-  # Windows cut to the columns their batch needs (exact only for a model that trims_exactly).
+  # Windows cut to the columns their batch needs (exact only for a model that
+  # trims_in_training), keeping a padding column in every row that is not full if asked.
   trim: bool = False
+  padding_column: bool = False
 
   def __post_init__(self):
     if self.batch_size % self.process_count:
@@ -110,7 +115,8 @@ class TrainInput:
     order = np.random.default_rng([self.seed, epoch]).permutation(self.users)
     dataset = grain.MapDataset.range(self.steps_per_epoch).map(BatchOfEpoch(
         self.store, order, self.batch_size, first=self.process_index * self.local_batch_size,
-        rows=self.local_batch_size, maxlen=self.maxlen, trim=self.trim))
+        rows=self.local_batch_size, maxlen=self.maxlen, trim=self.trim,
+        padding_column=self.padding_column))
     iterator = dataset.to_iter_dataset().__iter__()
     if state is not None:
       iterator.set_state(state)
