@@ -177,6 +177,32 @@ def successive_steps(dataset: SplitDataset, part: str, *, maxlen: int) -> Succes
       maxlen=maxlen)
 
 
+# Columns per group of `grouped_top_k`.
+TOP_K_GROUP = 16
+
+
+def grouped_top_k(scores_BxN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`jax.lax.top_k(scores_BxN, k)`, values and indices alike (ties to the lower index), in
+  two smaller selections where that is faster (long rows on CPU, whose top_k costs more
+  than the scores' matrix product): the best of each group of TOP_K_GROUP columns, the `k`
+  best groups, then the `k` best of their columns. Exact: a column outside the `k` best
+  groups has `k` better columns ahead of it, one per group."""
+  batch, n = scores_BxN.shape
+  groups = -(-n // TOP_K_GROUP)
+  if jax.default_backend() != 'cpu' or groups < 4 * k:
+    return jax.lax.top_k(scores_BxN, k)
+  # Trailing -inf columns lose every tie to the real ones, which come first.
+  padded = jnp.pad(scores_BxN, ((0, 0), (0, groups * TOP_K_GROUP - n)),
+                   constant_values=-jnp.inf)
+  grouped_BxGxC = padded.reshape(batch, groups, TOP_K_GROUP)
+  _, best_BxK = jax.lax.top_k(grouped_BxGxC.max(axis=2), k)
+  best_BxK = jnp.sort(best_BxK, axis=1)  # candidates in column order, so ties go as in top_k
+  candidates = jnp.take_along_axis(grouped_BxGxC, best_BxK[:, :, None], axis=1)
+  values_BxK, at_BxK = jax.lax.top_k(candidates.reshape(batch, k * TOP_K_GROUP), k)
+  columns = best_BxK[:, :, None] * TOP_K_GROUP + jnp.arange(TOP_K_GROUP)[None, None]
+  return values_BxK, jnp.take_along_axis(columns.reshape(batch, -1), at_BxK, axis=1)
+
+
 def top_k_ranks(
     scores_BxV: jax.Array, seen_BxS: jax.Array, targets_B: jax.Array, *, top_k: int
 ) -> tuple[jax.Array, jax.Array]:
@@ -188,7 +214,7 @@ def top_k_ranks(
   """
   rows_Bx1 = jnp.arange(scores_BxV.shape[0])[:, None]
   scores_BxV = scores_BxV.at[rows_Bx1, seen_BxS].set(-jnp.inf).at[:, 0].set(-jnp.inf)
-  return _ranked(*jax.lax.top_k(scores_BxV, top_k), targets_B)
+  return _ranked(*grouped_top_k(scores_BxV, top_k), targets_B)
 
 
 def _ranked(top_scores_BxK, top_items_BxK, targets_B) -> tuple[jax.Array, jax.Array]:
@@ -202,7 +228,7 @@ def pair_top_k_ranks(scores_BxV: jax.Array, seen_rows_P: jax.Array, seen_items_P
                      targets_B: jax.Array, *, top_k: int) -> tuple[jax.Array, jax.Array]:
   """`top_k_ranks` with the seen items given as (row, item) pairs."""
   scores_BxV = scores_BxV.at[seen_rows_P, seen_items_P].set(-jnp.inf).at[:, 0].set(-jnp.inf)
-  return _ranked(*jax.lax.top_k(scores_BxV, top_k), targets_B)
+  return _ranked(*grouped_top_k(scores_BxV, top_k), targets_B)
 
 
 _pair_top_k_ranks_jit = jax.jit(pair_top_k_ranks, static_argnames='top_k')
@@ -241,7 +267,7 @@ def block_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Ar
     in_block_P = (seen_items_P > 0) & (column_P >= 0) & (column_P < block_size)
     scores_BxK = scores_BxK.at[seen_rows_P, jnp.where(in_block_P, column_P, block_size)].set(
         -jnp.inf, mode='drop')
-    block_scores, block_columns = jax.lax.top_k(scores_BxK, keep)
+    block_scores, block_columns = grouped_top_k(scores_BxK, keep)
     return block_scores, item_K[block_columns].astype(jnp.int32)
 
   def add_block(best, block):

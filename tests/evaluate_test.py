@@ -238,3 +238,19 @@ def test_block_top_k_equals_a_dense_ranking(block_size):
     got = [int(i) if np.isfinite(s) else None
            for i, s in zip(items_BxK[row], scores_BxK[row])]
     assert got == want, row
+
+
+@pytest.mark.parametrize('k', [1, 10, 20])
+def test_grouped_top_k_is_top_k_ties_and_all(k):
+  # 200 distinct values (ties across groups whose best differ), -inf for masked items, a width
+  # that leaves the last group short: values and indices as jax.lax.top_k gives them, ties to
+  # the lower index.
+  rng = np.random.default_rng(k)
+  scores = rng.integers(0, 200, (64, 1500)).astype(np.float32)
+  scores[rng.random(scores.shape) < 0.3] = -np.inf
+  scores[:4, k // 2:] = -np.inf  # rows with fewer than k finite scores
+  want = jax.lax.top_k(jnp.asarray(scores), k)
+  got = jax.jit(evaluate.grouped_top_k, static_argnums=1)(jnp.asarray(scores), k)
+  assert -(-len(scores[0]) // evaluate.TOP_K_GROUP) >= 4 * k  # the grouped path runs
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
