@@ -11,7 +11,8 @@ Measures, in one process on the default backend: the dense-matmul peak in float3
 bfloat16; the train step's compile time, step time (median and spread), sequences/s, model
 FLOPs (pka_jax/flops.py, cross-checked with XLA's cost analysis of the same step without
 microbatches or loss chunks, whose loops XLA would count once), MFU against the measured
-peak of the config's dtype, peak memory; the successive evaluation's pairs/s (the whole
+peak of the config's dtype (and against the peak probed again beside each timed step, which
+follows a shared machine's drift), peak memory; the successive evaluation's pairs/s (the whole
 protocol, host batches included, and the device alone) and its MFU; with `--epochs`, the
 share of an epoch spent outside training steps and validation. Real-dataset configs run
 without their data on a synthetic catalog of `--synthetic_items` items.
@@ -60,18 +61,32 @@ _PROFILE_DIR = flags.DEFINE_string(
     'batches here (TensorBoard/XProf or Perfetto read it): where the time goes.')
 
 
+class MatmulProbe:
+  """The default device's dense-matmul FLOP/s: the fastest of a few `size × size` products.
+
+  Called again beside each timed step, it gives the peak of that moment: a shared machine's
+  speed drifts within a run (this project's 2-core VM by 10-20% over minutes), and an MFU
+  against the peak probed beside the step follows the code, not the neighbours."""
+
+  def __init__(self, dtype, size: int):
+    rng = np.random.default_rng(0)
+    self.a, self.b = (jnp.asarray(rng.standard_normal((size, size)), dtype) for _ in range(2))
+    self.product = jax.jit(jnp.matmul)
+    self.product(self.a, self.b).block_until_ready()
+    self.flops = 2 * size**3
+
+  def __call__(self, repeats: int = 10) -> float:
+    best = float('inf')
+    for _ in range(repeats):
+      start = time.perf_counter()
+      self.product(self.a, self.b).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    return self.flops / best
+
+
 def matmul_peak(dtype, size: int, repeats: int = 10) -> float:
   """FLOP/s of the fastest of `repeats` `size × size` matrix products on the default device."""
-  rng = np.random.default_rng(0)
-  a, b = (jnp.asarray(rng.standard_normal((size, size)), dtype) for _ in range(2))
-  product = jax.jit(jnp.matmul)
-  product(a, b).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    product(a, b).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * size**3 / best
+  return MatmulProbe(dtype, size)(repeats)
 
 
 def use_synthetic_data(config, num_items: int, num_users: int, min_length: int = 0,
@@ -98,7 +113,7 @@ def xla_flops(fn, *args) -> float:
   return float(jax.jit(fn).lower(*args).compile().cost_analysis().get('flops', float('nan')))
 
 
-def time_train(run: train.Run) -> dict:
+def time_train(run: train.Run, probe: MatmulProbe) -> dict:
   batches = []
   while len(batches) < 1 + _WARMUP.value + _STEPS.value:
     batches.extend(run.inputs.epoch(len(batches)))
@@ -115,14 +130,17 @@ def time_train(run: train.Run) -> dict:
   # batches compiles them all before the clock runs.
   for batch in batches:
     jax.block_until_ready(run.train_on(batch))
-  seconds = []
+  seconds, peaks = [], []
   for i, batch in enumerate(batches):
+    if i > _WARMUP.value:
+      peaks.append(probe(repeats=3))
     start = time.perf_counter()
     jax.block_until_ready(run.train_on(batch))
     if i > _WARMUP.value:
       seconds.append(time.perf_counter() - start)
   timed = batches[_WARMUP.value + 1:]
   return {'compile_seconds': compile_seconds, 'seconds': np.array(seconds),
+          'peaks': np.array(peaks),
           'memory': peak_memory(compiled), 'batch': run._global_batch(batches[0]),
           'flops': [step_flops(run, b) for b in timed],
           'real_targets': [int(np.count_nonzero(b['targets'])) for b in timed],
@@ -177,12 +195,13 @@ def eval_pass_flops(run: train.Run, steps) -> tuple[int, dict[int, int]]:
   return total, dict(sorted(pairs_at.items()))
 
 
-def time_eval(run: train.Run) -> dict:
+def time_eval(run: train.Run, probe: MatmulProbe) -> dict:
   """The validation pass end to end, and the device's share alone on one full-window batch."""
   steps = run.successive_steps('valid')
   run.evaluate('valid')  # compiles for every seen-width of the pass
-  seconds = []
+  seconds, peaks = [], []
   for _ in range(_EVAL_REPEATS.value):
+    peaks.append(probe(repeats=3))
     start = time.perf_counter()
     run.evaluate('valid')
     seconds.append(time.perf_counter() - start)
@@ -199,6 +218,7 @@ def time_eval(run: train.Run) -> dict:
   xla /= run.config.eval_batch_size
   pass_flops, pairs_at_width = eval_pass_flops(run, steps)
   return {'pairs': len(steps), 'seconds': float(np.median(seconds)),
+          'mfu_probed': float(np.median(pass_flops / np.array(seconds) / np.array(peaks))),
           'pass_flops': pass_flops, 'pairs_at_width': pairs_at_width,
           'device_batch_seconds': float(np.median(device_seconds)), 'xla_flops_per_pair': xla}
 
@@ -256,18 +276,19 @@ def main(argv):
   peaks = {'float32': matmul_peak(jnp.float32, size),
            'bfloat16': matmul_peak(jnp.bfloat16, size)}
   peak = peaks[config.dtype]
+  probe = MatmulProbe(jnp.dtype(config.dtype), size)
 
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='pka_jax_benchmark_')
   run = train.Run(config, workdir)
   model_config = run.model.config
-  train_figures = time_train(run)
+  train_figures = time_train(run, probe)
   # Averaged over the timed batches, as they ran (step_flops).
   mean_step_flops = round(np.mean(train_figures['flops']))
   full_window_flops = flops.train_step_flops(model_config, config.batch_size, config.loss)
   step_seconds = train_figures['seconds']
   median = float(np.median(step_seconds))
   xla_step = reference_step_flops(run, train_figures['batch'])
-  eval_figures = time_eval(run)
+  eval_figures = time_eval(run, probe)
   pair_flops = flops.eval_pair_flops(model_config)  # a full window
   pairs_per_second = eval_figures['pairs'] / eval_figures['seconds']
   device_pairs_per_second = config.eval_batch_size / eval_figures['device_batch_seconds']
@@ -299,6 +320,9 @@ def main(argv):
           'model_flops_full_windows': full_window_flops,
           'xla_flops': xla_step,
           'mfu': mean_step_flops / median / peak,
+          # Each step against the peak probed just before it (MatmulProbe), median.
+          'mfu_probed': float(np.median(np.array(train_figures['flops']) / step_seconds
+                                        / train_figures['peaks'])),
           'memory': train_figures['memory'],
       },
       'eval': {
@@ -310,6 +334,7 @@ def main(argv):
           'model_flops_per_pair': pair_flops,
           'xla_flops_per_pair': eval_figures['xla_flops_per_pair'],
           'mfu': eval_figures['pass_flops'] / eval_figures['seconds'] / peak,
+          'mfu_probed': eval_figures['mfu_probed'],
           'device_mfu': device_pairs_per_second * pair_flops / peak,
       },
   }
@@ -344,7 +369,8 @@ def print_report(report: dict) -> None:
   positions = c['batch_size'] * c['maxlen']
   print(f"            {gflops(t['model_flops'])} model FLOPs/step, the loss over "
         f"{t['real_targets']:,.0f} real targets of {positions:,} positions; MFU "
-        f"{100 * t['mfu']:.1f}%")
+        f"{100 * t['mfu']:.1f}% ({100 * t['mfu_probed']:.1f}% of the peak probed beside "
+        "each step)")
   programs = ', '.join(f'{w}: {n:g}' for w, n in t['widths_per_step'].items())
   print(f"            programs per step by window width {{{programs}}}"
         + (' (length-sorted microbatches)' if t['sorted_microbatches'] else ''))
@@ -357,7 +383,8 @@ def print_report(report: dict) -> None:
         + (f", device peak {device_peak / 2**20:,.0f} MiB" if device_peak else ''))
   widths = ', '.join(f'{w}: {n:,}' for w, n in e['pairs_at_width'].items())
   print(f"evaluation  {e['pairs']:,} pairs: {e['pairs_per_second']:,.0f} pairs/s "
-        f"(MFU {100 * e['mfu']:.1f}%); pairs per window width {{{widths}}}"
+        f"(MFU {100 * e['mfu']:.1f}%, {100 * e['mfu_probed']:.1f}% probed); pairs per "
+        f"window width {{{widths}}}"
         + (' (trimmed)' if c['trim_evaluation'] else ''))
   print(f"            {e['model_flops'] / e['pairs'] / 1e6:,.1f} model MFLOP/pair on average, "
         f"{e['model_flops_per_pair'] / 1e6:,.1f} at full width (XLA: "
