@@ -100,6 +100,14 @@ class ModelConfig:
     hashed = self.dropout_impl == 'hash' or self.dropout == 0.0
     return self.trims_exactly or (self.padding_keys_alike and hashed)
 
+  def evaluation_windows(self, trim_windows: bool) -> dict[str, bool]:
+    """How evaluation and recommendation cut their windows (`SuccessiveSteps.batch`'s
+    options), given `config.trim_windows`: where exact without dropout, to the columns a
+    batch needs, keeping a padding column in every row not full where padding keys are
+    alike."""
+    alike = trim_windows and self.padding_keys_alike
+    return {'trim': (trim_windows and self.trims_exactly) or alike, 'padding_column': alike}
+
   def kernel_kind(self, side: str) -> str:
     return getattr(self, f'kernel_{side}_side') if self.position_mode == 'kernel' else 'none'
 

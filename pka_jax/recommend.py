@@ -413,14 +413,10 @@ class Recommender:
     evaluation (train.Run.evaluation_windows), no wider than that history needs (a few
     shapes), where trimming is exact; with visible padding keys that are all alike, one
     padding column wider (models.Encoder)."""
-    config = self.model.config
-    if not self.config.get('trim_windows', True):
+    windows = self.model.config.evaluation_windows(self.config.get('trim_windows', True))
+    if not windows['trim']:
       return self.maxlen
-    if config.trims_exactly:
-      return evaluate.window_width(longest, self.maxlen)
-    if config.padding_keys_alike:
-      return evaluate.window_width(longest + 1, self.maxlen)
-    return self.maxlen
+    return evaluate.window_width(longest + int(windows['padding_column']), self.maxlen)
 
   def check_k(self, histories: Sequence[np.ndarray], k: int, *, exclude_seen: bool = True,
               allowed_V: np.ndarray | None = None) -> None:

@@ -442,10 +442,9 @@ class Run:
   @property
   def evaluation_windows(self) -> dict[str, bool]:
     """How evaluation cuts its windows (`SuccessiveSteps.batch`'s options): as training does
-    or, with visible padding keys that are all alike, keeping a padding column (exact without
-    dropout, so even where training keeps its windows: masks drawn by jax.random)."""
-    return {'trim': self.trims_windows or self.padding_column,
-            'padding_column': self.padding_column}
+    or, with visible padding keys that are all alike, keeping a padding column, even where
+    training keeps its windows (masks drawn by jax.random); `ModelConfig.evaluation_windows`."""
+    return self.eval_model.config.evaluation_windows(self.config.trim_windows)
 
   def successive_steps(self, part: str) -> evaluate.SuccessiveSteps:
     """The part's evaluation steps, indexed once per run."""
