@@ -84,11 +84,6 @@ class MatmulProbe:
     return self.flops / best
 
 
-def matmul_peak(dtype, size: int, repeats: int = 10) -> float:
-  """FLOP/s of the fastest of `repeats` `size × size` matrix products on the default device."""
-  return MatmulProbe(dtype, size)(repeats)
-
-
 def use_synthetic_data(config, num_items: int, num_users: int, min_length: int = 0,
                        max_length: int = 0) -> None:
   """The config's shapes on generated data: by default enough users for a few batches."""
@@ -273,10 +268,9 @@ def main(argv):
   device = jax.devices()[0]
   backend = jax.default_backend()
   size = 2048 if backend == 'cpu' else 8192
-  peaks = {'float32': matmul_peak(jnp.float32, size),
-           'bfloat16': matmul_peak(jnp.bfloat16, size)}
-  peak = peaks[config.dtype]
-  probe = MatmulProbe(jnp.dtype(config.dtype), size)
+  probes = {name: MatmulProbe(jnp.dtype(name), size) for name in ('float32', 'bfloat16')}
+  peaks = {name: probe() for name, probe in probes.items()}
+  peak, probe = peaks[config.dtype], probes[config.dtype]
 
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='pka_jax_benchmark_')
   run = train.Run(config, workdir)

@@ -437,7 +437,7 @@ class Run:
   def padding_column(self) -> bool:
     """Whether cut windows keep a padding column in every row that is not full: its
     padding keys, all alike, stand for the full window's (models.Encoder)."""
-    return self.config.trim_windows and self.model.config.padding_keys_alike
+    return self.evaluation_windows['padding_column']
 
   @property
   def evaluation_windows(self) -> dict[str, bool]:
