@@ -36,6 +36,7 @@ import numpy as np
 
 from pka_jax import flops
 from pka_jax import metric_writer
+from pka_jax import sharding
 from pka_jax import train
 from pka_jax.models import Encoder
 
@@ -54,6 +55,9 @@ _SYNTHETIC_MIN_LENGTH = flags.DEFINE_integer(
 _SYNTHETIC_MAX_LENGTH = flags.DEFINE_integer(
     'synthetic_max_length', 0, 'Longest synthetic history (0: maxlen + 1).')
 _EVAL_REPEATS = flags.DEFINE_integer('eval_repeats', 2, 'Timed validation passes.')
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', None, 'XLA devices a CPU is split into (default: as pka_jax.main splits it).',
+    lower_bound=1)
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch workdir (default: a temporary one).')
 _PROFILE_DIR = flags.DEFINE_string(
@@ -104,8 +108,10 @@ def peak_memory(compiled) -> dict:
           'compiled_temp_bytes': analysis.temp_size_in_bytes}
 
 
-def xla_flops(fn, *args) -> float:
-  return float(jax.jit(fn).lower(*args).compile().cost_analysis().get('flops', float('nan')))
+def xla_flops(fn, *args, devices: int = 1) -> float:
+  """XLA's FLOPs for `fn` on `devices` devices: its cost analysis counts one device's share."""
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return devices * float(cost.get('flops', float('nan')))
 
 
 def time_train(run: train.Run, probe: MatmulProbe) -> dict:
@@ -176,7 +182,7 @@ def reference_step_flops(run: train.Run, batch) -> float:
   step = functools.partial(
       train.train_step, loss_name=config.loss, ce_block_size=0, ce_chunk_rows=rows,
       microbatches=1, mesh=run.mesh, num_items=run.dataset.num_items)
-  return xla_flops(step, run.state, batch, run.dropout_rng)
+  return xla_flops(step, run.state, batch, run.dropout_rng, devices=run.mesh.size)
 
 
 def eval_pass_flops(run: train.Run, steps) -> tuple[int, dict[int, int]]:
@@ -209,7 +215,8 @@ def time_eval(run: train.Run, probe: MatmulProbe) -> dict:
     device_seconds.append(time.perf_counter() - start)
   score = lambda params, inputs: run.eval_model.apply(
       {'params': params}, inputs, method=Encoder.score_last)
-  xla = xla_flops(score, run.state.params, run._sharded_rows(batch.inputs_BxT))
+  xla = xla_flops(score, run.state.params, run._sharded_rows(batch.inputs_BxT),
+                  devices=run.mesh.size)
   xla /= run.config.eval_batch_size
   pass_flops, pairs_at_width = eval_pass_flops(run, steps)
   return {'pairs': len(steps), 'seconds': float(np.median(seconds)),
@@ -265,6 +272,7 @@ def main(argv):
   if _SYNTHETIC_ITEMS.value:
     use_synthetic_data(config, _SYNTHETIC_ITEMS.value, _SYNTHETIC_USERS.value,
                        _SYNTHETIC_MIN_LENGTH.value, _SYNTHETIC_MAX_LENGTH.value)
+  sharding.split_cpu([config], _CPU_DEVICES.value)
   device = jax.devices()[0]
   backend = jax.default_backend()
   size = 2048 if backend == 'cpu' else 8192

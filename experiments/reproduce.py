@@ -22,6 +22,7 @@ from absl import flags
 
 from pka_jax import checkpoint
 from pka_jax import grid
+from pka_jax import sharding
 
 flags.DEFINE_list('config', ['configs/synthetic.py'], 'Config files, one per dataset.')
 flags.DEFINE_list('models', ['pka', 'sasrec', 'nope'], 'Models (configs/default.py).')
@@ -30,6 +31,8 @@ flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. seeds - 1 of every cell.')
 flags.DEFINE_string('root', 'runs/paper', 'Directory of the grid.')
 flags.DEFINE_multi_string('override', [], 'FIELD=VALUE set in every config, as '
                           '--config.FIELD=VALUE would (e.g. max_epochs=1).')
+flags.DEFINE_integer('cpu_devices', None, 'XLA devices a CPU is split into (default: one per '
+                     'core, the most that divide every run\'s batch sizes).', lower_bound=1)
 FLAGS = flags.FLAGS
 
 
@@ -40,6 +43,7 @@ def main(argv):
   overrides = [grid.parse_override(text) for text in FLAGS.override]
   cells = grid.cells(FLAGS.config, FLAGS.models, FLAGS.kernels)
   specs = grid.specs(cells, range(FLAGS.seeds), FLAGS.root, overrides)
+  sharding.split_cpu([spec.config() for spec in specs], FLAGS.cpu_devices)
   command = ' '.join(['python', 'experiments/reproduce.py', *map(shlex.quote, sys.argv[1:])])
   grid.run_grid(specs, FLAGS.root, command)
   with open(f'{FLAGS.root}/table.md') as f:

@@ -35,6 +35,9 @@ flags.DEFINE_bool('distributed', False, 'Join the other processes of a multi-hos
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (implies --distributed).')
 flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
+flags.DEFINE_integer('cpu_devices', None, 'XLA devices a CPU is split into, data-parallel '
+                     '(default: one per core, the most that divide the batch sizes; with '
+                     '--distributed, JAX\'s own). No effect on an accelerator.', lower_bound=1)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -48,7 +51,10 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   checkpoint.quiet_orbax_logging()
-  if FLAGS.distributed or FLAGS.coordinator_address:
+  distributed = FLAGS.distributed or FLAGS.coordinator_address
+  if FLAGS.cpu_devices is not None or not distributed:
+    sharding.split_cpu([FLAGS.config], FLAGS.cpu_devices)
+  if distributed:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
   logging.info('%s', sharding.describe_process())
