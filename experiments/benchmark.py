@@ -56,8 +56,8 @@ _SYNTHETIC_MAX_LENGTH = flags.DEFINE_integer(
     'synthetic_max_length', 0, 'Longest synthetic history (0: maxlen + 1).')
 _EVAL_REPEATS = flags.DEFINE_integer('eval_repeats', 2, 'Timed validation passes.')
 _CPU_DEVICES = flags.DEFINE_integer(
-    'cpu_devices', None, 'XLA devices a CPU is split into (default: as pka_jax.main splits it).',
-    lower_bound=1)
+    'cpu_devices', None, 'Split a CPU into this many XLA devices, as pka_jax.main does (0: one '
+    'per core).', lower_bound=0)
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch workdir (default: a temporary one).')
 _PROFILE_DIR = flags.DEFINE_string(
@@ -272,7 +272,8 @@ def main(argv):
   if _SYNTHETIC_ITEMS.value:
     use_synthetic_data(config, _SYNTHETIC_ITEMS.value, _SYNTHETIC_USERS.value,
                        _SYNTHETIC_MIN_LENGTH.value, _SYNTHETIC_MAX_LENGTH.value)
-  sharding.split_cpu([config], _CPU_DEVICES.value)
+  if _CPU_DEVICES.value is not None:
+    sharding.split_cpu([config], _CPU_DEVICES.value)
   device = jax.devices()[0]
   backend = jax.default_backend()
   size = 2048 if backend == 'cpu' else 8192

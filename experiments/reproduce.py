@@ -31,8 +31,8 @@ flags.DEFINE_integer('seeds', 3, 'Seeds 0 .. seeds - 1 of every cell.')
 flags.DEFINE_string('root', 'runs/paper', 'Directory of the grid.')
 flags.DEFINE_multi_string('override', [], 'FIELD=VALUE set in every config, as '
                           '--config.FIELD=VALUE would (e.g. max_epochs=1).')
-flags.DEFINE_integer('cpu_devices', None, 'XLA devices a CPU is split into (default: one per '
-                     'core, the most that divide every run\'s batch sizes).', lower_bound=1)
+flags.DEFINE_integer('cpu_devices', None, 'Split a CPU into this many XLA devices (0: one per '
+                     'core, the most that divide every run\'s batch sizes).', lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -43,7 +43,8 @@ def main(argv):
   overrides = [grid.parse_override(text) for text in FLAGS.override]
   cells = grid.cells(FLAGS.config, FLAGS.models, FLAGS.kernels)
   specs = grid.specs(cells, range(FLAGS.seeds), FLAGS.root, overrides)
-  sharding.split_cpu([spec.config() for spec in specs], FLAGS.cpu_devices)
+  if FLAGS.cpu_devices is not None:
+    sharding.split_cpu([spec.config() for spec in specs], FLAGS.cpu_devices)
   command = ' '.join(['python', 'experiments/reproduce.py', *map(shlex.quote, sys.argv[1:])])
   grid.run_grid(specs, FLAGS.root, command)
   with open(f'{FLAGS.root}/table.md') as f:

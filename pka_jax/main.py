@@ -35,9 +35,10 @@ flags.DEFINE_bool('distributed', False, 'Join the other processes of a multi-hos
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (implies --distributed).')
 flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
-flags.DEFINE_integer('cpu_devices', None, 'XLA devices a CPU is split into, data-parallel '
-                     '(default: one per core, the most that divide the batch sizes; with '
-                     '--distributed, JAX\'s own). No effect on an accelerator.', lower_bound=1)
+flags.DEFINE_integer('cpu_devices', None, 'Split a CPU into this many XLA devices, data-'
+                     'parallel (0: one per core, the most that divide the batch sizes); '
+                     'faster evaluation (--mode=eval), slower training for large models. '
+                     'No effect on an accelerator.', lower_bound=0)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -51,10 +52,9 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   checkpoint.quiet_orbax_logging()
-  distributed = FLAGS.distributed or FLAGS.coordinator_address
-  if FLAGS.cpu_devices is not None or not distributed:
+  if FLAGS.cpu_devices is not None:
     sharding.split_cpu([FLAGS.config], FLAGS.cpu_devices)
-  if distributed:
+  if FLAGS.distributed or FLAGS.coordinator_address:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
   logging.info('%s', sharding.describe_process())

@@ -88,10 +88,10 @@ def host_slice(mesh: Mesh) -> tuple[int, int]:
 
 
 def cpu_devices_for(configs: Iterable, cores: int) -> int:
-  """Devices to split a CPU into by default: one per core, or the most below that whose data
-  shards divide every config's batch sizes (and `microbatches`). One where the item table is
-  split (`mesh_model` > 1), whose layout is the user's to give, or where nothing else fits
-  (config_check then names what does not)."""
+  """Devices to split a CPU into when asked to choose: one per core, or the most below that
+  whose data shards divide every config's batch sizes (and `microbatches`). One where the
+  item table is split (`mesh_model` > 1), whose layout is the user's to give, or where
+  nothing else fits (config_check then names what does not)."""
 
   def fits(config, devices: int) -> bool:
     if config.get('mesh_model', 1) != 1:
@@ -106,13 +106,17 @@ def cpu_devices_for(configs: Iterable, cores: int) -> int:
   return next((n for n in range(cores, 1, -1) if all(fits(c, n) for c in configs)), 1)
 
 
-def split_cpu(configs: Iterable, devices: int | None = None) -> int:
-  """Makes the CPU backend `devices` XLA devices, data-parallel over the 'data' axis
-  (None: `cpu_devices_for` the cores this process may use); returns how many. Call it before
-  any JAX operation. XLA runs a device's program an op at a time and a CPU step's small ops
-  leave cores idle; devices side by side fill them (on 2 cores, ML-1M evaluation ran 1.3x
-  faster on 2 devices, training the same; experiments/benchmark.py)."""
-  if devices is None:
+def split_cpu(configs: Iterable, devices: int) -> int:
+  """Makes the CPU backend `devices` XLA devices, data-parallel over the 'data' axis (0:
+  `cpu_devices_for` the cores this process may use); returns how many. Call it before any
+  JAX operation.
+
+  Not the default: measured on 2 cores (experiments/benchmark.py), 2 devices ran the
+  validation pass 1.15-1.5x faster (ML-1M PKA, ML-100K SASRec) and the PKA train step the
+  same, but the SASRec d 256 train step 1.3x slower (its microbatches, grouped over both
+  devices' rows, cut fewer columns, and the devices' large products contend for the cores).
+  So it pays where a job mostly evaluates (`--mode=eval`)."""
+  if devices == 0:
     devices = cpu_devices_for(configs, len(os.sched_getaffinity(0)))
   jax.config.update('jax_num_cpu_devices', devices)
   return devices

@@ -20,12 +20,13 @@ def test_benchmark_writes_its_json_contract(tmp_path):
       [sys.executable, 'experiments/benchmark.py', '--config=configs/test.py',
        f'--config.data_dir={tmp_path / "data"}', f'--workdir={tmp_path / "work"}',
        '--steps=3', '--warmup=1', '--eval_repeats=1', '--epochs=1', f'--json={out}',
+       '--cpu_devices=2',  # XLA counts one device's FLOPs: the figures must add them up
        f'--profile_dir={tmp_path / "trace"}'],
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')})
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
-  assert report['device'].startswith('cpu')
+  assert report['device'].startswith('cpu') and report['device'].endswith('x2')
   assert report['peak_flops']['float32'] > 0 and report['peak_flops']['bfloat16'] > 0
   train_figures, eval_figures = report['train'], report['eval']
   assert train_figures['step_seconds_min'] <= train_figures['step_seconds']

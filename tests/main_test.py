@@ -6,6 +6,9 @@ import sys
 
 import pytest
 
+from configs import test as test_config
+from pka_jax import sharding
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -17,16 +20,17 @@ def run_main(*args, tmp_path):
 
 
 def test_train_then_eval_print_the_same_test_metrics(tmp_path):
-  """Trained on a CPU split in two devices, evaluated on one: the checkpoint moves between
-  layouts, and the ranking does not depend on how the rows were split."""
+  """Trained on one CPU device, evaluated on one per core (`--cpu_devices=0`): the checkpoint
+  moves between layouts, and the ranking does not depend on how the rows were split."""
   common = ['--config=configs/test.py', f'--workdir={tmp_path}/run',
             f'--config.data_dir={tmp_path}/data', '--config.max_epochs=2']
-  trained = run_main(*common, '--cpu_devices=2', tmp_path=tmp_path)
+  trained = run_main(*common, tmp_path=tmp_path)
   assert trained.returncode == 0, trained.stderr[-3000:]
-  assert '2 local cpu device(s)' in trained.stderr
-  evaluated = run_main(*common, '--mode=eval', '--cpu_devices=1', tmp_path=tmp_path)
+  assert '1 local cpu device(s)' in trained.stderr
+  evaluated = run_main(*common, '--mode=eval', '--cpu_devices=0', tmp_path=tmp_path)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  assert '1 local cpu device(s)' in evaluated.stderr
+  split = sharding.cpu_devices_for([test_config.get_config()], len(os.sched_getaffinity(0)))
+  assert f'{split} local cpu device(s)' in evaluated.stderr
   table = [line for line in trained.stdout.splitlines() if line.startswith('pka ')]
   assert [line.split()[1] for line in table] == ['valid', 'test']
   assert table == [line for line in evaluated.stdout.splitlines() if line.startswith('pka ')]
