@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from pka_jax import config_check
 from pka_jax import flops
 from pka_jax import metric_writer
 from pka_jax import sharding
@@ -273,7 +274,7 @@ def main(argv):
     use_synthetic_data(config, _SYNTHETIC_ITEMS.value, _SYNTHETIC_USERS.value,
                        _SYNTHETIC_MIN_LENGTH.value, _SYNTHETIC_MAX_LENGTH.value)
   if _CPU_DEVICES.value is not None:
-    sharding.split_cpu([config], _CPU_DEVICES.value)
+    sharding.split_cpu(_CPU_DEVICES.value or config_check.cpu_devices_for([config]))
   device = jax.devices()[0]
   backend = jax.default_backend()
   size = 2048 if backend == 'cpu' else 8192

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 
 from pka_jax import checkpoint
+from pka_jax import config_check
 from pka_jax import grid
 from pka_jax import sharding
 
@@ -44,7 +45,8 @@ def main(argv):
   cells = grid.cells(FLAGS.config, FLAGS.models, FLAGS.kernels)
   specs = grid.specs(cells, range(FLAGS.seeds), FLAGS.root, overrides)
   if FLAGS.cpu_devices is not None:
-    sharding.split_cpu([spec.config() for spec in specs], FLAGS.cpu_devices)
+    configs = [spec.config() for spec in specs]
+    sharding.split_cpu(FLAGS.cpu_devices or config_check.cpu_devices_for(configs))
   command = ' '.join(['python', 'experiments/reproduce.py', *map(shlex.quote, sys.argv[1:])])
   grid.run_grid(specs, FLAGS.root, command)
   with open(f'{FLAGS.root}/table.md') as f:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 import math
+import os
 
 import ml_collections
 
@@ -95,6 +96,13 @@ def _relations(config: ml_collections.ConfigDict, devices: int, processes: int) 
   if not (_is_number(q_valid) and _is_number(q_test) and 0 < q_valid < q_test < 1):
     problems.append(f'q_valid, q_test: expected 0 < q_valid < q_test < 1, got {q_valid!r} and '
                     f'{q_test!r}')
+  return problems + device_problems(config, devices, processes) + _synthetic_problems(config)
+
+
+def device_problems(config: ml_collections.ConfigDict, devices: int, processes: int = 1
+                    ) -> list[str]:
+  """Problems between the mesh, the batch sizes and `devices` devices of `processes`."""
+  problems = []
   mesh_model = config.get('mesh_model', 1)
   data_shards = devices
   if _is_int(mesh_model) and mesh_model > 0:
@@ -114,7 +122,24 @@ def _relations(config: ml_collections.ConfigDict, devices: int, processes: int) 
     if per_shard % micro:
       problems.append(f'microbatches: expected a divisor of the {per_shard} sequences per '
                       f'data shard (batch_size {batch} over {data_shards} shards), got {micro}')
-  return problems + _synthetic_problems(config)
+  return problems
+
+
+def cpu_devices_for(configs: Iterable[ml_collections.ConfigDict], cores: int | None = None
+                    ) -> int:
+  """Devices to split a CPU into when asked to choose: one per core (of `cores`, by default
+  those this process may use), or the most below that with no `device_problems` for any
+  config. One where the item table is split (`mesh_model` > 1), whose layout is the user's
+  to give, or where nothing else fits (`check` then names what does not)."""
+  cores = len(os.sched_getaffinity(0)) if cores is None else cores
+
+  def fits(config, devices: int) -> bool:
+    batches = [config.get(name) for name in ('batch_size', 'eval_batch_size')]
+    return (config.get('mesh_model', 1) == 1 and all(_is_int(b) and b > 0 for b in batches)
+            and not device_problems(config, devices))
+
+  configs = list(configs)
+  return next((n for n in range(cores, 1, -1) if all(fits(c, n) for c in configs)), 1)
 
 
 def _synthetic_problems(config: ml_collections.ConfigDict) -> list[str]:

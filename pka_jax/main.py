@@ -53,7 +53,7 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   checkpoint.quiet_orbax_logging()
   if FLAGS.cpu_devices is not None:
-    sharding.split_cpu([FLAGS.config], FLAGS.cpu_devices)
+    sharding.split_cpu(FLAGS.cpu_devices or config_check.cpu_devices_for([FLAGS.config]))
   if FLAGS.distributed or FLAGS.coordinator_address:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)

@@ -11,9 +11,6 @@ With a single device (recommending, exporting) the same padded table is used uns
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-import os
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -87,39 +84,16 @@ def host_slice(mesh: Mesh) -> tuple[int, int]:
   return rows[0] // per_host, mesh.devices.shape[0] // per_host
 
 
-def cpu_devices_for(configs: Iterable, cores: int) -> int:
-  """Devices to split a CPU into when asked to choose: one per core, or the most below that
-  whose data shards divide every config's batch sizes (and `microbatches`). One where the
-  item table is split (`mesh_model` > 1), whose layout is the user's to give, or where
-  nothing else fits (config_check then names what does not)."""
-
-  def fits(config, devices: int) -> bool:
-    if config.get('mesh_model', 1) != 1:
-      return devices == 1
-    batches = [config.get(name) for name in ('batch_size', 'eval_batch_size')]
-    if not all(isinstance(b, int) and b > 0 and b % devices == 0 for b in batches):
-      return False
-    micro = config.get('microbatches')
-    return not (isinstance(micro, int) and micro > 0 and (batches[0] // devices) % micro)
-
-  configs = list(configs)
-  return next((n for n in range(cores, 1, -1) if all(fits(c, n) for c in configs)), 1)
-
-
-def split_cpu(configs: Iterable, devices: int) -> int:
-  """Makes the CPU backend `devices` XLA devices, data-parallel over the 'data' axis (0:
-  `cpu_devices_for` the cores this process may use); returns how many. Call it before any
-  JAX operation.
+def split_cpu(devices: int) -> None:
+  """Makes the CPU backend `devices` XLA devices, data-parallel over the 'data' axis (choose
+  with `config_check.cpu_devices_for`). Call it before any JAX operation.
 
   Not the default: measured on 2 cores (experiments/benchmark.py), 2 devices ran the
   validation pass 1.15-1.5x faster (ML-1M PKA, ML-100K SASRec) and the PKA train step the
   same, but the SASRec d 256 train step 1.3x slower (its microbatches, grouped over both
   devices' rows, cut fewer columns, and the devices' large products contend for the cores).
   So it pays where a job mostly evaluates (`--mode=eval`)."""
-  if devices == 0:
-    devices = cpu_devices_for(configs, len(os.sched_getaffinity(0)))
   jax.config.update('jax_num_cpu_devices', devices)
-  return devices
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,

@@ -152,7 +152,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
                              step_rng, **loss)
       return jax.tree.map(jnp.add, carry, sums), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+    zeros = _zero_sums(state.params)
     micro = (jax.tree.map(lambda x: split_microbatches(x, microbatches), batch),
              jnp.arange(microbatches))
     sums, _ = jax.lax.scan(accumulate, zeros, micro)

@@ -1,5 +1,6 @@
 """Configuration checks: each problem is named by its field, all of them in one message."""
 
+from ml_collections import ConfigDict
 import pytest
 
 from configs import default
@@ -91,3 +92,20 @@ def test_every_problem_in_one_message():
   assert '\n' not in message
   for field in ('maxlen', 'dropout', 'loss', 'num_heads'):
     assert f'{field}: ' in message
+
+
+def test_a_cpu_is_split_into_the_most_devices_that_divide_the_batches():
+  def config(**fields):
+    return ConfigDict({'batch_size': 256, 'eval_batch_size': 512, 'mesh_model': 1,
+                       'microbatches': 0, **fields})
+
+  assert config_check.cpu_devices_for([config()], cores=2) == 2
+  assert config_check.cpu_devices_for([config()], cores=1) == 1
+  # 96 and 100 share the divisors 1, 2 and 4.
+  assert config_check.cpu_devices_for([config(batch_size=96, eval_batch_size=100)], cores=8) == 4
+  # A grid: every run's batches; 200 = 8 x 25 is the one 16 does not divide.
+  assert config_check.cpu_devices_for([config(), config(batch_size=200)], cores=16) == 8
+  # 32 microbatches of 256 / 16 = 16 rows per device would not divide; of 256 / 8 they do.
+  assert config_check.cpu_devices_for([config(microbatches=32)], cores=16) == 8
+  assert config_check.cpu_devices_for([config(mesh_model=2)], cores=8) == 1
+  assert config_check.cpu_devices_for([config(batch_size='many')], cores=4) == 1

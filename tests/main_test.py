@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from configs import test as test_config
-from pka_jax import sharding
+from pka_jax import config_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +29,7 @@ def test_train_then_eval_print_the_same_test_metrics(tmp_path):
   assert '1 local cpu device(s)' in trained.stderr
   evaluated = run_main(*common, '--mode=eval', '--cpu_devices=0', tmp_path=tmp_path)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  split = sharding.cpu_devices_for([test_config.get_config()], len(os.sched_getaffinity(0)))
+  split = config_check.cpu_devices_for([test_config.get_config()])
   assert f'{split} local cpu device(s)' in evaluated.stderr
   table = [line for line in trained.stdout.splitlines() if line.startswith('pka ')]
   assert [line.split()[1] for line in table] == ['valid', 'test']

@@ -5,10 +5,7 @@ import os
 import subprocess
 import sys
 
-from ml_collections import ConfigDict
 import numpy as np
-
-from pka_jax import sharding
 
 SCRIPT = r'''
 import json, sys
@@ -57,19 +54,3 @@ def test_one_device_and_eight_devices_agree(tmp_path):
     np.testing.assert_allclose(eight['params'][path], leaf, rtol=1e-4, atol=atol, err_msg=path)
   assert abs(eight['ndcg'] - one['ndcg']) < 1e-3
 
-
-def test_a_cpu_is_split_into_the_most_devices_that_divide_the_batches():
-  def config(**fields):
-    return ConfigDict({'batch_size': 256, 'eval_batch_size': 512, 'mesh_model': 1,
-                       'microbatches': 0, **fields})
-
-  assert sharding.cpu_devices_for([config()], cores=2) == 2
-  assert sharding.cpu_devices_for([config()], cores=1) == 1
-  # 96 and 100 share the divisors 1, 2 and 4.
-  assert sharding.cpu_devices_for([config(batch_size=96, eval_batch_size=100)], cores=8) == 4
-  # A grid: every run's batches; 200 = 8 x 25 is the one 16 does not divide.
-  assert sharding.cpu_devices_for([config(), config(batch_size=200)], cores=16) == 8
-  # 32 microbatches of 256 / 16 = 16 rows per device would not divide; of 256 / 8 they do.
-  assert sharding.cpu_devices_for([config(microbatches=32)], cores=16) == 8
-  assert sharding.cpu_devices_for([config(mesh_model=2)], cores=8) == 1
-  assert sharding.cpu_devices_for([config(batch_size='many')], cores=4) == 1
