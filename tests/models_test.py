@@ -39,6 +39,18 @@ def test_toeplitz_kernel_equals_formula():
   np.testing.assert_allclose(kernel.apply(params), expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize('size', [1, 2, 5, 128])
+def test_toeplitz_matrix_and_its_gradient_match_a_loop(size):
+  g = np.random.default_rng(size).standard_normal(size).astype(np.float32)
+  expected = np.array([[g[i - j] if i >= j else 0.0 for j in range(size)]
+                       for i in range(size)])
+  np.testing.assert_array_equal(attention.toeplitz_matrix(jnp.asarray(g)), expected)
+  # d sum(W * M) / d g[k] is the sum of W's k-th diagonal below the main one.
+  w = np.random.default_rng(size + 1).standard_normal((size, size))
+  grad = jax.grad(lambda g: jnp.sum(w * attention.toeplitz_matrix(g)))(jnp.asarray(g))
+  np.testing.assert_allclose(grad, [np.trace(w, offset=-k) for k in range(size)], rtol=1e-5)
+
+
 def test_value_side_toeplitz_learns_its_first_entry():
   kernel = attention.ToeplitzKernel(maxlen=T, init_std=0.02, learn_first=True)
   params = kernel.init(jax.random.key(1))
