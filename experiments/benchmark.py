@@ -142,11 +142,22 @@ def time_train(run: train.Run, probe: MatmulProbe) -> dict:
       seconds.append(time.perf_counter() - start)
   timed = batches[_WARMUP.value + 1:]
   return {'compile_seconds': compile_seconds, 'seconds': np.array(seconds),
-          'peaks': np.array(peaks),
+          'peaks': np.array(peaks), 'back_to_back_seconds': back_to_back(run, timed),
           'memory': peak_memory(compiled), 'batch': run._global_batch(batches[0]),
           'flops': [step_flops(run, b) for b in timed],
           'real_targets': [int(np.count_nonzero(b['targets'])) for b in timed],
           'widths': [microbatch_widths(run, b) for b in timed]}
+
+
+def back_to_back(run: train.Run, batches: list) -> float:
+  """Seconds a step with the steps dispatched one after another and one wait at the end, as
+  the training loop runs them: the host prepares the next step while the device computes.
+  On an accelerator a step alone also pays its launch and the wait for its result."""
+  start = time.perf_counter()
+  for batch in batches:
+    outputs = run.train_on(batch)
+  jax.block_until_ready(outputs)
+  return (time.perf_counter() - start) / len(batches)
 
 
 def window_counts(widths_per_step: list[list[tuple[int, int]]]) -> dict[int, float]:
@@ -254,7 +265,8 @@ def time_epochs(run: train.Run, workdir: str) -> dict:
     for _ in range(_EPOCHS.value):
       start = time.perf_counter()
       for batch in run.inputs.epoch(run.progress.epoch):  # the batches run_epoch runs next
-        jax.block_until_ready(run.train_on(batch))
+        outputs = run.train_on(batch)
+      jax.block_until_ready(outputs)
       steps_seconds.append(time.perf_counter() - start)
       run.run_epoch(writer)  # writes its time/* record
   finally:
@@ -324,6 +336,8 @@ def main(argv):
           'model_flops_full_windows': full_window_flops,
           'xla_flops': xla_step,
           'mfu': mean_step_flops / median / peak,
+          'back_to_back_step_seconds': train_figures['back_to_back_seconds'],
+          'back_to_back_mfu': mean_step_flops / train_figures['back_to_back_seconds'] / peak,
           # Each step against the peak probed just before it (MatmulProbe), median.
           'mfu_probed': float(np.median(np.array(train_figures['flops']) / step_seconds
                                         / train_figures['peaks'])),
@@ -375,6 +389,9 @@ def print_report(report: dict) -> None:
         f"{t['real_targets']:,.0f} real targets of {positions:,} positions; MFU "
         f"{100 * t['mfu']:.1f}% ({100 * t['mfu_probed']:.1f}% of the peak probed beside "
         "each step)")
+  print(f"            back to back (as the training loop runs them): "
+        f"{t['back_to_back_step_seconds'] * 1e3:,.1f} ms a step, MFU "
+        f"{100 * t['back_to_back_mfu']:.1f}%")
   programs = ', '.join(f'{w}: {n:g}' for w, n in t['widths_per_step'].items())
   print(f"            programs per step by window width {{{programs}}}"
         + (' (length-sorted microbatches)' if t['sorted_microbatches'] else ''))

@@ -54,6 +54,7 @@ def test_benchmark_writes_its_json_contract(tmp_path):
       pairs * flops.eval_pair_flops(model_config, width) for width, pairs in at_width.items())
   assert 0 < eval_figures['mfu'] and 0 < train_figures['mfu']
   assert 0 < eval_figures['mfu_probed'] and 0 < train_figures['mfu_probed']
+  assert 0 < train_figures['back_to_back_mfu'] and train_figures['back_to_back_step_seconds'] > 0
   assert len(report['epochs']['epochs']) == 1
   # The epoch's own batches timed alone, to set its loop's time against.
   assert len(report['epochs']['steps_seconds']) == 1 and report['epochs']['steps_seconds'][0] > 0
