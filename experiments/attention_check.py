@@ -20,6 +20,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from configs import default
+from pka_jax import config_check
 from pka_jax import models
 from pka_jax.models import Encoder
 
@@ -31,7 +32,7 @@ FLAGS = flags.FLAGS
 
 def random_batch(config, num_items: int) -> jax.Array:
   rng = np.random.default_rng(0)
-  batch, size = config.eval_batch_size, config.maxlen
+  batch, size = config_check.eval_batch_size_for(config), config.maxlen
   items = rng.integers(1, num_items + 1, (batch, size))
   lengths = rng.integers(1, size + 1, batch)
   return jnp.asarray(np.where(np.arange(size)[None] >= size - lengths[:, None], items, 0),

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 import math
 import os
 
+import jax
 import ml_collections
 
 from configs import default
@@ -69,7 +70,7 @@ def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
       'log_every_steps': positive_int,
       'checkpoint_every_steps': non_negative_int,
       'top_k': positive_int,
-      'eval_batch_size': positive_int,
+      'eval_batch_size': non_negative_int,
       'max_eval': positive_int,
   }
   return [(name, test, expected) for name, (test, expected) in rules.items()]
@@ -125,6 +126,32 @@ def device_problems(config: ml_collections.ConfigDict, devices: int, processes: 
   return problems
 
 
+# Evaluation sequences per batch where the config leaves it to the backend (eval_batch_size 0).
+# A CPU scores a batch in cache-sized microbatches, and larger ones ran slower; an accelerator
+# needs large batches to fill it: an H200 scored 2x the pairs/s with 4,096 as with 512 (ML-1M
+# PKA shape, experiments/benchmark.py).
+CPU_EVAL_BATCH = 512
+ACCELERATOR_EVAL_BATCH_PER_SHARD = 4096
+
+
+def eval_batch_size_for(config: ml_collections.ConfigDict, *, devices: int = 1,
+                        processes: int = 1, backend: str | None = None) -> int:
+  """`config.eval_batch_size`, or where it is 0 the backend's: CPU_EVAL_BATCH sequences on
+  CPU, ACCELERATOR_EVAL_BATCH_PER_SHARD per data shard elsewhere, rounded up to a multiple
+  of the data shards and processes (as `device_problems` asks)."""
+  if config.get('eval_batch_size') != 0:
+    return config.get('eval_batch_size')
+  mesh_model = config.get('mesh_model', 1)
+  data_shards = devices // mesh_model if _is_int(mesh_model) and mesh_model > 0 else devices
+  data_shards = max(data_shards, 1)
+  if (backend or jax.default_backend()) == 'cpu':
+    target = CPU_EVAL_BATCH
+  else:
+    target = ACCELERATOR_EVAL_BATCH_PER_SHARD * data_shards
+  unit = math.lcm(data_shards, processes)
+  return -(-target // unit) * unit
+
+
 def cpu_devices_for(configs: Iterable[ml_collections.ConfigDict], cores: int | None = None
                     ) -> int:
   """Devices to split a CPU into when asked to choose: one per core (of `cores`, by default
@@ -134,8 +161,9 @@ def cpu_devices_for(configs: Iterable[ml_collections.ConfigDict], cores: int | N
   cores = len(os.sched_getaffinity(0)) if cores is None else cores
 
   def fits(config, devices: int) -> bool:
-    batches = [config.get(name) for name in ('batch_size', 'eval_batch_size')]
-    return (config.get('mesh_model', 1) == 1 and all(_is_int(b) and b > 0 for b in batches)
+    batch, eval_batch = config.get('batch_size'), config.get('eval_batch_size')
+    return (config.get('mesh_model', 1) == 1 and _is_int(batch) and batch > 0
+            and _is_int(eval_batch) and eval_batch >= 0  # 0: one that fits (eval_batch_size_for)
             and not device_problems(config, devices))
 
   configs = list(configs)

@@ -365,6 +365,10 @@ class Run:
   """One training run in a workdir: data, model, mesh, compiled functions and checkpoints."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    """Fills in `config.eval_batch_size` where it is 0 (the backend's choice)."""
+    if config.get('eval_batch_size') == 0:
+      config.eval_batch_size = config_check.eval_batch_size_for(
+          config, devices=jax.device_count(), processes=jax.process_count())
     config_check.check(config, devices=jax.device_count(), processes=jax.process_count())
     check_writable(workdir)
     self.config, self.workdir = config, workdir

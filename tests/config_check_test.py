@@ -109,3 +109,20 @@ def test_a_cpu_is_split_into_the_most_devices_that_divide_the_batches():
   assert config_check.cpu_devices_for([config(microbatches=32)], cores=16) == 8
   assert config_check.cpu_devices_for([config(mesh_model=2)], cores=8) == 1
   assert config_check.cpu_devices_for([config(batch_size='many')], cores=4) == 1
+  # The backend's evaluation batch is chosen to fit the devices: only the 96 constrains.
+  assert config_check.cpu_devices_for([config(batch_size=96, eval_batch_size=0)], cores=6) == 6
+
+
+def test_the_backends_evaluation_batch_divides_over_shards_and_processes():
+  def size(eval_batch_size=0, mesh_model=1, **where):
+    config = ConfigDict({'eval_batch_size': eval_batch_size, 'mesh_model': mesh_model})
+    return config_check.eval_batch_size_for(config, **where)
+
+  assert size(100, backend='gpu', devices=8) == 100  # the config's own
+  assert size(backend='cpu') == 512
+  assert size(backend='cpu', devices=6) == 516  # 86 sequences a device
+  assert size(backend='gpu') == 4096
+  # 8 devices, the table over 2: 4 data shards of 4,096.
+  assert size(backend='tpu', devices=8, mesh_model=2) == 16_384
+  # 4 shards and 3 processes: a multiple of 12 at or above 16,384.
+  assert size(backend='gpu', devices=4, processes=3) == 16_392
