@@ -105,12 +105,9 @@ def device_problems(config: ml_collections.ConfigDict, devices: int, processes: 
   """Problems between the mesh, the batch sizes and `devices` devices of `processes`."""
   problems = []
   mesh_model = config.get('mesh_model', 1)
-  data_shards = devices
-  if _is_int(mesh_model) and mesh_model > 0:
-    if devices % mesh_model:
-      problems.append(f'mesh_model: expected a divisor of the {devices} devices, got {mesh_model}')
-    else:
-      data_shards = devices // mesh_model
+  if _is_int(mesh_model) and mesh_model > 0 and devices % mesh_model:
+    problems.append(f'mesh_model: expected a divisor of the {devices} devices, got {mesh_model}')
+  data_shards = _data_shards(config, devices)
   for name in ('batch_size', 'eval_batch_size'):
     value = config.get(name)
     if _is_int(value) and value > 0 and value % math.lcm(data_shards, processes):
@@ -124,6 +121,15 @@ def device_problems(config: ml_collections.ConfigDict, devices: int, processes: 
       problems.append(f'microbatches: expected a divisor of the {per_shard} sequences per '
                       f'data shard (batch_size {batch} over {data_shards} shards), got {micro}')
   return problems
+
+
+def _data_shards(config: ml_collections.ConfigDict, devices: int) -> int:
+  """Devices along the mesh's 'data' axis: those the item table is not split over, where
+  `mesh_model` divides them (`device_problems` names it where it does not)."""
+  mesh_model = config.get('mesh_model', 1)
+  if _is_int(mesh_model) and mesh_model > 0 and devices % mesh_model == 0:
+    return devices // mesh_model
+  return devices
 
 
 # Evaluation sequences per batch where the config leaves it to the backend (eval_batch_size 0).
@@ -141,9 +147,7 @@ def eval_batch_size_for(config: ml_collections.ConfigDict, *, devices: int = 1,
   of the data shards and processes (as `device_problems` asks)."""
   if config.get('eval_batch_size') != 0:
     return config.get('eval_batch_size')
-  mesh_model = config.get('mesh_model', 1)
-  data_shards = devices // mesh_model if _is_int(mesh_model) and mesh_model > 0 else devices
-  data_shards = max(data_shards, 1)
+  data_shards = _data_shards(config, devices)
   if (backend or jax.default_backend()) == 'cpu':
     target = CPU_EVAL_BATCH
   else:
