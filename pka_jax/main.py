@@ -37,8 +37,9 @@ flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 flags.DEFINE_integer('cpu_devices', None, 'Split a CPU into this many XLA devices, data-'
                      'parallel (0: one per core, the most that divide the batch sizes); '
-                     'faster evaluation (--mode=eval), slower training for large models. '
-                     'No effect on an accelerator.', lower_bound=0)
+                     'faster evaluation, slower training for large models. Default: one '
+                     'device to train, one per core for --mode=eval on one host. No effect '
+                     'on an accelerator.', lower_bound=0)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -52,9 +53,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   checkpoint.quiet_orbax_logging()
-  if FLAGS.cpu_devices is not None:
-    sharding.split_cpu(FLAGS.cpu_devices or config_check.cpu_devices_for([FLAGS.config]))
-  if FLAGS.distributed or FLAGS.coordinator_address:
+  distributed = FLAGS.distributed or FLAGS.coordinator_address
+  # Rankings do not depend on the split, and evaluation alone gains from it.
+  cpu_devices = FLAGS.cpu_devices
+  if cpu_devices is None and FLAGS.mode == 'eval' and not distributed:
+    cpu_devices = 0
+  if cpu_devices is not None:
+    sharding.split_cpu(cpu_devices or config_check.cpu_devices_for([FLAGS.config]))
+  if distributed:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
   logging.info('%s', sharding.describe_process())

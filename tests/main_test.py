@@ -20,14 +20,15 @@ def run_main(*args, tmp_path):
 
 
 def test_train_then_eval_print_the_same_test_metrics(tmp_path):
-  """Trained on one CPU device, evaluated on one per core (`--cpu_devices=0`): the checkpoint
-  moves between layouts, and the ranking does not depend on how the rows were split."""
+  """Trained on one CPU device, evaluated on one per core (`--mode=eval`'s default): the
+  checkpoint moves between layouts, and the ranking does not depend on how the rows were
+  split."""
   common = ['--config=configs/test.py', f'--workdir={tmp_path}/run',
             f'--config.data_dir={tmp_path}/data', '--config.max_epochs=2']
   trained = run_main(*common, tmp_path=tmp_path)
   assert trained.returncode == 0, trained.stderr[-3000:]
   assert '1 local cpu device(s)' in trained.stderr
-  evaluated = run_main(*common, '--mode=eval', '--cpu_devices=0', tmp_path=tmp_path)
+  evaluated = run_main(*common, '--mode=eval', tmp_path=tmp_path)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   split = config_check.cpu_devices_for([test_config.get_config()])
   assert f'{split} local cpu device(s)' in evaluated.stderr
