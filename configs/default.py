@@ -118,7 +118,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ---- evaluation ----
   config.top_k = 10  # metrics at k
   # Evaluation steps scored per batch; 0: the backend's (config_check.eval_batch_size_for:
-  # 512 on CPU, 4,096 per data shard on accelerators). The metrics do not depend on it.
+  # 512 on CPU, 4,096 on accelerators). The metrics do not depend on it.
   config.eval_batch_size = 0
 
   apply_variant(config, arg)

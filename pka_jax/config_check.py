@@ -135,24 +135,23 @@ def _data_shards(config: ml_collections.ConfigDict, devices: int) -> int:
 # Evaluation sequences per batch where the config leaves it to the backend (eval_batch_size 0).
 # A CPU scores a batch in cache-sized microbatches, and larger ones ran slower; an accelerator
 # needs large batches to fill it: an H200 scored 2x the pairs/s with 4,096 as with 512 (ML-1M
-# PKA shape, experiments/benchmark.py).
+# PKA shape, experiments/benchmark.py). Not that many per device on a pod: a pass's last batch
+# is padded to the full size and each batch runs in the window of its longest context, so a
+# batch near a split's whole count of pairs would be mostly padding.
 CPU_EVAL_BATCH = 512
-ACCELERATOR_EVAL_BATCH_PER_SHARD = 4096
+ACCELERATOR_EVAL_BATCH = 4096
 
 
 def eval_batch_size_for(config: ml_collections.ConfigDict, *, devices: int = 1,
                         processes: int = 1, backend: str | None = None) -> int:
   """`config.eval_batch_size`, or where it is 0 the backend's: CPU_EVAL_BATCH sequences on
-  CPU, ACCELERATOR_EVAL_BATCH_PER_SHARD per data shard elsewhere, rounded up to a multiple
-  of the data shards and processes (as `device_problems` asks)."""
+  CPU, ACCELERATOR_EVAL_BATCH elsewhere, rounded up to a multiple of the data shards and
+  processes (as `device_problems` asks)."""
   if config.get('eval_batch_size') != 0:
     return config.get('eval_batch_size')
-  data_shards = _data_shards(config, devices)
-  if (backend or jax.default_backend()) == 'cpu':
-    target = CPU_EVAL_BATCH
-  else:
-    target = ACCELERATOR_EVAL_BATCH_PER_SHARD * data_shards
-  unit = math.lcm(data_shards, processes)
+  cpu = (backend or jax.default_backend()) == 'cpu'
+  target = CPU_EVAL_BATCH if cpu else ACCELERATOR_EVAL_BATCH
+  unit = math.lcm(_data_shards(config, devices), processes)
   return -(-target // unit) * unit
 
 

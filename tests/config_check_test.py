@@ -122,7 +122,7 @@ def test_the_backends_evaluation_batch_divides_over_shards_and_processes():
   assert size(backend='cpu') == 512
   assert size(backend='cpu', devices=6) == 516  # 86 sequences a device
   assert size(backend='gpu') == 4096
-  # 8 devices, the table over 2: 4 data shards of 4,096.
-  assert size(backend='tpu', devices=8, mesh_model=2) == 16_384
-  # 4 shards and 3 processes: a multiple of 12 at or above 16,384.
-  assert size(backend='gpu', devices=4, processes=3) == 16_392
+  assert size(backend='tpu', devices=8, mesh_model=2) == 4096  # 4 data shards of 1,024
+  assert size(backend='tpu', devices=8192, mesh_model=2) == 4096  # one a data shard
+  # 4 shards and 3 processes: the multiple of 12 at or above 4,096.
+  assert size(backend='gpu', devices=4, processes=3) == 4104
