@@ -88,11 +88,11 @@ def split_cpu(devices: int) -> None:
   """Makes the CPU backend `devices` XLA devices, data-parallel over the 'data' axis (choose
   with `config_check.cpu_devices_for`). Call it before any JAX operation.
 
-  Not the default: measured on 2 cores (experiments/benchmark.py), 2 devices ran the
-  validation pass 1.15-1.5x faster (ML-1M PKA, ML-100K SASRec) and the PKA train step the
-  same, but the SASRec d 256 train step 1.3x slower (its microbatches, grouped over both
-  devices' rows, cut fewer columns, and the devices' large products contend for the cores).
-  So it pays where a job mostly evaluates (`--mode=eval`)."""
+  Measured on 2 cores (experiments/benchmark.py), 2 devices ran the validation pass
+  1.15-1.5x faster (ML-1M PKA, ML-100K SASRec) and the PKA train step the same, but the
+  SASRec d 256 train step 1.3x slower (its microbatches, grouped over both devices' rows, cut
+  fewer columns, and the devices' large products contend for the cores). So it pays where a
+  job only evaluates: `pka_jax.main --mode=eval` splits by default, training does not."""
   jax.config.update('jax_num_cpu_devices', devices)
 
 

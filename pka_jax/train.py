@@ -366,10 +366,11 @@ class Run:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str):
     """Fills in `config.eval_batch_size` where it is 0 (the backend's choice)."""
+    devices, processes = jax.device_count(), jax.process_count()
     if config.get('eval_batch_size') == 0:
       config.eval_batch_size = config_check.eval_batch_size_for(
-          config, devices=jax.device_count(), processes=jax.process_count())
-    config_check.check(config, devices=jax.device_count(), processes=jax.process_count())
+          config, devices=devices, processes=processes)
+    config_check.check(config, devices=devices, processes=processes)
     check_writable(workdir)
     self.config, self.workdir = config, workdir
     self.dataset: SplitDataset = load_dataset_once(config)
