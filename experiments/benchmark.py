@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from pka_jax import checkpoint
 from pka_jax import config_check
 from pka_jax import flops
 from pka_jax import metric_writer
@@ -251,7 +252,14 @@ def write_trace(run: train.Run, directory: str, steps: int = 3) -> None:
       jax.block_until_ready(run.rank_batch(batch))
 
   run_all()  # compiles every shape outside the trace
-  with jax.profiler.trace(directory):
+  # A segfault once ended this script in CI (Python 3.11), faulthandler cut off inside a
+  # thread with no Python frames: most likely the profiler's Python tracer, which walks every
+  # thread's state, meeting a thread as it ended. So the checkpoint threads finish first, and
+  # that tracer is off: a device profile needs XLA's host and device events, not Python calls.
+  checkpoint.wait(run.checkpoints)
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  with jax.profiler.trace(directory, profiler_options=options):
     run_all()
 
 
@@ -297,6 +305,7 @@ def main(argv):
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='pka_jax_benchmark_')
   run = train.Run(config, workdir)
   model_config = run.model.config
+  logging.info('Timing the train step.')
   train_figures = time_train(run, probe)
   # Averaged over the timed batches, as they ran (step_flops).
   mean_step_flops = round(np.mean(train_figures['flops']))
@@ -304,6 +313,7 @@ def main(argv):
   step_seconds = train_figures['seconds']
   median = float(np.median(step_seconds))
   xla_step = reference_step_flops(run, train_figures['batch'])
+  logging.info('Timing evaluation.')
   eval_figures = time_eval(run, probe)
   pair_flops = flops.eval_pair_flops(model_config)  # a full window
   pairs_per_second = eval_figures['pairs'] / eval_figures['seconds']
@@ -357,8 +367,10 @@ def main(argv):
       },
   }
   if _EPOCHS.value:
+    logging.info('Timing %d epoch(s).', _EPOCHS.value)
     report['epochs'] = time_epochs(run, workdir)
   if _PROFILE_DIR.value:
+    logging.info('Tracing into %s.', _PROFILE_DIR.value)
     write_trace(run, _PROFILE_DIR.value)
     report['profile_dir'] = _PROFILE_DIR.value
   run.checkpoints.close()
@@ -368,6 +380,7 @@ def main(argv):
     with open(tmp, 'w') as f:
       json.dump(report, f, indent=2)
     os.replace(tmp, _JSON.value)
+  logging.info('Done.')
 
 
 def print_report(report: dict) -> None:

@@ -21,10 +21,11 @@ def test_benchmark_writes_its_json_contract(tmp_path):
        f'--config.data_dir={tmp_path / "data"}', f'--workdir={tmp_path / "work"}',
        '--steps=3', '--warmup=1', '--eval_repeats=1', '--epochs=1', f'--json={out}',
        '--cpu_devices=2',  # XLA counts one device's FLOPs: the figures must add them up
-       f'--profile_dir={tmp_path / "trace"}'],
+       f'--profile_dir={tmp_path / "trace"}',
+       '--verbosity=0'],  # its stages logged, so a crash's output says where it was
       cwd=ROOT, capture_output=True, text=True, timeout=600,
       env={**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')})
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
   report = json.loads(out.read_text())
   assert report['device'].startswith('cpu') and report['device'].endswith('x2')
   assert report['peak_flops']['float32'] > 0 and report['peak_flops']['bfloat16'] > 0
