@@ -197,11 +197,14 @@ def _real_rows_first(hidden_BxTxD: jax.Array, targets_BxT: jax.Array, rows: int,
                      weight_dtype=jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Positions as rows `(hidden_MxD, targets_M, weight_M)`, real targets first (a stable
   sort) and padded to whole chunks of `rows`: the chunks after the real rows hold none, and
-  `_unless_empty` skips them, so padding costs no catalog products."""
+  `_unless_empty` skips them, so padding costs no catalog products. Rows that fit one chunk
+  (an accelerator's whole batch) keep their order: there is no chunk to skip, and the sort
+  and gather took ~60 µs of a 2.5 ms step on an H200 (the gather's gradient is a scatter)."""
   hidden_MxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
   targets_M = targets_BxT.reshape(-1)
-  order_M = jnp.argsort(targets_M <= 0, stable=True)
-  hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
+  if targets_M.shape[0] > rows:
+    order_M = jnp.argsort(targets_M <= 0, stable=True)
+    hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
   pad = -targets_M.shape[0] % rows
   hidden_MxD, targets_M = jnp.pad(hidden_MxD, ((0, pad), (0, 0))), jnp.pad(targets_M, (0, pad))
   return hidden_MxD, targets_M, (targets_M > 0).astype(weight_dtype)

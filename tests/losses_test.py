@@ -101,6 +101,34 @@ def test_chunk_rows_fit_the_backend_budget():
   assert losses.chunk_rows_for(3416, 32768, 'gpu') == 32768  # 1 GiB holds them all
 
 
+def primitives(jaxpr) -> set[str]:
+  """Names of the primitives in a jaxpr and in every jaxpr nested in it."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(eqn.primitive.name)
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if hasattr(sub, 'eqns') or hasattr(sub, 'jaxpr'):  # a Jaxpr or a ClosedJaxpr
+          names |= primitives(getattr(sub, 'jaxpr', sub))
+  return names
+
+
+@pytest.mark.parametrize('loss', [
+    lambda h, e, t, rows: losses.chunked_cross_entropy(h, e, t, rows),
+    lambda h, e, t, rows: losses.blockwise_cross_entropy(h, e, t, 5, chunk_rows=rows)])
+def test_real_rows_are_sorted_first_only_when_there_are_chunks_to_skip(loss):
+  # 15 rows: chunks of 4 sort the real targets first; one chunk of 15 (an accelerator's
+  # whole batch) has none to skip, and its step carries no sort (test_exact_variants_equal_
+  # the_full_loss checks its values).
+  hidden, table, targets = inputs()
+
+  def sorts(rows):
+    grad = jax.grad(lambda h, e: loss(h, e, targets, rows)[0], argnums=(0, 1))
+    return 'sort' in primitives(jax.make_jaxpr(grad)(hidden, table).jaxpr)
+
+  assert sorts(4) and not sorts(B * T)
+
+
 def test_blockwise_memory_is_one_block():
   # B·T = 4096 positions, 20,000 items: full logits are 328 MB in float32.
   hidden = jax.ShapeDtypeStruct((32, 128, 64), jnp.float32)
