@@ -112,6 +112,20 @@ def apply_kernel(kernel_QxT: jax.Array | None, x_BxTxD: jax.Array) -> jax.Array:
   return jnp.einsum('ij,bjd->bid', kernel_QxT.astype(x_BxTxD.dtype), x_BxTxD)
 
 
+def dot_rows(x: jax.Array, w_KxM: jax.Array, **kwargs) -> jax.Array:
+  """`jnp.dot(x, w)` over `x`'s last axis, with its leading axes flattened to rows: the same
+  values.
+
+  The difference is in the gradient. From a `B×T×K` (or `B×H×Q×T`) `x`, the weight's
+  gradient contracts two or three axes, and XLA on CPU first copies `x` transposed (again
+  computing, inside that copy, whatever elementwise ops produced `x`); from rows it is one
+  product of `x` and the cotangent as they lie. At the ML-1M shapes every train step ran
+  ~15% faster this way (PKA and SASRec, 2-core CPU).
+  """
+  rows_NxK = x.reshape(-1, x.shape[-1])
+  return jnp.dot(rows_NxK, w_KxM, **kwargs).reshape(*x.shape[:-1], w_KxM.shape[-1])
+
+
 def visible_keys(num_queries: int, key_valid_BxT: jax.Array | None, size: int) -> jax.Array:
   """Boolean mask broadcastable to `B×1×Q×T`: query row `r` stands at position `T - Q + r`
   and sees key `j` iff `j` is not later (and, given `key_valid_BxT`, not padding)."""
@@ -161,14 +175,15 @@ class ContextualPosition(nn.Module):
   def __call__(self, q_BxHxQxK, logits_BxHxQxT, mask_Bx1xQxT) -> jax.Array:
     head_dim = q_BxHxQxK.shape[-1]
     table_PxK = self.param('positions', nn.initializers.zeros, (self.maxlen, head_dim))
-    query_BxHxQxK = nn.silu(nn.Dense(head_dim, kernel_init=nn.initializers.xavier_uniform(),
-                                     name='query')(q_BxHxQxK.astype(jnp.float32)))
+    query = nn.Dense(head_dim, kernel_init=nn.initializers.xavier_uniform(), name='query')
+    query_BxHxQxK = nn.silu(
+        query(q_BxHxQxK.astype(jnp.float32).reshape(-1, head_dim)).reshape(q_BxHxQxK.shape))
     gates = jnp.where(mask_Bx1xQxT, 1.0 - jax.nn.sigmoid(logits_BxHxQxT), 0.0)
     position = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)
     position = jnp.clip(position, 0, self.maxlen - 1)
     floor = jnp.floor(position)
     weight_ceil = position - floor
-    per_position_BxHxQxP = jnp.einsum('bhik,pk->bhip', query_BxHxQxK, table_PxK)
+    per_position_BxHxQxP = dot_rows(query_BxHxQxK, table_PxK.T)
     floor_i = floor.astype(jnp.int32)
     ceil_i = jnp.minimum(floor_i + 1, self.maxlen - 1)
     at_floor = jnp.take_along_axis(per_position_BxHxQxP, floor_i, axis=-1)
@@ -189,7 +204,7 @@ class Projection(nn.Module):
     kernel = self.param('kernel', nn.initializers.xavier_uniform(),
                         (x_BxTxD.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
-    y = jnp.dot(x_BxTxD.astype(self.dtype), kernel.astype(self.dtype))
+    y = dot_rows(x_BxTxD.astype(self.dtype), kernel.astype(self.dtype))
     return (y + bias[None, None] if with_bias else y), bias
 
 
@@ -281,9 +296,9 @@ class CausalSelfAttention(nn.Module):
       if k_on_logits:
         # q_i · (Tk K')_j = (S Tkᵀ)[i, j]. The key bias would add q_i · bk to every logit of
         # row i, a constant the softmax ignores: the logit form leaves it out.
-        logits_BxHxQxT = jnp.dot(logits_BxHxQxT.astype(self.dtype),
-                                 k_kernel_TxT.T.astype(self.dtype),
-                                 preferred_element_type=jnp.float32)
+        logits_BxHxQxT = dot_rows(logits_BxHxQxT.astype(self.dtype),
+                                  k_kernel_TxT.T.astype(self.dtype),
+                                  preferred_element_type=jnp.float32)
       logits_BxHxQxT = logits_BxHxQxT * scale
       if padding is not None:
         logits_BxHxQxT = logits_BxHxQxT + stand_in_logit_bias(padding)[:, None, None, :]
@@ -300,7 +315,7 @@ class CausalSelfAttention(nn.Module):
           weights.astype(self.dtype), window, position_axes=(2, 3), stand_ins=padding)
       mixed_BxHxQxT = weights_BxHxQxT
       if v_on_logits:
-        mixed_BxHxQxT = jnp.dot(weights_BxHxQxT, v_kernel_TxT.astype(self.dtype))
+        mixed_BxHxQxT = dot_rows(weights_BxHxQxT, v_kernel_TxT.astype(self.dtype))
       out_BxQxHxK = jnp.einsum('bhqt,bthk->bqhk', mixed_BxHxQxT, v_BxTxHxK)
       if v_on_logits:
         # Rows of A weigh the value bias by their sum (below 1 only under dropout).

@@ -126,9 +126,10 @@ def _layer_norm(name: str, dtype) -> nn.LayerNorm:
   return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, name=name)
 
 
-def _dense(features: int, name: str, dtype) -> nn.Dense:
-  return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), dtype=dtype,
-                  name=name)
+def _dense(features: int, name: str, dtype):
+  """`x W + b` with flax `Dense`'s parameters, on rows (attention.dot_rows)."""
+  projection = attention.Projection(features, dtype, name=name)
+  return lambda x: projection(x)[0]
 
 
 def _rows_then_zeros(init, rows: int):

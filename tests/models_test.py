@@ -5,6 +5,7 @@ import dataclasses
 import chex
 import jax
 import jax.numpy as jnp
+import jaxprs
 import numpy as np
 import pytest
 
@@ -223,6 +224,29 @@ def test_with_dropout_alike_padding_keys_still_trim_through_their_share_of_the_m
   if same:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
                  cut_grads, full_grads)
+
+
+@pytest.mark.parametrize('mode', POSITION_MODES)
+def test_every_weight_gradient_is_one_product_of_rows(mode):
+  # Products with parameters (projections, feed-forward, PKA kernels on the logits, CoPE's
+  # query and table) take their inputs as rows, so that each weight's gradient contracts one
+  # axis of two matrices: from B×T×D inputs it contracts two, and XLA on CPU first copies
+  # the input transposed (attention.dot_rows). Attention's own products keep a batch axis.
+  config = make_config(mode, num_heads=1, dropout=0.3, deterministic=False)  # as in training
+  params = init(config)
+
+  def loss(params):
+    hidden = Encoder(config).apply(params, INPUTS, rngs={'dropout': jax.random.key(1)})
+    return jnp.sum(hidden ** 2)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss))(params).jaxpr
+  unbatched = [eqn for eqn in jaxprs.equations(jaxpr) if eqn.primitive.name == 'dot_general'
+               and not eqn.params['dimension_numbers'][1][0]]
+  # Forward, input gradient and weight gradient of the 4 projections and 2 feed-forward
+  # layers of each block, at least.
+  assert len(unbatched) >= 3 * 6 * config.num_blocks
+  assert all(var.aval.ndim == 2 for eqn in unbatched for var in eqn.invars), [
+      [var.aval.shape for var in eqn.invars] for eqn in unbatched]
 
 
 def test_a_window_wider_than_maxlen_is_refused():
