@@ -175,9 +175,8 @@ class ContextualPosition(nn.Module):
   def __call__(self, q_BxHxQxK, logits_BxHxQxT, mask_Bx1xQxT) -> jax.Array:
     head_dim = q_BxHxQxK.shape[-1]
     table_PxK = self.param('positions', nn.initializers.zeros, (self.maxlen, head_dim))
-    query = nn.Dense(head_dim, kernel_init=nn.initializers.xavier_uniform(), name='query')
     query_BxHxQxK = nn.silu(
-        query(q_BxHxQxK.astype(jnp.float32).reshape(-1, head_dim)).reshape(q_BxHxQxK.shape))
+        Projection(head_dim, name='query')(q_BxHxQxK.astype(jnp.float32))[0])
     gates = jnp.where(mask_Bx1xQxT, 1.0 - jax.nn.sigmoid(logits_BxHxQxT), 0.0)
     position = jnp.flip(jnp.cumsum(jnp.flip(gates, -1), axis=-1), -1)
     position = jnp.clip(position, 0, self.maxlen - 1)
@@ -192,20 +191,21 @@ class ContextualPosition(nn.Module):
 
 
 class Projection(nn.Module):
-  """`x W + b` with flax `Dense`'s parameters (and init order), the bias optional per call:
-  kernels on the logits add the key and value biases outside the projection."""
+  """`x W + b` over `x`'s last axis, with flax `Dense`'s parameters (and init order), the
+  bias optional per call: kernels on the logits add the key and value biases outside the
+  projection."""
 
   features: int
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD: jax.Array, *, with_bias: bool = True
+  def __call__(self, x: jax.Array, *, with_bias: bool = True
                ) -> tuple[jax.Array, jax.Array]:
     kernel = self.param('kernel', nn.initializers.xavier_uniform(),
-                        (x_BxTxD.shape[-1], self.features))
+                        (x.shape[-1], self.features))
     bias = self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
-    y = dot_rows(x_BxTxD.astype(self.dtype), kernel.astype(self.dtype))
-    return (y + bias[None, None] if with_bias else y), bias
+    y = dot_rows(x.astype(self.dtype), kernel.astype(self.dtype))
+    return (y + bias[(None,) * (y.ndim - 1)] if with_bias else y), bias
 
 
 def stand_in_logit_bias(stand_ins: StandIns) -> jax.Array:
