@@ -64,15 +64,18 @@ def manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
     logging.warning('Discarding %d unfinished checkpoint(s) of an interrupted save (%s); the '
                     'run goes on from the last complete step.', len(unfinished),
                     ', '.join(os.path.basename(p) for p in unfinished))
+  # Ties go to the earlier step, as in the run's own record of its best (Progress).
+  rank = lambda metrics: (metrics[BEST_METRIC], -metrics['step'])
   policy = checkpoint_managers.AnyPreservationPolicy([
       checkpoint_managers.LatestN(1),
-      # Ties go to the earlier step, as in the run's own record of its best (Progress).
-      checkpoint_managers.BestN(
-          get_metric_fn=lambda metrics: (metrics[BEST_METRIC], -metrics['step']), n=1,
-          keep_checkpoints_without_metrics=False),
+      checkpoint_managers.BestN(get_metric_fn=rank, n=1, keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(preservation_policy=policy, read_only=read_only,
-                                         cleanup_tmp_directories=not read_only)
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, read_only=read_only, cleanup_tmp_directories=not read_only,
+      # Orbax writes a step's metrics to disk only when `best_fn` is set. Without them a
+      # resumed run knew no metrics of the steps saved before it, and its first save deleted
+      # an earlier best checkpoint.
+      best_fn=rank)
   return ocp.CheckpointManager(path, options=options, item_names=ITEMS)
 
 

@@ -27,6 +27,26 @@ def test_keeps_latest_and_earliest_best(tmp_path):
   manager.close()
 
 
+def save_steps(workdir, ndcg_by_step):
+  manager = checkpoint.manager(workdir)
+  config = ml_collections.ConfigDict({'model': 'pka'})
+  for step, ndcg in ndcg_by_step:
+    checkpoint.save(manager, step, state={'w': np.full(2, step, np.float32)},
+                    progress={'epoch': step}, config=config,
+                    metrics={checkpoint.BEST_METRIC: ndcg})
+  manager.wait_until_finished()
+  steps = manager.all_steps()
+  manager.close()
+  return steps
+
+
+def test_a_resumed_run_keeps_the_best_saved_before_it(tmp_path):
+  # Regression: orbax kept metrics in memory only, so a new process knew none for the steps
+  # on disk and its first save deleted the best one.
+  assert save_steps(str(tmp_path), [(1, 0.3), (2, 0.5), (3, 0.4)]) == [2, 3]
+  assert save_steps(str(tmp_path), [(4, 0.2)]) == [2, 4]  # the next process
+
+
 def test_a_failing_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
   config = test_config.get_config()
   config.data_dir = str(tmp_path / 'data')
