@@ -75,7 +75,11 @@ def manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
       # Orbax writes a step's metrics to disk only when `best_fn` is set. Without them a
       # resumed run knew no metrics of the steps saved before it, and its first save deleted
       # an earlier best checkpoint.
-      best_fn=rank)
+      best_fn=rank,
+      # Every save here is forced; this policy only answers `should_save`, which the run asks
+      # before a save it may skip: not while another is still being written (decided on the
+      # primary host and shared, so every host skips the same saves).
+      save_decision_policy=checkpoint_managers.ContinuousCheckpointingPolicy())
   return ocp.CheckpointManager(path, options=options, item_names=ITEMS)
 
 

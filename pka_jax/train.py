@@ -636,14 +636,20 @@ class Run:
     self.epoch_seconds['valid'] = time.perf_counter() - start
     step = int(self.state.step)
     ndcg = metrics[checkpoint.BEST_METRIC]
-    if ndcg > self.progress.best_ndcg:
+    improved = ndcg > self.progress.best_ndcg
+    if improved:
       self.progress.best_ndcg, self.progress.best_step = ndcg, step
       self.progress.bad_validations = 0
     else:
       self.progress.bad_validations += 1
     self.progress.history.append({'epoch': self.progress.epoch, 'step': step, **metrics})
     writer.write(step, {**metrics, 'epoch': self.progress.epoch})
-    self.save(metrics)
+    # The best and the last checkpoints are needed; any other waits for no earlier save. An
+    # epoch can take less than a save (on an H200, ML-1M's 0.2 s against 0.3 s), and waiting
+    # had the loop stall for half of each epoch. A skipped save costs only a resume's redoing
+    # the epochs since the latest checkpoint, which gives the same result.
+    if improved or self.finished() or self.checkpoints.should_save(step):
+      self.save(metrics)
     return metrics
 
   def run_epoch(self, writer: metric_writer.MetricWriter) -> dict[str, float]:

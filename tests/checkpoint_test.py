@@ -47,6 +47,15 @@ def test_a_resumed_run_keeps_the_best_saved_before_it(tmp_path):
   assert save_steps(str(tmp_path), [(4, 0.2)]) == [2, 4]  # the next process
 
 
+def test_a_save_may_be_skipped_only_while_another_is_written(tmp_path, monkeypatch):
+  manager = checkpoint.manager(str(tmp_path))
+  monkeypatch.setattr(ocp.CheckpointManager, 'is_saving_in_progress', lambda self: True)
+  assert not manager.should_save(1)
+  monkeypatch.setattr(ocp.CheckpointManager, 'is_saving_in_progress', lambda self: False)
+  assert manager.should_save(1)
+  manager.close()
+
+
 def test_a_failing_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):
   config = test_config.get_config()
   config.data_dir = str(tmp_path / 'data')

@@ -48,6 +48,45 @@ def test_two_hosts_agree_on_everything(tmp_path):
   assert os.listdir(tmp_path / 'run' / 'checkpoints')
 
 
+SKIPPING_SCRIPT = r'''
+import json, sys
+import jax
+jax.config.update('jax_num_cpu_devices', 2)
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import orbax.checkpoint as ocp
+from configs import test
+from pka_jax import train
+config = test.get_config()
+config.data_dir, config.max_epochs, config.patience = sys.argv[3], 3, 100
+ndcg, saved, evaluate, save = {1: 0.3, 2: 0.2, 3: 0.1}, [], train.Run.evaluate, train.Run.save
+train.Run.evaluate = lambda self, part: (
+    {**evaluate(self, part), 'ndcg@10': ndcg[self.progress.epoch]} if part == 'valid'
+    else evaluate(self, part))
+train.Run.save = lambda self, metrics=None: (
+    saved.append(self.progress.epoch) if metrics else None, save(self, metrics))
+# Only the primary host's answer counts: here it says a save is still being written.
+busy = jax.process_index() == 0
+ocp.CheckpointManager.is_saving_in_progress = lambda self: busy
+train.train_and_evaluate(config, sys.argv[4])
+print(json.dumps(saved))
+'''
+
+
+def test_two_hosts_skip_the_same_saves(tmp_path):
+  # Epoch 2 is neither the best nor the last: its save waits for no other, and the primary
+  # host's view decides for both (a save one host skipped would leave the other waiting).
+  address = f'localhost:{free_port()}'
+  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')}
+  hosts = [subprocess.Popen(
+      [sys.executable, '-c', SKIPPING_SCRIPT, address, str(i), str(tmp_path / 'data'),
+       str(tmp_path / 'run')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env=env) for i in range(2)]
+  outputs = [host.communicate(timeout=300) for host in hosts]
+  for host, (_, stderr) in zip(hosts, outputs):
+    assert host.returncode == 0, stderr[-3000:]
+  assert [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs] == [[1, 3]] * 2
+
+
 def test_the_command_on_two_processes_gets_the_single_process_metrics(tmp_path):
   # Two processes of two CPU devices each form the same (data 4) mesh as one process of four.
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

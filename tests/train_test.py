@@ -5,6 +5,7 @@ import os
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
@@ -113,6 +114,76 @@ def test_a_checkpoint_every_epoch_end_step_keeps_the_best(tmp_path):
   assert results['best_step'] == run.progress.best_step
   assert run.progress.best_step in run.checkpoints.all_steps()
   assert train.evaluate_checkpoint(config(), workdir)['test'] == results['test']
+
+
+# Validation NDCG@10 by epoch: bests at 1 and 3, then two epochs without one.
+SCRIPTED_NDCG = {1: 0.30, 2: 0.20, 3: 0.40, 4: 0.35, 5: 0.10}
+
+
+def script_validation(monkeypatch, saving_in_progress: bool) -> list[int]:
+  """Scripted validation NDCG@10, orbax answering that a save is (or is not) still being
+  written; returns the epochs whose end saved a checkpoint, filled as the run goes."""
+  real_evaluate, real_save, saved_epochs = train.Run.evaluate, train.Run.save, []
+
+  def evaluate_scripted(self, part):
+    metrics = real_evaluate(self, part)
+    if part == 'valid':
+      metrics['ndcg@10'] = SCRIPTED_NDCG[self.progress.epoch]
+    return metrics
+
+  def save_recorded(self, metrics=None):
+    if metrics is not None:
+      saved_epochs.append(self.progress.epoch)
+    real_save(self, metrics)
+
+  monkeypatch.setattr(train.Run, 'evaluate', evaluate_scripted)
+  monkeypatch.setattr(train.Run, 'save', save_recorded)
+  monkeypatch.setattr(ocp.CheckpointManager, 'is_saving_in_progress',
+                      lambda self: saving_in_progress)
+  return saved_epochs
+
+
+def test_epoch_end_saves_skip_only_what_is_neither_best_nor_last(tmp_path, monkeypatch):
+  cfg = config(max_epochs=5, patience=100)
+  saved_epochs = script_validation(monkeypatch, saving_in_progress=False)
+  train.train_and_evaluate(cfg, str(tmp_path / 'idle'))
+  assert saved_epochs == [1, 2, 3, 4, 5]
+  saved_epochs = script_validation(monkeypatch, saving_in_progress=True)
+  results = train.train_and_evaluate(cfg, str(tmp_path / 'busy'))
+  assert saved_epochs == [1, 3, 5]  # the bests and the last: no wait for any other
+  run = train.Run(cfg, str(tmp_path / 'busy'))
+  assert run.restore_latest() and run.progress.epoch == 5
+  assert results['best_step'] == 3 * run.inputs.steps_per_epoch
+  assert run.progress.best_step in run.checkpoints.all_steps()
+
+
+def test_a_run_killed_after_a_skipped_save_resumes_to_the_same_end(tmp_path, monkeypatch):
+  cfg = config(max_epochs=5, patience=100)
+  script_validation(monkeypatch, saving_in_progress=True)
+  once = train.train_and_evaluate(cfg, str(tmp_path / 'once'))
+  # Killed after epoch 4's validation, whose save was skipped: epoch 3's checkpoint is the
+  # latest, and the rerun trains and validates epoch 4 again.
+  real_train_epoch = train.Run.train_epoch
+
+  def killed_in_epoch_5(self, writer):
+    if self.progress.epoch == 4:
+      raise KeyboardInterrupt
+    real_train_epoch(self, writer)
+
+  with monkeypatch.context() as patch:
+    patch.setattr(train.Run, 'train_epoch', killed_in_epoch_5)
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(cfg, str(tmp_path / 'twice'))
+  stopped = train.Run(cfg, str(tmp_path / 'twice'))
+  assert stopped.restore_latest() and stopped.progress.epoch == 3
+  assert train.train_and_evaluate(cfg, str(tmp_path / 'twice')) == once
+  runs = [train.Run(cfg, str(tmp_path / name)) for name in ('once', 'twice')]
+  for run in runs:
+    assert run.restore_latest()
+  assert runs[0].progress.history == runs[1].progress.history
+  for (path, a), (_, b) in zip(*(jax.tree_util.tree_flatten_with_path(params_of(r))[0]
+                                 for r in runs)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
 def popularity_results(run: train.Run, part: str) -> dict[str, float]:
