@@ -41,6 +41,7 @@ from pka_jax import metric_writer
 from pka_jax import sharding
 from pka_jax import train
 from pka_jax.models import Encoder
+import trace_breakdown
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps after the warm-up.')
@@ -122,12 +123,7 @@ def time_train(run: train.Run, probe: MatmulProbe) -> dict:
     batches.extend(run.inputs.epoch(len(batches)))
   batches = batches[:1 + _WARMUP.value + _STEPS.value]
   start = time.perf_counter()
-  if run.sorts_microbatches:  # the program train_on runs
-    compiled = run.sorted_step_fn.lower(run.state, run.sorted_microbatches(batches[0]),
-                                        run.dropout_rng).compile()
-  else:
-    compiled = run.step_fn.lower(run.state, run._global_batch(batches[0]),
-                                 run.dropout_rng).compile()
+  compiled = compiled_step(run, batches[0])
   compile_seconds = time.perf_counter() - start
   # Trimmed batches and length-sorted microbatches come in a few widths: one pass over the
   # batches compiles them all before the clock runs.
@@ -148,6 +144,14 @@ def time_train(run: train.Run, probe: MatmulProbe) -> dict:
           'flops': [step_flops(run, b) for b in timed],
           'real_targets': [int(np.count_nonzero(b['targets'])) for b in timed],
           'widths': [microbatch_widths(run, b) for b in timed]}
+
+
+def compiled_step(run: train.Run, batch):
+  """The compiled program `run.train_on(batch)` runs."""
+  if run.sorts_microbatches:
+    return run.sorted_step_fn.lower(run.state, run.sorted_microbatches(batch),
+                                    run.dropout_rng).compile()
+  return run.step_fn.lower(run.state, run._global_batch(batch), run.dropout_rng).compile()
 
 
 def back_to_back(run: train.Run, batches: list) -> float:
@@ -238,9 +242,18 @@ def time_eval(run: train.Run, probe: MatmulProbe) -> dict:
           'device_batch_seconds': float(np.median(device_seconds)), 'xla_flops_per_pair': xla}
 
 
-def write_trace(run: train.Run, directory: str, steps: int = 3) -> None:
-  """A profiler trace of `steps` train steps and as many evaluation batches, compiled first."""
-  batches = list(itertools.islice(run.inputs.epoch(0), steps))
+def write_trace(run: train.Run, directory: str,
+                steps: int = trace_breakdown.TRACED_STEPS) -> None:
+  """A profiler trace of `steps` train steps and as many evaluation batches, compiled first,
+  and the train step's optimised HLO beside it, for experiments/trace_breakdown.py. The
+  steps all run the first batch: one program, the one the HLO describes (batches of other
+  widths or microbatch splits compile to others, whose ops have other names)."""
+  batches = [next(iter(run.inputs.epoch(0)))] * steps
+  os.makedirs(directory, exist_ok=True)
+  hlo_path = os.path.join(directory, trace_breakdown.HLO_FILE)
+  with open(hlo_path + '.tmp', 'w') as f:
+    f.write(compiled_step(run, batches[0]).as_text())
+  os.replace(hlo_path + '.tmp', hlo_path)
   eval_batches = list(itertools.islice(run.successive_steps('valid').pass_batches(
       run.config.eval_batch_size, shards=run.mesh.shape['data'], **run.evaluation_windows),
       steps))

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -63,3 +64,14 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   # A trace that profilers read: the XSpace protobuf of the traced steps.
   assert report['profile_dir'] == str(tmp_path / 'trace')
   assert list((tmp_path / 'trace').glob('plugins/profile/*/*.xplane.pb'))
+  # Beside it, the HLO of the traced step: every traced op of the step is one of its own.
+  breakdown = subprocess.run(
+      [sys.executable, 'experiments/trace_breakdown.py', str(tmp_path / 'trace')],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert breakdown.returncode == 0, breakdown.stderr[-3000:]
+  matched = re.search(r'([\d.]+)% of the time matched', breakdown.stdout)
+  assert matched and float(matched.group(1)) >= 99.0, breakdown.stdout
+  part_lines = {line.split()[0]: line.split()[1:3] for line in breakdown.stdout.splitlines()
+                if line.startswith(('loss ', 'encoder/block/attention '))}
+  assert float(part_lines['loss'][0].replace(',', '')) > 0
+  assert all(float(t.replace(',', '')) > 0 for t in part_lines['encoder/block/attention'])

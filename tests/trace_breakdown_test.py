@@ -1,0 +1,97 @@
+"""experiments/trace_breakdown.py: a profiled step's ops matched to HLO and split by part."""
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SPEC = importlib.util.spec_from_file_location(
+    'trace_breakdown', os.path.join(ROOT, 'experiments', 'trace_breakdown.py'))
+trace_breakdown = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(trace_breakdown)
+
+# Two GEMMs XLA compiled once (one kernel, launched for each in turn), a cuBLAS call, and
+# ops of the forward pass, the loss and the optimizer.
+HLO = '''HloModule jit_train_step, is_scheduled=true
+
+ENTRY %main.9 (p: f32[4,8]) -> f32[4,8] {
+  %fusion.1 = f32[4,4]{1,0} fusion(%p), kind=kLoop, calls=%c1, metadata={op_name="jit(train_step)/jvp(Encoder)/block_0/attention/reduce_max" scheduling_name="fusion.1"}
+  %gemm_fusion.2 = f32[8,8]{1,0} fusion(%p), kind=kCustom, calls=%c2, metadata={op_name="jit(train_step)/transpose(jvp(Encoder))/block_1/ffn_out/dot_general" deduplicated_name="gemm_fusion.2"}
+  %custom-call.3 = (f32[4,60]{1,0}, s8[64]{0}) custom-call(%p), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/jvp()/dot_general"}
+  %gemm_fusion.7 = f32[8,8]{1,0} fusion(%p), kind=kCustom, calls=%c7, metadata={op_name="jit(train_step)/transpose(jvp(Encoder))/block_0/ffn_in/dot_general" deduplicated_name="gemm_fusion.2"}
+  ROOT %fusion.4 = f32[4,8]{1,0} fusion(%p), kind=kLoop, calls=%c4, metadata={op_name="jit(train_step)/cond/branch_1_fun/add"}
+}
+'''
+
+
+def gpu_trace(kernels_per_step):
+  """Two steps of the kernels `(name, microseconds)`, on GPU 0's stream, and a host event
+  of the same module that is not a kernel."""
+  events = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/device:GPU:0'}},
+            {'ph': 'M', 'name': 'process_name', 'pid': 2, 'args': {'name': '/host:CPU'}},
+            {'ph': 'X', 'pid': 2, 'tid': 1, 'ts': 0, 'dur': 5000, 'name': 'Thunk::Execute',
+             'args': {'hlo_module': 'jit_train_step'}}]
+  ts = 0
+  for _ in range(2):
+    for name, dur in kernels_per_step:
+      events.append({'ph': 'X', 'pid': 1, 'tid': 7, 'ts': ts, 'dur': dur, 'name': name,
+                     'args': {'hlo_module': 'jit_train_step'}})
+      ts += dur + 1
+  return {'traceEvents': events}
+
+
+def parts(expected):
+  return {key: pytest.approx(us) for key, us in expected.items()}
+
+
+def test_gpu_kernels_go_to_the_instructions_they_run_in_turn():
+  trace = gpu_trace([('fusion_1', 10), ('gemm_fusion_2', 20), ('Memset 0', 1),
+                     ('nvjet_sm90_tss_128x256', 40), ('gemm_fusion_2', 30), ('fusion_4', 5)])
+  result = trace_breakdown.breakdown(trace, HLO, steps=2)
+  assert result['by_part'] == parts({
+      ('encoder/block/attention', 'forward'): 10,
+      ('encoder/block/ffn_out', 'backward'): 20,  # the kernel's first launch of a step
+      ('encoder/block/ffn_in', 'backward'): 30,  # and its second
+      ('loss', 'forward'): 40,  # the cuBLAS call
+      (trace_breakdown.COPIES, ''): 1,
+      ('optimizer and update', ''): 5})
+  assert result['step_us'] == 106 and result['matched'] == 1.0
+  assert result['ops_per_step'] == 6
+
+
+def test_library_kernels_that_do_not_pair_with_calls_stay_unmatched():
+  # Two cuBLAS kernels a step for one call (say a split-K reduction after the product).
+  trace = gpu_trace([('fusion_1', 10), ('nvjet_a', 40), ('splitKreduce_kernel', 10)])
+  result = trace_breakdown.breakdown(trace, HLO, steps=2)
+  assert result['by_part'][(trace_breakdown.UNMATCHED, '')] == 50
+  assert result['matched'] == pytest.approx(10 / 60)
+
+
+def test_cpu_thunks_count_once_inside_loops_and_on_the_first_device():
+  def thunk(name, ts, dur, device='0'):
+    return {'ph': 'X', 'pid': 1, 'tid': int(device), 'ts': ts, 'dur': dur, 'name': name,
+            'args': {'hlo_module': 'jit_train_step', 'device_ordinal': device}}
+  events = [{'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/host:CPU'}},
+            thunk('while.5', 0, 100),  # a loop around the two thunks it runs
+            thunk('fusion.1', 10, 20), thunk('gemm_fusion.2', 40, 30),
+            thunk('fusion.4', 200, 6),
+            thunk('fusion.1', 0, 99, device='1')]  # the second device's copy of the step
+  result = trace_breakdown.breakdown({'traceEvents': events}, HLO, steps=1)
+  assert result['by_part'] == parts({
+      ('encoder/block/attention', 'forward'): 20,
+      ('encoder/block/ffn_out', 'backward'): 30,
+      ('optimizer and update', ''): 6})
+
+
+@pytest.mark.parametrize('op_name, part', [
+    ('jit(train_step)/jvp(Encoder)/block_2/attention/query/dot_general',
+     ('encoder/block/attention/query', 'forward')),
+    ('jit(train_step)/transpose(jvp(Encoder))/item_emb/jit(_take)/scatter-add',
+     ('encoder/item_emb', 'backward')),
+    ('jit(train_step)/jvp(Encoder)/mul', ('encoder/(its own ops)', 'forward')),
+    ('jit(train_step)/jvp()/reduce_max', ('loss', 'forward')),
+    ('jit(train_step)/is_finite', ('optimizer and update', '')),
+])
+def test_parts_come_from_the_op_names(op_name, part):
+  assert trace_breakdown.part_of(op_name) == part
