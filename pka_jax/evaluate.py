@@ -9,7 +9,7 @@ item still joins the user's history.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -353,6 +353,7 @@ def evaluate_ranked(
     held: Sequence[int] | None = None,
     trim: bool = False,
     padding_column: bool = False,
+    batches: Iterable[EvalBatch] | None = None,
 ) -> dict[str, float]:
   """`evaluate` with the scoring, masking and top-k of a batch fused in `rank_fn`.
 
@@ -362,16 +363,19 @@ def evaluate_ranked(
   `held` are `SuccessiveSteps.batch`'s: `rank_fn` gets this host's rows and returns every
   row's results. With `trim`, steps run shortest context first in windows cut to their
   batch's longest context (`rank_fn` then sees a few widths); only for a model that
-  `trims_exactly`, or with `padding_column` one whose `padding_keys_alike`.
+  `trims_exactly`, or with `padding_column` one whose `padding_keys_alike`. `batches`, when
+  given, are that pass's batches built already (`steps.pass_batches` with these options).
   """
   if steps is None:
     steps = successive_steps(dataset, part, maxlen=maxlen)
   accumulator = metrics.RankingAccumulator(k=top_k, num_items=dataset.num_items)
   if progress is None:
     progress = logging.level_info()
+  if batches is None:
+    batches = steps.pass_batches(batch_size, shards=shards, held=held, trim=trim,
+                                 padding_column=padding_column)
   batches = tqdm.tqdm(
-      steps.pass_batches(batch_size, shards=shards, held=held, trim=trim,
-                         padding_column=padding_column),
+      batches,
       total=steps.num_batches(batch_size),
       desc=f'evaluate {part}',
       disable=not progress)

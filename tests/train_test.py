@@ -223,6 +223,51 @@ def test_end_to_end_train_checkpoint_restore_evaluate(tmp_path):
   assert again['best_step'] == results['best_step']
 
 
+def counting_built_batches(monkeypatch) -> list[int]:
+  """Counts the evaluation batches built from now on (one entry per batch)."""
+  built, real_batch = [], evaluate.SuccessiveSteps.batch
+
+  def batch(self, *args, **kwargs):
+    built.append(1)
+    return real_batch(self, *args, **kwargs)
+
+  monkeypatch.setattr(evaluate.SuccessiveSteps, 'batch', batch)
+  return built
+
+
+def test_validation_batches_are_built_once_per_run(tmp_path, monkeypatch):
+  run = train.Run(config(), str(tmp_path / 'run'))
+  built = counting_built_batches(monkeypatch)
+  batches_a_pass = run.successive_steps('valid').num_batches(run.config.eval_batch_size)
+  run.evaluate('valid')
+  assert len(built) == batches_a_pass > 1
+  for _ in range(2):  # new parameters, the kept batches
+    run.state, _ = run.step_fn(run.state, first_batch(run), run.dropout_rng)
+  kept = run.evaluate('valid')
+  assert len(built) == batches_a_pass
+  fresh = train.Run(config(), str(tmp_path / 'fresh'))
+  fresh.state = run.state
+  assert fresh.evaluate('valid') == kept  # the same metrics from batches built anew
+  run.evaluate('test')
+  run.evaluate('test')  # evaluated once a run: not kept
+  assert len(built) == 2 * batches_a_pass + 2 * run.successive_steps('test').num_batches(
+      run.config.eval_batch_size)
+
+
+def test_validation_batches_too_large_or_interrupted_are_not_kept(tmp_path, monkeypatch):
+  run = train.Run(config(), str(tmp_path))
+  built = counting_built_batches(monkeypatch)
+  batches_a_pass = run.successive_steps('valid').num_batches(run.config.eval_batch_size)
+  run.watch.signalled = True  # a preemption notice: the pass stops after its first batch
+  with pytest.raises(evaluate.Interrupted):
+    run.evaluate('valid')
+  run.watch.signalled = False
+  monkeypatch.setattr(train, 'VALIDATION_BATCH_BYTES', 1)
+  first = run.evaluate('valid')
+  assert run.evaluate('valid') == first
+  assert len(built) == 1 + 2 * batches_a_pass
+
+
 def test_trimmed_evaluation_windows_rank_as_the_full_ones(tmp_path):
   cfg = config(eval_batch_size=16)
   cfg.synthetic.min_length = 2  # short contexts: some batches fit 8 columns
