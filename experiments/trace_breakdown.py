@@ -35,12 +35,14 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DEDUPLICATED = re.compile(r'deduplicated_name="([^"]*)"')
 _LIBRARY_CALL = re.compile(r'custom_call_target="__(cublas|cudnn)')
 _COPY = re.compile(r'^(memcpy|memset|Memcpy|Memset)')
+_JAX_SCOPE = re.compile(r'while|body|cond|closed_call|checkpoint|remat|branch_\d+_fun')
 
 
 @dataclasses.dataclass(frozen=True)
 class Instruction:
   shape: str  # of its output
   op_name: str  # where in the JAX program it comes from
+  inferred: bool = False  # op_name taken from an operand's: XLA made the op without one
 
 
 @dataclasses.dataclass
@@ -56,36 +58,64 @@ def read_hlo(text: str) -> Program:
   """On GPU, XLA compiles identical fusions once: every instruction of such a group names its
   kernel in `deduplicated_name`, the kernel takes one member's name, and its k-th launch
   within a step is the group's k-th instruction in the schedule (the order of the text).
-  Names are also kept with `.` written `_`, as kernels spell them."""
+  Names are also kept with `.` written `_`, as kernels spell them. An instruction XLA made
+  without an `op_name` (on CPU, some batched products of attention) takes the nearest
+  operand's."""
   module = re.match(r'HloModule (\S+?),?\s', text).group(1)
+  parsed = [(match, line) for line in text.splitlines()
+            if (match := _INSTRUCTION.match(line))]
+  op_names = {match.group(1): (found.group(1) if (found := _OP_NAME.search(line)) else '')
+              for match, line in parsed}
+  operands = {match.group(1): re.findall(r'%([\w.-]+)', line[match.end():])
+              for match, line in parsed}
   groups, members, library_calls = collections.defaultdict(list), {}, []
-  for line in text.splitlines():
-    match = _INSTRUCTION.match(line)
-    if match:
-      op_name, kernel = _OP_NAME.search(line), _DEDUPLICATED.search(line)
-      instruction = Instruction(match.group(2), op_name.group(1) if op_name else '')
-      group = kernel.group(1) if kernel else match.group(1)
-      groups[group].append(instruction)
-      members[match.group(1)] = members[match.group(1).replace('.', '_')] = group
-      if _LIBRARY_CALL.search(line):
-        library_calls.append(instruction)
+  for match, line in parsed:
+    name, kernel = match.group(1), _DEDUPLICATED.search(line)
+    op_name = op_names[name] or _nearest_op_name(name, op_names, operands)
+    instruction = Instruction(match.group(2), op_name, inferred=not op_names[name])
+    group = kernel.group(1) if kernel else name
+    groups[group].append(instruction)
+    members[name] = members[name.replace('.', '_')] = group
+    if _LIBRARY_CALL.search(line):
+      library_calls.append(instruction)
   return Program(module, {name: groups[group] for name, group in members.items()},
                  library_calls)
 
 
+def _nearest_op_name(name: str, op_names: dict[str, str], operands: dict[str, list[str]]
+                     ) -> str:
+  """The `op_name` of the first operand that has one, breadth first, a few levels deep."""
+  frontier, seen = [name], {name}
+  for _ in range(4):
+    frontier = [o for n in frontier for o in operands[n] if o in op_names and o not in seen]
+    seen.update(frontier)
+    for operand in frontier:
+      if op_names[operand]:
+        return op_names[operand]
+  return ''
+
+
 def part_of(op_name: str) -> tuple[str, str]:
-  """`(part, pass)` of an op from its `op_name`."""
+  """`(part, pass)` of an op from its `op_name` (the first, where XLA joined several
+  with `;`)."""
+  op_name = op_name.split(';')[0]
   scopes = op_name.split('/')[1:]  # after `jit(train_step)`
   direction = ('backward' if 'transpose(' in op_name
                else 'forward' if 'jvp(' in op_name else '')
   for i, scope in enumerate(scopes):
     if 'Encoder' in scope:
-      # Flax module names up to the primitive (`mul`, `dot_general`) that ends the path.
-      modules = [re.sub(r'_\d+$', '', s) for s in scopes[i + 1:-1] if re.fullmatch(r'\w+', s)]
+      # Flax module names up to the primitive (`mul`, `dot_general`) that ends the path,
+      # without JAX's own scopes (`while/body`, `cond/branch_1_fun`, `jit(_where)`).
+      modules = [re.sub(r'_\d+$', '', s) for s in scopes[i + 1:-1]
+                 if re.fullmatch(r'\w+', s) and not _JAX_SCOPE.fullmatch(s)]
       return 'encoder/' + '/'.join(modules[:3] or ['(its own ops)']), direction
   if direction:
     return 'loss', direction
-  return 'optimizer and update', ''
+  if not op_name:
+    return '(no op_name)', ''
+  # Outside the gradient: the sum over microbatches inside the step's loop, else the update.
+  return ('gradient sum over microbatches' if '/while/' in op_name
+          else 'optimizer and update'), ''
 
 
 def device_ops(trace: dict, module: str) -> list[dict]:
@@ -145,9 +175,9 @@ def breakdown(trace: dict, hlo_text: str, steps: int) -> dict:
 
 
 def print_breakdown(result: dict, top: int) -> None:
-  print(f"{result['module']}: {result['step_us'] / 1e3:,.2f} ms of ops a step, "
-        f"{result['ops_per_step']:,.0f} ops, {100 * result['matched']:.1f}% of the time "
-        'matched to HLO instructions')
+  print(f"{result['module']}: {result['step_us'] / 1e3:,.2f} ms of ops a step (summed: a "
+        f"CPU runs some side by side), {result['ops_per_step']:,.0f} ops, "
+        f"{100 * result['matched']:.1f}% of the time matched to HLO instructions")
   parts = collections.defaultdict(dict)
   for (part, direction), us in result['by_part'].items():
     parts[part][direction] = us
@@ -156,11 +186,12 @@ def print_breakdown(result: dict, top: int) -> None:
   for part, times in sorted(parts.items(), key=lambda item: -sum(item[1].values())):
     print(f"{part[:40]:40s} {times.get('forward', 0):10,.0f} {times.get('backward', 0):10,.0f}"
           f" {sum(times.values()):10,.0f} {100 * sum(times.values()) / total:5.1f}%")
-  print('costliest ops (us a step, runs a step, shape, op_name):')
+  print('costliest ops (us a step, runs a step, shape, op_name; ~: from an operand):')
   for name, us in result['by_op'].most_common(top):
     group = result['instructions'].get(name)
     shared = f' (and {len(group) - 1} more)' if group and len(group) > 1 else ''
-    where = f'{group[0].shape[:40]} {group[0].op_name[-70:]}{shared}' if group else '-'
+    where = (f"{group[0].shape[:40]} {'~' if group[0].inferred else ''}"
+             f'{group[0].op_name[-70:]}{shared}' if group else '-')
     runs = result['runs'][name] / result['steps']
     print(f'{us:10,.1f} {runs:5g}  {name[:40]:40s} {where}')
 

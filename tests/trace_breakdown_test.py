@@ -92,6 +92,21 @@ def test_cpu_thunks_count_once_inside_loops_and_on_the_first_device():
     ('jit(train_step)/jvp(Encoder)/mul', ('encoder/(its own ops)', 'forward')),
     ('jit(train_step)/jvp()/reduce_max', ('loss', 'forward')),
     ('jit(train_step)/is_finite', ('optimizer and update', '')),
+    # JAX's own scopes are no modules; XLA may join several names with `;`.
+    ('jit(s)/while/body/jvp(Encoder)/block_0/attention/while/body/cond/branch_1_fun/mul;'
+     'jit(s)/while/body/jvp(Encoder)/block_0/ffn_in/add',
+     ('encoder/block/attention', 'forward')),
+    ('jit(s)/while/body/add', ('gradient sum over microbatches', '')),
+    ('', ('(no op_name)', '')),
 ])
 def test_parts_come_from_the_op_names(op_name, part):
   assert trace_breakdown.part_of(op_name) == part
+
+
+def test_an_op_xla_made_without_a_name_takes_its_nearest_operands():
+  program = trace_breakdown.read_hlo(HLO.replace(
+      'ROOT %fusion.4', '%dot.5 = f32[4,4]{1,0} dot(%fusion.1, %p)\n  ROOT %fusion.4'))
+  assert program.ops['dot.5'] == [trace_breakdown.Instruction(
+      'f32[4,4]{1,0}', 'jit(train_step)/jvp(Encoder)/block_0/attention/reduce_max',
+      inferred=True)]
+  assert not program.ops['fusion.1'][0].inferred
