@@ -2,7 +2,8 @@
 # The benchmark on an accelerator, in one call: ML-1M's PKA shape in bfloat16 (with two real
 # epochs and a profiler trace), the fused-attention check, then PKA in float32, SASRec in both,
 # and batch 1,024 for scaling. Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and
-# text, the trace as trace.tgz; the synthetic data and scratch files stay outside OUT.
+# text, the trace (with the traced step's HLO) as trace.tgz and its breakdown by part of the
+# model (trace_breakdown.py) in the log; the synthetic data and scratch files stay outside OUT.
 #
 #   OUT=/tmp/acc bash experiments/accelerator_benchmark.sh   # PYTHON=..., LIMIT=seconds per run
 #
@@ -32,6 +33,8 @@ bench() {  # model dtype batch [extra flags]
 }
 
 bench pka bfloat16 256 --epochs=2 --profile_dir="$SCRATCH/trace"
+echo "=== where the bfloat16 step's time goes" | tee -a "$OUT/log.txt"
+"$PYTHON" experiments/trace_breakdown.py "$SCRATCH/trace" --top=25 2>&1 | log
 tar -czf "$OUT/trace.tgz" -C "$SCRATCH" trace 2>/dev/null
 echo "=== attention check" | tee -a "$OUT/log.txt"
 timeout "$LIMIT" "$PYTHON" experiments/attention_check.py --config=configs/ml1m.py \
