@@ -202,11 +202,11 @@ def reference_step_flops(run: train.Run, batch) -> float:
   return xla_flops(step, run.state, batch, run.dropout_rng, devices=run.mesh.size)
 
 
-def eval_pass_flops(run: train.Run, steps) -> tuple[int, dict[int, int]]:
+def eval_pass_flops(run: train.Run) -> tuple[int, dict[int, int]]:
   """Model FLOPs of a validation pass (real pairs only, each at its batch's window width)
   and how many pairs ran at each width: read off the batches the pass itself runs."""
   total, pairs_at = 0, collections.Counter()
-  for batch in steps.pass_batches(run.config.eval_batch_size, **run.evaluation_windows):
+  for batch in run.pass_batches('valid'):
     width, pairs = batch.inputs_BxT.shape[1], int(batch.valid_B.sum())
     total += pairs * flops.eval_pair_flops(run.eval_model.config, width)
     pairs_at[width] += pairs
@@ -235,7 +235,7 @@ def time_eval(run: train.Run, probe: MatmulProbe) -> dict:
   xla = xla_flops(score, run.state.params, run._sharded_rows(batch.inputs_BxT),
                   devices=run.mesh.size)
   xla /= run.config.eval_batch_size
-  pass_flops, pairs_at_width = eval_pass_flops(run, steps)
+  pass_flops, pairs_at_width = eval_pass_flops(run)
   return {'pairs': len(steps), 'seconds': float(np.median(seconds)),
           'mfu_probed': float(np.median(pass_flops / np.array(seconds) / np.array(peaks))),
           'pass_flops': pass_flops, 'pairs_at_width': pairs_at_width,
@@ -254,9 +254,7 @@ def write_trace(run: train.Run, directory: str,
   with open(hlo_path + '.tmp', 'w') as f:
     f.write(compiled_step(run, batches[0]).as_text())
   os.replace(hlo_path + '.tmp', hlo_path)
-  eval_batches = list(itertools.islice(run.successive_steps('valid').pass_batches(
-      run.config.eval_batch_size, shards=run.mesh.shape['data'], **run.evaluation_windows),
-      steps))
+  eval_batches = list(itertools.islice(run.pass_batches('valid'), steps))
 
   def run_all():
     for batch in batches:
