@@ -114,6 +114,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.prng_impl = 'rbg'
   config.log_every_steps = 50  # train metrics written every this many steps
   config.checkpoint_every_steps = 0  # extra mid-epoch checkpoints (0: only after validation)
+  # A validation that is neither a new best nor the last saves a checkpoint only this many
+  # seconds after the last save, and never while one is still being written: an epoch on an
+  # accelerator is shorter than a save. Work a crash loses is redone to the same end.
+  config.checkpoint_interval_s = 60
 
   # ---- evaluation ----
   config.top_k = 10  # metrics at k

@@ -57,7 +57,10 @@ def directory(workdir: str) -> str:
   return os.path.abspath(os.path.join(workdir, 'checkpoints'))
 
 
-def manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
+def manager(workdir: str, *, read_only: bool = False, interval_s: float = 0
+            ) -> ocp.CheckpointManager:
+  """The run's checkpoints; `should_save` says no while a save is being written or within
+  `interval_s` seconds of the last one."""
   path = directory(workdir)
   unfinished = sorted(glob.glob(os.path.join(path, _UNFINISHED)))
   if unfinished and not read_only:
@@ -77,9 +80,10 @@ def manager(workdir: str, *, read_only: bool = False) -> ocp.CheckpointManager:
       # an earlier best checkpoint.
       best_fn=rank,
       # Every save here is forced; this policy only answers `should_save`, which the run asks
-      # before a save it may skip: not while another is still being written (decided on the
-      # primary host and shared, so every host skips the same saves).
-      save_decision_policy=checkpoint_managers.ContinuousCheckpointingPolicy())
+      # before a save it may skip (decided on the primary host and shared, so every host
+      # skips the same saves).
+      save_decision_policy=checkpoint_managers.ContinuousCheckpointingPolicy(
+          minimum_interval_secs=interval_s or None))
   return ocp.CheckpointManager(path, options=options, item_names=ITEMS)
 
 

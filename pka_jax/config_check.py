@@ -69,6 +69,7 @@ def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
       'prng_impl': one_of(PRNG_IMPLS),
       'log_every_steps': positive_int,
       'checkpoint_every_steps': non_negative_int,
+      'checkpoint_interval_s': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
       'top_k': positive_int,
       'eval_batch_size': non_negative_int,
       'max_eval': positive_int,

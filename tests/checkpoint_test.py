@@ -47,13 +47,19 @@ def test_a_resumed_run_keeps_the_best_saved_before_it(tmp_path):
   assert save_steps(str(tmp_path), [(4, 0.2)]) == [2, 4]  # the next process
 
 
-def test_a_save_may_be_skipped_only_while_another_is_written(tmp_path, monkeypatch):
-  manager = checkpoint.manager(str(tmp_path))
+def test_a_save_may_be_skipped_while_another_is_written_or_soon_after(tmp_path, monkeypatch):
+  manager = checkpoint.manager(str(tmp_path / 'no_interval'))
   monkeypatch.setattr(ocp.CheckpointManager, 'is_saving_in_progress', lambda self: True)
   assert not manager.should_save(1)
   monkeypatch.setattr(ocp.CheckpointManager, 'is_saving_in_progress', lambda self: False)
   assert manager.should_save(1)
+  assert save_steps(str(tmp_path / 'no_interval'), [(1, 0.3)]) == [1]
+  manager.reload()  # step 1, saved by another manager
+  assert manager.should_save(2)
   manager.close()
+  hourly = checkpoint.manager(str(tmp_path / 'no_interval'), interval_s=3600)
+  assert not hourly.should_save(2)  # an hour has not passed since step 1
+  hourly.close()
 
 
 def test_a_failing_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path, monkeypatch):

@@ -144,10 +144,14 @@ def script_validation(monkeypatch, saving_in_progress: bool) -> list[int]:
 
 
 def test_epoch_end_saves_skip_only_what_is_neither_best_nor_last(tmp_path, monkeypatch):
-  cfg = config(max_epochs=5, patience=100)
+  cfg = config(max_epochs=5, patience=100, checkpoint_interval_s=0)
   saved_epochs = script_validation(monkeypatch, saving_in_progress=False)
   train.train_and_evaluate(cfg, str(tmp_path / 'idle'))
   assert saved_epochs == [1, 2, 3, 4, 5]
+  saved_epochs = script_validation(monkeypatch, saving_in_progress=False)
+  train.train_and_evaluate(config(max_epochs=5, patience=100, checkpoint_interval_s=3600),
+                           str(tmp_path / 'hourly'))
+  assert saved_epochs == [1, 3, 5]  # the bests and the last: no other within the hour
   saved_epochs = script_validation(monkeypatch, saving_in_progress=True)
   results = train.train_and_evaluate(cfg, str(tmp_path / 'busy'))
   assert saved_epochs == [1, 3, 5]  # the bests and the last: no wait for any other
