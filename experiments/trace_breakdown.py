@@ -10,9 +10,9 @@ of the traced train step that `benchmark.py --profile_dir` writes beside it
 thunk) is matched by name to its HLO instruction, whose `op_name` says where it comes from:
 the forward or the backward pass (JAX's `transpose(...)`), the part of the model
 (`Encoder/block_1/attention/...`, block numbers dropped: XLA shares one op between blocks),
-the loss (under `jvp()` outside the encoder) or the optimizer (outside both). A fusion
-counts where its root op comes from. Prints the time a step by part, forward and backward,
-then the costliest ops.
+the loss (under `jvp()` outside the encoder), or outside both the optimizer and the sum of
+the microbatches' gradients. A fusion counts where its root op comes from. Prints the time
+a step by part, forward and backward, then the costliest ops.
 """
 
 import collections
