@@ -11,33 +11,30 @@ from pka_jax import checkpoint
 from pka_jax import train
 
 
-def test_keeps_latest_and_earliest_best(tmp_path):
-  manager = checkpoint.manager(str(tmp_path))
-  config = ml_collections.ConfigDict({'model': 'pka'})
-  for step, ndcg in [(1, 0.3), (2, 0.5), (3, 0.5), (4, 0.4), (5, None)]:
-    metrics = None if ndcg is None else {checkpoint.BEST_METRIC: ndcg}
-    checkpoint.save(manager, step, state={'w': np.full(2, step, np.float32)},
-                    progress={'epoch': step}, config=config, metrics=metrics)
-  manager.wait_until_finished()
-  assert manager.all_steps() == [2, 5]
-  state, progress = checkpoint.restore(manager, 2, {'w': np.zeros(2, np.float32)})
-  np.testing.assert_array_equal(state['w'], [2, 2])
-  assert progress == {'epoch': 2}
-  assert checkpoint.restore_config(str(tmp_path)).model == 'pka'
-  manager.close()
-
-
-def save_steps(workdir, ndcg_by_step):
+def save_steps(workdir, ndcg_by_step) -> list[int]:
+  """Saves each `(step, NDCG@10)` (None: a save without metrics) in one manager, as one
+  process would; returns the steps kept."""
   manager = checkpoint.manager(workdir)
   config = ml_collections.ConfigDict({'model': 'pka'})
   for step, ndcg in ndcg_by_step:
     checkpoint.save(manager, step, state={'w': np.full(2, step, np.float32)},
                     progress={'epoch': step}, config=config,
-                    metrics={checkpoint.BEST_METRIC: ndcg})
+                    metrics=None if ndcg is None else {checkpoint.BEST_METRIC: ndcg})
   manager.wait_until_finished()
   steps = manager.all_steps()
   manager.close()
   return steps
+
+
+def test_keeps_latest_and_earliest_best(tmp_path):
+  steps = save_steps(str(tmp_path), [(1, 0.3), (2, 0.5), (3, 0.5), (4, 0.4), (5, None)])
+  assert steps == [2, 5]
+  manager = checkpoint.manager(str(tmp_path), read_only=True)
+  state, progress = checkpoint.restore(manager, 2, {'w': np.zeros(2, np.float32)})
+  np.testing.assert_array_equal(state['w'], [2, 2])
+  assert progress == {'epoch': 2}
+  assert checkpoint.restore_config(str(tmp_path)).model == 'pka'
+  manager.close()
 
 
 def test_a_resumed_run_keeps_the_best_saved_before_it(tmp_path):

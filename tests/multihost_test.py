@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-SCRIPT = r'''
+# The start of each host's script (`python -c`, arguments: coordinator, process id, data_dir,
+# workdir): two CPU devices, the test config.
+HOST = r'''
 import json, sys
 import jax
 jax.config.update('jax_num_cpu_devices', 2)
@@ -17,8 +19,12 @@ jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv
 from configs import test
 from pka_jax import train
 config = test.get_config()
-config.data_dir, config.max_epochs = sys.argv[3], 2
-results = train.train_and_evaluate(config, sys.argv[4])
+config.data_dir, workdir = sys.argv[3], sys.argv[4]
+'''
+
+SCRIPT = HOST + r'''
+config.max_epochs = 2
+results = train.train_and_evaluate(config, workdir)
 print(json.dumps({'devices': jax.device_count(), 'test': results['test'],
                   'best_step': results['best_step']}))
 '''
@@ -30,17 +36,22 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_hosts_agree_on_everything(tmp_path):
+def two_hosts(script: str, tmp_path) -> list:
+  """Runs `script` as two hosts of one run; the JSON each printed last."""
   address = f'localhost:{free_port()}'
   env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')}
   hosts = [subprocess.Popen(
-      [sys.executable, '-c', SCRIPT, address, str(i), str(tmp_path / 'data'),
+      [sys.executable, '-c', script, address, str(i), str(tmp_path / 'data'),
        str(tmp_path / 'run')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
       for i in range(2)]
   outputs = [host.communicate(timeout=300) for host in hosts]
   for host, (_, stderr) in zip(hosts, outputs):
     assert host.returncode == 0, stderr[-3000:]
-  reports = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+  return [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+
+
+def test_two_hosts_agree_on_everything(tmp_path):
+  reports = two_hosts(SCRIPT, tmp_path)
   assert reports[0]['devices'] == 4
   assert reports[0] == reports[1]
   assert reports[0]['test']['num_steps'] > 0
@@ -48,16 +59,9 @@ def test_two_hosts_agree_on_everything(tmp_path):
   assert os.listdir(tmp_path / 'run' / 'checkpoints')
 
 
-SKIPPING_SCRIPT = r'''
-import json, sys
-import jax
-jax.config.update('jax_num_cpu_devices', 2)
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+SKIPPING_SCRIPT = HOST + r'''
 import orbax.checkpoint as ocp
-from configs import test
-from pka_jax import train
-config = test.get_config()
-config.data_dir, config.max_epochs, config.patience = sys.argv[3], 3, 100
+config.max_epochs, config.patience = 3, 100
 config.checkpoint_interval_s = 0  # only the save in flight decides
 ndcg, saved, evaluate, save = {1: 0.3, 2: 0.2, 3: 0.1}, [], train.Run.evaluate, train.Run.save
 train.Run.evaluate = lambda self, part: (
@@ -68,7 +72,7 @@ train.Run.save = lambda self, metrics=None: (
 # Only the primary host's answer counts: here it says a save is still being written.
 busy = jax.process_index() == 0
 ocp.CheckpointManager.is_saving_in_progress = lambda self: busy
-train.train_and_evaluate(config, sys.argv[4])
+train.train_and_evaluate(config, workdir)
 print(json.dumps(saved))
 '''
 
@@ -76,16 +80,7 @@ print(json.dumps(saved))
 def test_two_hosts_skip_the_same_saves(tmp_path):
   # Epoch 2 is neither the best nor the last: its save waits for no other, and the primary
   # host's view decides for both (a save one host skipped would leave the other waiting).
-  address = f'localhost:{free_port()}'
-  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')}
-  hosts = [subprocess.Popen(
-      [sys.executable, '-c', SKIPPING_SCRIPT, address, str(i), str(tmp_path / 'data'),
-       str(tmp_path / 'run')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=env) for i in range(2)]
-  outputs = [host.communicate(timeout=300) for host in hosts]
-  for host, (_, stderr) in zip(hosts, outputs):
-    assert host.returncode == 0, stderr[-3000:]
-  assert [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs] == [[1, 3]] * 2
+  assert two_hosts(SKIPPING_SCRIPT, tmp_path) == [[1, 3]] * 2
 
 
 def test_the_command_on_two_processes_gets_the_single_process_metrics(tmp_path):
