@@ -83,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # With ce_block_size 0: rows per chunk of the fused loss (0: chunk logits of ~8 MB on CPU,
   # ~1 GB on accelerators). Exact whatever the value; a speed and memory setting.
   config.ce_chunk_rows = 0
+  # xla | pallas. pallas: the cross-entropy as Triton kernels that never write the logits
+  # (pka_jax/pallas_loss.py; GPU only, one device's table, ce_block_size and ce_chunk_rows
+  # unused). The same loss; which is faster is for a GPU profile to say.
+  config.ce_impl = 'xla'
   config.learning_rate = 1e-3  # Adam, constant
   config.adam_b1 = 0.9  # Adam beta1
   config.adam_b2 = 0.98  # Adam beta2

@@ -67,10 +67,8 @@ def main(argv):
   data_shards = mesh.shape[sharding.DATA]
   microbatches = config.microbatches or train.microbatches_for(
       config.batch_size // data_shards, config.maxlen)
-  step = functools.partial(
-      train.train_step, loss_name=config.loss, ce_block_size=config.ce_block_size,
-      ce_chunk_rows=config.ce_chunk_rows, microbatches=microbatches, mesh=mesh,
-      num_items=_NUM_ITEMS.value)
+  step = functools.partial(train.train_step, microbatches=microbatches, mesh=mesh,
+                           **train.loss_options(config, _NUM_ITEMS.value))
   abstract_state = jax.tree.map(
       lambda s, placement: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placement),
       state, state_shardings)

@@ -16,6 +16,7 @@ from pka_jax.dropout import DROPOUT_IMPLS
 from pka_jax.models import DTYPES, POSITION_MODES
 
 LOSSES = ('ce', 'bce')
+CE_IMPLS = ('xla', 'pallas')
 PRNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
 
 
@@ -56,6 +57,7 @@ def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
       'loss': one_of(LOSSES),
       'ce_block_size': non_negative_int,
       'ce_chunk_rows': non_negative_int,
+      'ce_impl': one_of(CE_IMPLS),
       'learning_rate': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
       'adam_b1': fraction,
       'adam_b2': fraction,
@@ -98,6 +100,9 @@ def _relations(config: ml_collections.ConfigDict, devices: int, processes: int) 
   if not (_is_number(q_valid) and _is_number(q_test) and 0 < q_valid < q_test < 1):
     problems.append(f'q_valid, q_test: expected 0 < q_valid < q_test < 1, got {q_valid!r} and '
                     f'{q_test!r}')
+  if config.get('ce_impl') == 'pallas' and jax.default_backend() != 'gpu':
+    problems.append(f"ce_impl: 'pallas' runs Triton kernels and needs a GPU, not this "
+                    f"{jax.default_backend()} backend (use 'xla')")
   return problems + device_problems(config, devices, processes) + _synthetic_problems(config)
 
 

@@ -29,6 +29,7 @@ from pka_jax import evaluate
 from pka_jax import faults
 from pka_jax import losses
 from pka_jax import metric_writer
+from pka_jax import pallas_loss
 from pka_jax import recommend
 from pka_jax import sharding
 from pka_jax.data.pipeline import TrainInput
@@ -50,8 +51,8 @@ def create_train_state(model: Encoder, config: ml_collections.ConfigDict,
 
 def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
               loss_name: str, ce_block_size: int = 0, ce_chunk_rows: int = 0,
-              mesh: jax.sharding.Mesh | None = None, num_items: int | None = None,
-              ) -> tuple[jax.Array, jax.Array]:
+              ce_impl: str = 'xla', mesh: jax.sharding.Mesh | None = None,
+              num_items: int | None = None) -> tuple[jax.Array, jax.Array]:
   """`(sum, count)` of the loss over the real targets of `batch` (rows sharded over `mesh`'s
   'data' axis and the item table over its 'model' axis, if given). A microbatch says which
   rows of the step's batch it holds in `batch['rows']`: its dropout masks are theirs."""
@@ -66,7 +67,9 @@ def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
     return _sharded_loss_sums(hidden_BxTxD, item_emb_VxD, batch['targets'], mesh=mesh,
                               num_items=num_items, block_size=ce_block_size)
   if loss_name == 'ce':
-    if ce_block_size:
+    if ce_impl == 'pallas':
+      local = pallas_loss.pallas_cross_entropy
+    elif ce_block_size:
       local = functools.partial(losses.blockwise_cross_entropy, block_size=ce_block_size)
     else:
       local = functools.partial(losses.chunked_cross_entropy, chunk_rows=ce_chunk_rows)
@@ -85,6 +88,13 @@ def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
   if loss_name == 'bce':
     return losses.sampled_bce(hidden_BxTxD, item_emb_VxD, batch['targets'], negatives_rng)
   raise ValueError(f'Unknown loss {loss_name!r}: expected ce or bce')
+
+
+def loss_options(config: ml_collections.ConfigDict, num_items: int) -> dict[str, Any]:
+  """`train_step`'s loss arguments from `config`."""
+  return {'loss_name': config.loss, 'ce_block_size': config.ce_block_size,
+          'ce_chunk_rows': config.ce_chunk_rows, 'ce_impl': config.get('ce_impl', 'xla'),
+          'num_items': num_items}
 
 
 def _sharded_loss_sums(hidden_BxTxD, table_VxD, targets_BxT, *, mesh, num_items, block_size):
@@ -123,7 +133,7 @@ def _apply_summed_gradients(state: train_state.TrainState, grads, total, count
 
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: jax.Array,
                *, loss_name: str, ce_block_size: int = 0, ce_chunk_rows: int = 0,
-               microbatches: int = 1, mesh: jax.sharding.Mesh | None = None,
+               ce_impl: str = 'xla', microbatches: int = 1, mesh: jax.sharding.Mesh | None = None,
                num_items: int | None = None,
                ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One Adam step on the mean loss over the batch; metrics leave as sums and counts.
@@ -135,7 +145,8 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
   """
   step_rng = jax.random.fold_in(rng, state.step)
   loss = {'loss_name': loss_name, 'ce_block_size': ce_block_size,
-          'ce_chunk_rows': ce_chunk_rows, 'mesh': mesh, 'num_items': num_items}
+          'ce_chunk_rows': ce_chunk_rows, 'ce_impl': ce_impl, 'mesh': mesh,
+          'num_items': num_items}
   if not microbatches:
     rows, width = batch['inputs'].shape
     data_shards = mesh.shape[sharding.DATA] if mesh is not None else 1
@@ -393,11 +404,9 @@ class Run:
     # Of a maxlen-wide batch; a trimmed one may be split in fewer (train_step).
     self.train_microbatches = config.microbatches or microbatches_for(
         config.batch_size // data_shards, config.maxlen)
+    loss = loss_options(config, num_items)
     self.step_fn = jax.jit(
-        functools.partial(train_step, loss_name=config.loss, ce_block_size=config.ce_block_size,
-                          ce_chunk_rows=config.ce_chunk_rows,
-                          microbatches=config.microbatches, mesh=self.mesh,
-                          num_items=num_items),
+        functools.partial(train_step, microbatches=config.microbatches, mesh=self.mesh, **loss),
         in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     # On one host, where windows trim: microbatches of rows of similar length, each cut to
@@ -405,10 +414,7 @@ class Run:
     self.sorts_microbatches = (self.trims_windows and self.train_microbatches > 1
                                and jax.process_count() == 1)
     self.sorted_step_fn = jax.jit(
-        functools.partial(length_sorted_step, loss_name=config.loss,
-                          ce_block_size=config.ce_block_size,
-                          ce_chunk_rows=config.ce_chunk_rows, mesh=self.mesh,
-                          num_items=num_items),
+        functools.partial(length_sorted_step, mesh=self.mesh, **loss),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     # Evaluation scores, masks and ranks each device's rows; only the top-k leave it.
     self.rank_fn = jax.jit(

@@ -56,6 +56,8 @@ def test_the_shipped_configs_pass():
     (dict(top_k=0), None, 'top_k'),
     (dict(eval_batch_size=-1), None, 'eval_batch_size'),
     (dict(ce_block_size=-5), None, 'ce_block_size'),
+    (dict(ce_impl='cuda'), None, 'ce_impl'),
+    (dict(ce_impl='pallas'), None, 'ce_impl'),  # Triton kernels; the tests run on a CPU
     (dict(checkpoint_every_steps=-1), None, 'checkpoint_every_steps'),
     (dict(log_every_steps=0), None, 'log_every_steps'),
     ({'synthetic.num_items': 0}, None, 'synthetic.num_items'),

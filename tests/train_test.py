@@ -1,5 +1,6 @@
 """Training: the loss falls, the golden first loss, checkpoints, resumption and end to end."""
 
+import functools
 import json
 import os
 
@@ -375,6 +376,38 @@ def test_blockwise_loss_trains_like_the_full_one(tmp_path):
     # logits): they hold rounding noise only, which Adam scales up.
     if "['key']['bias']" not in jax.tree_util.keystr(path):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_pallas_loss_trains_like_the_xla_one(tmp_path):
+  # In Pallas's interpreter, on one device: the interpreter cannot run inside shard_map
+  # (jax 0.10 loses the refs' varying axes), so the data-parallel step is only lowered.
+  run = train.Run(config(dropout=0.0), str(tmp_path))
+  batch = first_batch(run)
+  params = {}
+  for impl in ('xla', 'pallas'):
+    step = jax.jit(pallas_step(run, impl, mesh=None))
+    state = run.state
+    for _ in range(3):
+      state, metrics = step(state, batch, run.dropout_rng)
+      assert bool(metrics['finite'])
+    params[impl] = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state.params))[0]
+  for (path, a), (_, b) in zip(params['xla'], params['pallas']):
+    if "['key']['bias']" not in jax.tree_util.keystr(path):  # noise only, as above
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_the_data_parallel_pallas_step_lowers_to_its_kernels_for_a_gpu(tmp_path):
+  run = train.Run(config(dropout=0.0), str(tmp_path))
+  step = jax.jit(pallas_step(run, 'pallas', mesh=run.mesh))
+  text = step.trace(run.state, first_batch(run), run.dropout_rng).lower(
+      lowering_platforms=('cuda',)).as_text()
+  assert text.count('custom_call @__gpu$xla.gpu.triton') == 3
+
+
+def pallas_step(run: train.Run, ce_impl: str, mesh):
+  return functools.partial(train.train_step, mesh=mesh, microbatches=1,
+                           **{**train.loss_options(run.config, run.dataset.num_items),
+                              'ce_impl': ce_impl})
 
 
 @pytest.mark.parametrize('field,value', [
