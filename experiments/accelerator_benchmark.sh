@@ -1,7 +1,8 @@
 #!/bin/bash
 # The benchmark on an accelerator, in one call: ML-1M's PKA shape in bfloat16 (with two real
-# epochs and a profiler trace), the fused-attention check, then PKA in float32, SASRec in both,
-# and batch 1,024 for scaling. Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and
+# epochs and a profiler trace), the loss alone (XLA against the Pallas kernels in several
+# tilings, which it also checks against XLA's loss) and the step with the Pallas loss, the
+# fused-attention check, then PKA in float32, SASRec in both, and batch 1,024 for scaling. Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and
 # text, the trace (with the traced step's HLO) as trace.tgz and its breakdown by part of the
 # model (trace_breakdown.py) in the log; the synthetic data and scratch files stay outside OUT.
 #
@@ -29,13 +30,21 @@ bench() {  # model dtype batch [extra flags]
   echo "=== $model $dtype batch $batch" | tee -a "$OUT/log.txt"
   timeout "$LIMIT" "$PYTHON" experiments/benchmark.py --config="configs/ml1m.py:model=$model" \
     $ML1M --config.dtype="$dtype" --config.batch_size="$batch" --steps=20 "$@" \
-    --json="$OUT/${model}_${dtype}_${batch}.json" 2>&1 | log
+    --json="$OUT/${model}_${dtype}_${batch}${TAG:-}.json" 2>&1 | log
+}
+loss_bench() {  # dtype
+  echo "=== the loss alone, $1" | tee -a "$OUT/log.txt"
+  timeout "$LIMIT" "$PYTHON" experiments/loss_benchmark.py --dtype="$1" \
+    --json="$OUT/loss_$1.json" 2>&1 | log
 }
 
 bench pka bfloat16 256 --epochs=2 --profile_dir="$SCRATCH/trace"
 echo "=== where the bfloat16 step's time goes" | tee -a "$OUT/log.txt"
 "$PYTHON" experiments/trace_breakdown.py "$SCRATCH/trace" --top=25 2>&1 | log
 tar -czf "$OUT/trace.tgz" -C "$SCRATCH" trace 2>/dev/null
+loss_bench bfloat16
+TAG=_pallas bench pka bfloat16 256 --config.ce_impl=pallas
+loss_bench float32
 echo "=== attention check" | tee -a "$OUT/log.txt"
 timeout "$LIMIT" "$PYTHON" experiments/attention_check.py --config=configs/ml1m.py \
   --synthetic_items=3416 --config.dtype=bfloat16 --models=pka,sasrec,rope 2>&1 | log

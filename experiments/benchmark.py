@@ -68,29 +68,6 @@ _PROFILE_DIR = flags.DEFINE_string(
     'batches here (TensorBoard/XProf or Perfetto read it): where the time goes.')
 
 
-class MatmulProbe:
-  """The default device's dense-matmul FLOP/s: the fastest of a few `size × size` products.
-
-  Called again beside each timed step, it gives the peak of that moment: a shared machine's
-  speed drifts within a run (this project's 2-core VM by 10-20% over minutes), and an MFU
-  against the peak probed beside the step follows the code, not the neighbours."""
-
-  def __init__(self, dtype, size: int):
-    rng = np.random.default_rng(0)
-    self.a, self.b = (jnp.asarray(rng.standard_normal((size, size)), dtype) for _ in range(2))
-    self.product = jax.jit(jnp.matmul)
-    self.product(self.a, self.b).block_until_ready()
-    self.flops = 2 * size**3
-
-  def __call__(self, repeats: int = 10) -> float:
-    best = float('inf')
-    for _ in range(repeats):
-      start = time.perf_counter()
-      self.product(self.a, self.b).block_until_ready()
-      best = min(best, time.perf_counter() - start)
-    return self.flops / best
-
-
 def use_synthetic_data(config, num_items: int, num_users: int, min_length: int = 0,
                        max_length: int = 0) -> None:
   """The config's shapes on generated data: by default enough users for a few batches."""
@@ -117,7 +94,7 @@ def xla_flops(fn, *args, devices: int = 1) -> float:
   return devices * float(cost.get('flops', float('nan')))
 
 
-def time_train(run: train.Run, probe: MatmulProbe) -> dict:
+def time_train(run: train.Run, probe: flops.MatmulProbe) -> dict:
   batches = []
   while len(batches) < 1 + _WARMUP.value + _STEPS.value:
     batches.extend(run.inputs.epoch(len(batches)))
@@ -213,7 +190,7 @@ def eval_pass_flops(run: train.Run) -> tuple[int, dict[int, int]]:
   return total, dict(sorted(pairs_at.items()))
 
 
-def time_eval(run: train.Run, probe: MatmulProbe) -> dict:
+def time_eval(run: train.Run, probe: flops.MatmulProbe) -> dict:
   """The validation pass end to end, and the device's share alone on one full-window batch."""
   steps = run.successive_steps('valid')
   run.evaluate('valid')  # compiles for every seen-width of the pass
@@ -307,9 +284,7 @@ def main(argv):
   if _CPU_DEVICES.value is not None:
     sharding.split_cpu(_CPU_DEVICES.value or config_check.cpu_devices_for([config]))
   device = jax.devices()[0]
-  backend = jax.default_backend()
-  size = 2048 if backend == 'cpu' else 8192
-  probes = {name: MatmulProbe(jnp.dtype(name), size) for name in ('float32', 'bfloat16')}
+  probes = {name: flops.MatmulProbe(jnp.dtype(name)) for name in ('float32', 'bfloat16')}
   peaks = {name: probe() for name, probe in probes.items()}
   peak, probe = peaks[config.dtype], probes[config.dtype]
 
@@ -339,7 +314,7 @@ def main(argv):
                  'num_items': run.dataset.num_items, 'dtype': config.dtype,
                  'microbatches': run.train_microbatches,
                  'attention_impl': config.attention_impl, 'loss': config.loss,
-                 'eval_batch_size': config.eval_batch_size,
+                 'ce_impl': config.ce_impl, 'eval_batch_size': config.eval_batch_size,
                  'trim_windows': run.trims_windows,
                  'trim_evaluation': run.evaluation_windows['trim']},
       'peak_flops': peaks,
@@ -359,7 +334,7 @@ def main(argv):
           'mfu': mean_step_flops / median / peak,
           'back_to_back_step_seconds': train_figures['back_to_back_seconds'],
           'back_to_back_mfu': mean_step_flops / train_figures['back_to_back_seconds'] / peak,
-          # Each step against the peak probed just before it (MatmulProbe), median.
+          # Each step against the peak probed just before it (flops.MatmulProbe), median.
           'mfu_probed': float(np.median(np.array(train_figures['flops']) / step_seconds
                                         / train_figures['peaks'])),
           'memory': train_figures['memory'],
@@ -403,7 +378,7 @@ def print_report(report: dict) -> None:
   print(f"model       {c['model']}: {c['num_blocks']} blocks, d {c['hidden_units']}, "
         f"T {c['maxlen']}, {c['num_heads']} head(s), {c['num_items']:,} items, "
         f"batch {c['batch_size']} ({c['microbatches']} microbatches), {c['dtype']}, "
-        f"attention {c['attention_impl']}")
+        f"attention {c['attention_impl']}, loss {c['loss']} ({c.get('ce_impl', 'xla')})")
   print(f"train step  {t['step_seconds'] * 1e3:,.1f} ms median "
         f"[{t['step_seconds_min'] * 1e3:,.1f}, {t['step_seconds_max'] * 1e3:,.1f}] over "
         f"{t['steps_timed']} steps; compile {t['compile_seconds']:.1f} s; "

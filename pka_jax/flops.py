@@ -4,9 +4,16 @@ Matrix products only (2 FLOPs a multiply-add), the convention behind MFU: layer 
 softmax, dropout and the optimiser are left out. Training counts the backward pass as twice
 the forward. A PKA kernel is counted in the cheaper of its two exact forms (attention.py):
 `2·T²·d` applied to the inputs, `2·H·Q·T²` applied to the logits of `Q` query rows.
+`MatmulProbe` measures the peak an MFU divides by.
 """
 
 from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from pka_jax.models import ModelConfig
 
@@ -66,3 +73,28 @@ def eval_pair_flops(config: ModelConfig, width: int | None = None) -> int:
     blocks = ((config.num_blocks - 1) * block_flops(config, size=width)
               + block_flops(config, num_queries=1, size=width))
   return blocks + 2 * config.hidden_units * config.num_items
+
+
+class MatmulProbe:
+  """The default device's dense-matmul FLOP/s: the fastest of a few `size × size` products.
+
+  Called again beside each timed step, it gives the peak of that moment: a shared machine's
+  speed drifts within a run (this project's 2-core VM by 10-20% over minutes), and an MFU
+  against the peak probed beside the step follows the code, not the neighbours. `size` 0:
+  2,048 on a CPU, 8,192 on an accelerator."""
+
+  def __init__(self, dtype, size: int = 0):
+    size = size or (2048 if jax.default_backend() == 'cpu' else 8192)
+    rng = np.random.default_rng(0)
+    self.a, self.b = (jnp.asarray(rng.standard_normal((size, size)), dtype) for _ in range(2))
+    self.product = jax.jit(jnp.matmul)
+    self.product(self.a, self.b).block_until_ready()
+    self.flops = 2 * size**3
+
+  def __call__(self, repeats: int = 10) -> float:
+    best = float('inf')
+    for _ in range(repeats):
+      start = time.perf_counter()
+      self.product(self.a, self.b).block_until_ready()
+      best = min(best, time.perf_counter() - start)
+    return self.flops / best

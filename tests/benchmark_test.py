@@ -75,3 +75,31 @@ def test_benchmark_writes_its_json_contract(tmp_path):
                 if line.startswith(('loss ', 'encoder/block/attention '))}
   assert float(part_lines['loss'][0].replace(',', '')) > 0
   assert all(float(t.replace(',', '')) > 0 for t in part_lines['encoder/block/attention'])
+
+
+def test_loss_benchmark_times_each_variant_and_checks_it_against_the_default(tmp_path):
+  out = tmp_path / 'loss.json'
+  result = loss_benchmark('--tilings=16x32x4x2,32x16x4x2', f'--json={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  variants = report['variants']
+  assert list(variants) == ['chunked', 'full', 'pallas 16x32x4x2', 'pallas 32x16x4x2']
+  assert report['model_flops'] == 3 * 2 * 200 * 70 * 24
+  for name in ('full', 'pallas 16x32x4x2', 'pallas 32x16x4x2'):
+    figures = variants[name]
+    assert figures['back_to_back_seconds'] > 0 and figures['mfu'] > 0
+    assert max(figures['difference'].values()) < 1e-5, (name, figures['difference'])
+
+
+def test_loss_benchmark_refuses_a_tile_that_is_no_power_of_two():
+  result = loss_benchmark('--tilings=16x32x4x2,24x16x4x2')
+  assert result.returncode != 0
+  assert "--tilings: '24x16x4x2' is not" in result.stderr
+  assert 'Traceback' not in result.stderr
+
+
+def loss_benchmark(*flags):
+  return subprocess.run(
+      [sys.executable, 'experiments/loss_benchmark.py', '--rows=200', '--items=70',
+       '--width=24', '--dtype=float32', '--steps=2', '--interpret', *flags],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
