@@ -129,8 +129,12 @@ class _Layout:
 
 def _varying_like(x: jax.Array, shape, dtype) -> jax.ShapeDtypeStruct:
   """An output type that varies over shard_map's axes as `x` does (the data-parallel loss
-  runs the kernels on each device's rows)."""
-  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(x).manual_axis_type)
+  runs the kernels on each device's rows). Earlier jax releases call the field `vma`."""
+  aval = jax.typeof(x)
+  for field in ('manual_axis_type', 'vma'):
+    if hasattr(aval, field):
+      return jax.ShapeDtypeStruct(shape, dtype, **{field: getattr(aval, field)})
+  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def _item_tile(items_ref, block, block_items):
