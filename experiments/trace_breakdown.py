@@ -34,6 +34,7 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.+?) [\w-]+\(')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DEDUPLICATED = re.compile(r'deduplicated_name="([^"]*)"')
 _LIBRARY_CALL = re.compile(r'custom_call_target="__(cublas|cudnn)')
+_TRITON_CALL = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = \\?"(\w+)')
 _COPY = re.compile(r'^(memcpy|memset|Memcpy|Memset)')
 _JAX_SCOPE = re.compile(r'while|body|cond|closed_call|checkpoint|remat|branch_\d+_fun')
 
@@ -58,7 +59,8 @@ def read_hlo(text: str) -> Program:
   """On GPU, XLA compiles identical fusions once: every instruction of such a group names its
   kernel in `deduplicated_name`, the kernel takes one member's name, and its k-th launch
   within a step is the group's k-th instruction in the schedule (the order of the text).
-  Names are also kept with `.` written `_`, as kernels spell them. An instruction XLA made
+  Names are also kept with `.` written `_`, as kernels spell them, and a Triton call (a
+  Pallas kernel) also goes by the kernel name in its backend config. An instruction XLA made
   without an `op_name` (on CPU, some batched products of attention) takes the nearest
   operand's."""
   module = re.match(r'HloModule (\S+?),?\s', text).group(1)
@@ -70,12 +72,13 @@ def read_hlo(text: str) -> Program:
               for match, line in parsed}
   groups, members, library_calls = collections.defaultdict(list), {}, []
   for match, line in parsed:
-    name, kernel = match.group(1), _DEDUPLICATED.search(line)
+    name = match.group(1)
+    kernel = _DEDUPLICATED.search(line) or _TRITON_CALL.search(line)
     op_name = op_names[name] or _nearest_op_name(name, op_names, operands)
     instruction = Instruction(match.group(2), op_name, inferred=not op_names[name])
     group = kernel.group(1) if kernel else name
     groups[group].append(instruction)
-    members[name] = members[name.replace('.', '_')] = group
+    members[name] = members[name.replace('.', '_')] = members[group] = group
     if _LIBRARY_CALL.search(line):
       library_calls.append(instruction)
   return Program(module, {name: groups[group] for name, group in members.items()},

@@ -60,6 +60,30 @@ def test_gpu_kernels_go_to_the_instructions_they_run_in_turn():
   assert result['ops_per_step'] == 6
 
 
+@pytest.mark.parametrize('quote', ['"', '\\"'])  # as jax lowers it, and escaped
+def test_pallas_kernels_go_by_their_triton_names_and_cublas_still_pairs(quote):
+  # Two launches of one Pallas kernel a step (its name in the Triton call's backend config)
+  # and one of another: they neither count as library kernels nor stop cuBLAS's pairing.
+  triton = ('custom_call_target="__gpu$xla.gpu.triton", api_version=API_VERSION_TYPED_FFI, '
+            f'backend_config={{debug = false, grid_x = 16 : i32, ir = {quote}ML\\EFR{quote}, '
+            f'name = {quote}{{kernel}}{quote}, num_stages = 2 : i32}}')
+  calls = ''.join(
+      f'  %custom-call.{n} = f32[8]{{0}} custom-call(%p), '
+      + triton.replace('{kernel}', kernel)
+      + f', metadata={{op_name="jit(train_step)/{scope}/pallas_call"}}\n'
+      for n, kernel, scope in [(11, 'forward_kernel', 'jvp()'),
+                               (12, 'grad_kernel', 'transpose(jvp())'),
+                               (13, 'forward_kernel', 'jvp(Encoder)/block_0/ffn_in')])
+  hlo = HLO.replace('  ROOT %fusion.4', calls + '  ROOT %fusion.4')
+  trace = gpu_trace([('forward_kernel', 7), ('nvjet_a', 40), ('grad_kernel', 9),
+                     ('forward_kernel', 3)])
+  result = trace_breakdown.breakdown(trace, hlo, steps=2)
+  assert result['by_part'] == parts({
+      ('loss', 'forward'): 7 + 40, ('loss', 'backward'): 9,
+      ('encoder/block/ffn_in', 'forward'): 3})
+  assert result['matched'] == 1.0
+
+
 def test_library_kernels_that_do_not_pair_with_calls_stay_unmatched():
   # Two cuBLAS kernels a step for one call (say a split-K reduction after the product).
   trace = gpu_trace([('fusion_1', 10), ('nvjet_a', 40), ('splitKreduce_kernel', 10)])
