@@ -100,10 +100,23 @@ def _relations(config: ml_collections.ConfigDict, devices: int, processes: int) 
   if not (_is_number(q_valid) and _is_number(q_test) and 0 < q_valid < q_test < 1):
     problems.append(f'q_valid, q_test: expected 0 < q_valid < q_test < 1, got {q_valid!r} and '
                     f'{q_test!r}')
-  if config.get('ce_impl') == 'pallas' and jax.default_backend() != 'gpu':
+  if config.get('ce_impl') == 'pallas':
+    problems.extend(_pallas_loss_problems(config))
+  return problems + device_problems(config, devices, processes) + _synthetic_problems(config)
+
+
+def _pallas_loss_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """Where `ce_impl='pallas'` cannot run as asked (it would not be used, or not compile)."""
+  problems = []
+  if jax.default_backend() != 'gpu':
     problems.append(f"ce_impl: 'pallas' runs Triton kernels and needs a GPU, not this "
                     f"{jax.default_backend()} backend (use 'xla')")
-  return problems + device_problems(config, devices, processes) + _synthetic_problems(config)
+  if config.get('loss') != 'ce':
+    problems.append(f"ce_impl: 'pallas' is a cross-entropy, but loss is {config.get('loss')!r}")
+  if config.get('mesh_model', 1) != 1:
+    problems.append(f"ce_impl: 'pallas' needs the whole item table on each device (mesh_model "
+                    f"1), got mesh_model {config.get('mesh_model')}")
+  return problems
 
 
 def device_problems(config: ml_collections.ConfigDict, devices: int, processes: int = 1

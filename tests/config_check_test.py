@@ -86,6 +86,17 @@ def test_the_mesh_model_axis_divides_the_devices_and_sets_the_data_shards():
   config_check.check(config(batch_size=36, eval_batch_size=36, mesh_model=4), devices=8)
 
 
+def test_the_pallas_loss_says_what_it_needs():
+  # The tests run on a CPU: the GPU problem comes first, then each unmet need.
+  with pytest.raises(config_check.ConfigError) as raised:
+    config_check.check(config(ce_impl='pallas', loss='bce', mesh_model=2), devices=8)
+  message = raised.value.args[0]
+  assert "ce_impl: 'pallas' runs Triton kernels and needs a GPU, not this cpu backend" in message
+  assert "ce_impl: 'pallas' is a cross-entropy, but loss is 'bce'" in message
+  assert "needs the whole item table on each device (mesh_model 1), got mesh_model 2" in message
+  assert message.startswith('invalid configuration (3 problems)')
+
+
 def test_every_problem_in_one_message():
   with pytest.raises(config_check.ConfigError) as raised:
     config_check.check(config(maxlen=1, dropout=2.0, loss='mse', num_heads=5))
