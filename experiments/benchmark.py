@@ -378,7 +378,7 @@ def print_report(report: dict) -> None:
   print(f"model       {c['model']}: {c['num_blocks']} blocks, d {c['hidden_units']}, "
         f"T {c['maxlen']}, {c['num_heads']} head(s), {c['num_items']:,} items, "
         f"batch {c['batch_size']} ({c['microbatches']} microbatches), {c['dtype']}, "
-        f"attention {c['attention_impl']}, loss {c['loss']} ({c.get('ce_impl', 'xla')})")
+        f"attention {c['attention_impl']}, loss {c['loss']} ({c['ce_impl']})")
   print(f"train step  {t['step_seconds'] * 1e3:,.1f} ms median "
         f"[{t['step_seconds_min'] * 1e3:,.1f}, {t['step_seconds_max'] * 1e3:,.1f}] over "
         f"{t['steps_timed']} steps; compile {t['compile_seconds']:.1f} s; "
