@@ -2,17 +2,20 @@
 # The benchmark on an accelerator, in one call: ML-1M's PKA shape in bfloat16 (with two real
 # epochs and a profiler trace), the loss alone (XLA against the Pallas kernels in several
 # tilings, which it also checks against XLA's loss) and the step with the Pallas loss, the
-# fused-attention check, then PKA in float32, SASRec in both, and batch 1,024 for scaling. Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and
-# text, the trace (with the traced step's HLO) as trace.tgz and its breakdown by part of the
-# model (trace_breakdown.py) in the log; the synthetic data and scratch files stay outside OUT.
+# fused-attention check, then PKA in float32, SASRec in both, and batch 1,024 for scaling.
+# Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and text, the trace (with the
+# traced step's HLO) as trace.tgz and its breakdown by part of the model (trace_breakdown.py)
+# in the log; the synthetic data and scratch files stay outside OUT.
 #
-#   OUT=/tmp/acc bash experiments/accelerator_benchmark.sh   # PYTHON=..., LIMIT=seconds per run
+#   OUT=/tmp/acc bash experiments/accelerator_benchmark.sh   # PYTHON=..., LIMIT=, TOTAL=
 #
-# Each run has its own time limit (LIMIT, 75 s by default: under 8 minutes in all), so a slow
-# or broken one cannot use up a lent machine's budget; the most wanted figures come first.
+# Each run has its own time limit (LIMIT, 75 s by default), so a slow or broken one cannot use
+# up a lent machine's budget, and no run starts that could end after TOTAL seconds (540 by
+# default: inside a 10-minute call); the most wanted figures come first.
 set -u
 OUT=${OUT:-/tmp/pka_jax_accelerator}
 LIMIT=${LIMIT:-75}
+TOTAL=${TOTAL:-540}
 PYTHON=${PYTHON:-python3}
 SCRATCH=$(mktemp -d)
 mkdir -p "$OUT"
@@ -25,14 +28,21 @@ nvidia-smi -L 2>&1 | log
 print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__,
       'orbax', o.__version__, 'chex', chex.__version__, jax.devices())" 2>&1 | log
 
+room() {  # what: whether a run may start and still end within TOTAL
+  [ $((SECONDS + LIMIT)) -le "$TOTAL" ] && return
+  echo "=== $1 skipped: ${SECONDS}s of ${TOTAL}s used" | tee -a "$OUT/log.txt"
+  return 1
+}
 bench() {  # model dtype batch [extra flags]
   local model=$1 dtype=$2 batch=$3; shift 3
-  echo "=== $model $dtype batch $batch" | tee -a "$OUT/log.txt"
+  room "$model $dtype batch $batch${TAG:-}" || return
+  echo "=== $model $dtype batch $batch${TAG:-}" | tee -a "$OUT/log.txt"
   timeout "$LIMIT" "$PYTHON" experiments/benchmark.py --config="configs/ml1m.py:model=$model" \
     $ML1M --config.dtype="$dtype" --config.batch_size="$batch" --steps=20 "$@" \
     --json="$OUT/${model}_${dtype}_${batch}${TAG:-}.json" 2>&1 | log
 }
 loss_bench() {  # dtype
+  room "the loss alone, $1" || return
   echo "=== the loss alone, $1" | tee -a "$OUT/log.txt"
   timeout "$LIMIT" "$PYTHON" experiments/loss_benchmark.py --dtype="$1" \
     --json="$OUT/loss_$1.json" 2>&1 | log
@@ -45,9 +55,11 @@ tar -czf "$OUT/trace.tgz" -C "$SCRATCH" trace 2>/dev/null
 loss_bench bfloat16
 TAG=_pallas bench pka bfloat16 256 --config.ce_impl=pallas
 loss_bench float32
-echo "=== attention check" | tee -a "$OUT/log.txt"
-timeout "$LIMIT" "$PYTHON" experiments/attention_check.py --config=configs/ml1m.py \
-  --synthetic_items=3416 --config.dtype=bfloat16 --models=pka,sasrec,rope 2>&1 | log
+if room "attention check"; then
+  echo "=== attention check" | tee -a "$OUT/log.txt"
+  timeout "$LIMIT" "$PYTHON" experiments/attention_check.py --config=configs/ml1m.py \
+    --synthetic_items=3416 --config.dtype=bfloat16 --models=pka,sasrec,rope 2>&1 | log
+fi
 bench pka float32 256
 bench sasrec bfloat16 256
 bench sasrec float32 256
