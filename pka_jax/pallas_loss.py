@@ -28,6 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
+from pka_jax import sharding
+
 
 @dataclasses.dataclass(frozen=True)
 class Tiling:
@@ -127,16 +129,6 @@ class _Layout:
     return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
 
 
-def _varying_like(x: jax.Array, shape, dtype) -> jax.ShapeDtypeStruct:
-  """An output type that varies over shard_map's axes as `x` does (the data-parallel loss
-  runs the kernels on each device's rows). Earlier jax releases call the field `vma`."""
-  aval = jax.typeof(x)
-  for field in ('manual_axis_type', 'vma'):
-    if hasattr(aval, field):
-      return jax.ShapeDtypeStruct(shape, dtype, **{field: getattr(aval, field)})
-  return jax.ShapeDtypeStruct(shape, dtype)
-
-
 def _item_tile(items_ref, block, block_items):
   start = pl.multiple_of(block * block_items, block_items)
   return start, items_ref[pl.ds(start, block_items), :]
@@ -225,7 +217,7 @@ def _forward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, num_items):
   row_vector = layout.row_block()
   return layout.call(
       _forward_kernel, (layout.row_blocks,),
-      (_varying_like(hidden_MxD, (layout.rows,), jnp.float32),) * 2,
+      (sharding.varying_like(hidden_MxD, (layout.rows,), jnp.float32),) * 2,
       [layout.row_block(layout.width), layout.whole(layout.items, layout.width), row_vector],
       (row_vector, row_vector), num_items=num_items,
       block_items=layout.tiling.block_items)(hidden_MxD, items_NxD, classes_M)
@@ -237,7 +229,7 @@ def _backward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, log_z_M, s
   row_vector = layout.row_block()
   grad_hidden_MxD = layout.call(
       _grad_hidden_kernel, (layout.row_blocks,),
-      _varying_like(hidden_MxD, hidden_MxD.shape, hidden_MxD.dtype),
+      sharding.varying_like(hidden_MxD, hidden_MxD.shape, hidden_MxD.dtype),
       [layout.row_block(width), layout.whole(layout.items, width), row_vector, row_vector,
        row_vector],
       layout.row_block(width), num_items=num_items, block_items=tiling.block_items,
@@ -246,7 +238,7 @@ def _backward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, log_z_M, s
   splits = layout.row_splits
   grad_parts_SxNxD = layout.call(
       _grad_items_kernel, (layout.item_blocks, splits),
-      _varying_like(items_NxD, (splits, *items_NxD.shape), jnp.float32),
+      sharding.varying_like(items_NxD, (splits, *items_NxD.shape), jnp.float32),
       [pl.BlockSpec((tiling.block_items, width), lambda i, s: (i, 0)),
        layout.whole(layout.rows, width), row_vectors, row_vectors, row_vectors],
       pl.BlockSpec((None, tiling.block_items, width), lambda i, s: (s, i, 0)),

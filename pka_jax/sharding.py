@@ -57,6 +57,17 @@ def shard_range(rows_per_shard: int) -> jax.Array:
   return jax.lax.axis_index(MODEL) * rows_per_shard
 
 
+def varying_like(x: jax.Array, shape, dtype) -> jax.ShapeDtypeStruct:
+  """An output type of `shape` and `dtype` that varies over shard_map's axes as `x` does: a
+  Pallas kernel's outputs inside the data-parallel step. Earlier jax releases call the field
+  `vma`."""
+  aval = jax.typeof(x)
+  for field in ('manual_axis_type', 'vma'):
+    if hasattr(aval, field):
+      return jax.ShapeDtypeStruct(shape, dtype, **{field: getattr(aval, field)})
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
 def lookup(table_RxD: jax.Array, ids_BxT: jax.Array, mesh: Mesh) -> jax.Array:
   """`table[ids]` with the table's rows sharded over `mesh`'s 'model' axis: each shard
   gathers the rows it holds, zeros elsewhere, and a sum over 'model' joins them; only
