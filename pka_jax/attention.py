@@ -18,6 +18,8 @@ The kernels can be applied on either side of the projections, with the same resu
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -25,13 +27,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pka_jax import pallas_attention
 from pka_jax.dropout import Dropout, StandIns, Window
 
 KERNEL_KINDS = ('none', 'toeplitz', 'full')
 # plain: our masked softmax (kernels on the logits where cheaper; any dropout, CoPE);
 # xla / cudnn: jax.nn.dot_product_attention, wherever attention weights see no dropout;
-# auto: cudnn on GPU for 16-bit activations, else plain.
-ATTENTION_IMPLS = ('auto', 'plain', 'xla', 'cudnn')
+# auto: cudnn on GPU for 16-bit activations, else plain;
+# pallas: auto, except that training with dropout on the weights runs one Pallas kernel a
+# sequence and head (pallas_attention.py) wherever it applies, else plain.
+ATTENTION_IMPLS = ('auto', 'plain', 'xla', 'cudnn', 'pallas')
 
 
 def _abs_normal(std: float):
@@ -262,6 +267,8 @@ class CausalSelfAttention(nn.Module):
     heads, head_dim = self.num_heads, d // self.num_heads
     impl = resolve_impl(self.impl, self.dtype, bool(self.cope_maxlen))
     weight_dropout = not self.deterministic and self.dropout > 0
+    if impl == 'pallas' and not weight_dropout:
+      impl = resolve_impl('auto', self.dtype, False)
     fused = impl in ('xla', 'cudnn') and not weight_dropout and padding is None
     on_logits = not fused and (self.kernels_on_logits if self.kernels_on_logits is not None
                                else heads * num_queries <= d)
@@ -286,7 +293,13 @@ class CausalSelfAttention(nn.Module):
     mask_Bx1xQxT = visible_keys(num_queries, key_valid_BxT, size)
     scale = 1.0 / math.sqrt(head_dim)
 
-    if fused:
+    if impl == 'pallas' and self._pallas_applies(window, padding, on_logits, num_queries,
+                                                 size, head_dim):
+      out_BxQxHxK = self._pallas(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, key_valid_BxT, window,
+                                 k_kernel_TxT if k_on_logits else None,
+                                 v_kernel_TxT if v_on_logits else None,
+                                 value_bias_HxK if v_on_logits else None, scale)
+    elif fused:
       mask = jnp.broadcast_to(mask_Bx1xQxT, (batch, 1, num_queries, size))
       out_BxQxHxK = jax.nn.dot_product_attention(
           q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, mask=mask, scale=scale, implementation=impl)
@@ -323,3 +336,27 @@ class CausalSelfAttention(nn.Module):
             'bhq,hk->bqhk', weights_BxHxQxT.sum(axis=-1), value_bias_HxK)
     out, _ = Projection(d, self.dtype, name='out')(out_BxQxHxK.reshape(batch, num_queries, d))
     return out
+
+  def _pallas_applies(self, window, padding, on_logits, num_queries, size, head_dim) -> bool:
+    """Whether the fused kernel computes what the plain path would: hashed masks of the
+    whole batch's rows in order, no stand-in keys, kernels on the logits, tiles that fit."""
+    return (self.dropout_impl == 'hash' and padding is None and on_logits
+            and (window is None or window.rows_B is None)
+            and pallas_attention.supports(num_queries, size, head_dim))
+
+  def _pallas(self, q, k, v, key_valid_BxT, window, k_kernel, v_kernel, value_bias, scale):
+    num_queries, size = q.shape[1], k.shape[1]
+    full_q, full_t = (num_queries, size) if window is None else (window.maxlen,) * 2
+    options = pallas_attention.Options(
+        scale=scale, rate=self.dropout, full_q=full_q, off_q=full_q - num_queries,
+        full_t=full_t, off_t=full_t - size, has_k_kernel=k_kernel is not None,
+        has_v_kernel=v_kernel is not None)
+    # The plain path's Dropout_0 draws the same two words.
+    seed_2 = Dropout(self.dropout, self.deterministic, self.dropout_impl).seed_words()
+    run = lambda interpret: functools.partial(
+        pallas_attention.fused_attention,
+        options=dataclasses.replace(options, interpret=interpret))
+    # Triton where the program is compiled for a GPU, Pallas's interpreter elsewhere.
+    return jax.lax.platform_dependent(
+        q, k, v, k_kernel, v_kernel, value_bias, key_valid_BxT, seed_2,
+        cuda=run(False), default=run(True))

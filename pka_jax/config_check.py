@@ -102,6 +102,9 @@ def _relations(config: ml_collections.ConfigDict, devices: int, processes: int) 
                     f'{q_test!r}')
   if config.get('ce_impl') == 'pallas':
     problems.extend(_pallas_loss_problems(config))
+  if config.get('attention_impl') == 'pallas' and jax.default_backend() != 'gpu':
+    problems.append(f"attention_impl: 'pallas' runs Triton kernels and needs a GPU, not this "
+                    f"{jax.default_backend()} backend (use 'auto')")
   return problems + device_problems(config, devices, processes) + _synthetic_problems(config)
 
 

@@ -83,11 +83,15 @@ def _seed_words(rng: jax.Array) -> jax.Array:
   return jax.random.bits(rng, (2,), jnp.uint32)
 
 
+def keep_threshold(rate: float) -> jax.Array:
+  """Hashed bits at or above this are kept: P(bits >= threshold) = 1 - threshold / 2**32,
+  `1 - rate` to 2**-32."""
+  return jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
+
+
 def _hashed_keep(seed_2: jax.Array, rate: float, shape: tuple[int, ...],
                  index: jax.Array | None = None) -> jax.Array:
-  # P(bits >= threshold) = 1 - threshold / 2**32, exact to 2**-32.
-  threshold = jnp.uint32(min(round(rate * 2.0**32), 2**32 - 1))
-  return hash_bits(seed_2, shape, index) >= threshold
+  return hash_bits(seed_2, shape, index) >= keep_threshold(rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +128,11 @@ class Dropout(nn.Module):
   rate: float
   deterministic: bool
   impl: str = 'hash'
+
+  def seed_words(self) -> jax.Array:
+    """The two words this call site's hashed masks hash with: what `__call__` draws from the
+    'dropout' stream, for a fused kernel that draws the masks itself."""
+    return _seed_words(self.make_rng('dropout'))
 
   @nn.compact
   def __call__(self, x: jax.Array, window: Window | None = None,

@@ -12,6 +12,7 @@ import pytest
 from configs import test as test_config
 from pka_jax import evaluate
 from pka_jax import faults
+from pka_jax import models
 from pka_jax import train
 
 
@@ -402,6 +403,32 @@ def test_the_data_parallel_pallas_step_lowers_to_its_kernels_for_a_gpu(tmp_path)
   text = step.trace(run.state, first_batch(run), run.dropout_rng).lower(
       lowering_platforms=('cuda',)).as_text()
   assert text.count('custom_call @__gpu$xla.gpu.triton') == 3
+
+
+def test_pallas_attention_trains_like_the_plain_one(tmp_path):
+  # Head size 16 (Triton's smallest tile) and windows of 16: the kernel runs in every block
+  # (Pallas's interpreter, on one device), with the test config's dropout on the weights.
+  run = train.Run(config(hidden_units=32, attention_impl='plain'), str(tmp_path))
+  fused = run.config.copy_and_resolve_references()
+  fused.attention_impl = 'pallas'
+  model = models.create_model(fused, run.dataset.num_items, deterministic=False)
+  batch = first_batch(run)
+  assert batch['inputs'].shape[1] == 16
+  step = jax.jit(functools.partial(train.train_step, mesh=None, microbatches=1,
+                                   **train.loss_options(run.config, run.dataset.num_items)))
+  params = {}
+  for name, apply_fn in (('plain', run.state.apply_fn), ('pallas', model.apply)):
+    state = run.state.replace(apply_fn=apply_fn)
+    for _ in range(3):
+      state, metrics = step(state, batch, run.dropout_rng)
+      assert bool(metrics['finite'])
+    params[name] = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state.params))[0]
+  for (path, a), (_, b) in zip(params['plain'], params['pallas']):
+    if "['key']['bias']" not in jax.tree_util.keystr(path):  # noise only, as above
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  text = step.trace(run.state.replace(apply_fn=model.apply), batch, run.dropout_rng).lower(
+      lowering_platforms=('cuda',)).as_text()
+  assert text.count('custom_call @__gpu$xla.gpu.triton') == 2 * run.config.num_blocks
 
 
 def pallas_step(run: train.Run, ce_impl: str, mesh):
