@@ -1,7 +1,8 @@
 #!/bin/bash
 # The benchmark on an accelerator, in one call: ML-1M's PKA shape in bfloat16 (with two real
 # epochs and a profiler trace), the loss alone (XLA against the Pallas kernels in several
-# tilings, which it also checks against XLA's loss), the step with the Pallas loss, attention
+# tilings, which it also checks against XLA's loss), attention alone (plain against the
+# Pallas kernel, checked the same way), the step with the Pallas loss, attention
 # and both, the fused-attention check, then PKA in float32, SASRec in both, and batch 1,024
 # for scaling. Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and text, the trace (with the
 # traced step's HLO) as trace.tgz and its breakdown by part of the model (trace_breakdown.py)
@@ -53,6 +54,11 @@ echo "=== where the bfloat16 step's time goes" | tee -a "$OUT/log.txt"
 "$PYTHON" experiments/trace_breakdown.py "$SCRATCH/trace" --top=25 2>&1 | log
 tar -czf "$OUT/trace.tgz" -C "$SCRATCH" trace 2>/dev/null
 loss_bench bfloat16
+if room "attention alone, bfloat16"; then
+  echo "=== attention alone, bfloat16" | tee -a "$OUT/log.txt"
+  timeout "$LIMIT" "$PYTHON" experiments/attention_benchmark.py \
+    --json="$OUT/attention_bfloat16.json" 2>&1 | log
+fi
 TAG=_pallas_loss bench pka bfloat16 256 --config.ce_impl=pallas
 TAG=_pallas_attention bench pka bfloat16 256 --config.attention_impl=pallas
 TAG=_pallas_both bench pka bfloat16 256 --config.ce_impl=pallas --config.attention_impl=pallas

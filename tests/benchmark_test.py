@@ -103,3 +103,18 @@ def loss_benchmark(*flags):
       [sys.executable, 'experiments/loss_benchmark.py', '--rows=200', '--items=70',
        '--width=24', '--dtype=float32', '--steps=2', '--interpret', *flags],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_attention_benchmark_times_both_paths_and_checks_the_kernel_against_plain(tmp_path):
+  out = tmp_path / 'attention.json'
+  result = subprocess.run(
+      [sys.executable, 'experiments/attention_benchmark.py', '--batch=4', '--maxlen=16',
+       '--width=32', '--heads=2', '--dtype=float32', '--steps=2', '--interpret',
+       f'--json={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert list(report['implementations']) == ['plain', 'pallas']
+  pallas = report['implementations']['pallas']
+  assert pallas['back_to_back_seconds'] > 0
+  assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
