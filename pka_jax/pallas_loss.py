@@ -134,8 +134,8 @@ def _item_tile(items_ref, block, block_items):
   return start, items_ref[pl.ds(start, block_items), :]
 
 
-def _forward_kernel(hidden_ref, items_ref, classes_ref, log_z_ref, target_ref, *,
-                    num_items: int, block_items: int):
+def _log_sum_exp_kernel(hidden_ref, items_ref, classes_ref, log_z_ref, target_ref, *,
+                        num_items: int, block_items: int):
   """Per row of the block: log-sum-exp of its logits over the real items, and the target's
   logit (0 where the class is -1)."""
   hidden_RxD, classes_R = hidden_ref[...], classes_ref[...]
@@ -216,7 +216,7 @@ def _grad_items_kernel(items_ref, hidden_ref, classes_ref, log_z_ref, scale_ref,
 def _forward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, num_items):
   row_vector = layout.row_block()
   return layout.call(
-      _forward_kernel, (layout.row_blocks,),
+      _log_sum_exp_kernel, (layout.row_blocks,),
       (sharding.varying_like(hidden_MxD, (layout.rows,), jnp.float32),) * 2,
       [layout.row_block(layout.width), layout.whole(layout.items, layout.width), row_vector],
       (row_vector, row_vector), num_items=num_items,
