@@ -70,9 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # auto | plain | xla | cudnn | pallas. auto: cuDNN's fused attention on GPU for bfloat16,
   # else plain. xla/cudnn (jax.nn.dot_product_attention) run wherever the attention weights
   # see no dropout (evaluation, or dropout 0); training with dropout uses plain, and CoPE
-  # always does. pallas (one GPU only): as auto, but training with dropout runs one Triton
-  # kernel a sequence and head, kernels and dropout inside (pka_jax/pallas_attention.py),
-  # where its tiles fit (queries, keys and head size powers of two, at least 16); else plain.
+  # always does. pallas (GPU only): as auto, but training with dropout runs one Triton kernel
+  # a sequence and head, kernels and dropout inside (pka_jax/pallas_attention.py), where its
+  # tiles fit (queries, keys and head size powers of two, at least 16); else plain.
   config.attention_impl = 'auto'
   # hash: keep-masks from a keyed integer hash of the element index (pka_jax/dropout.py), 50x
   # cheaper than jax.random's bits on CPU; jax: flax's jax.random.bernoulli masks.

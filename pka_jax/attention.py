@@ -19,15 +19,16 @@ The kernels can be applied on either side of the projections, with the same resu
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pka_jax import pallas_attention
+from pka_jax import sharding
 from pka_jax.dropout import Dropout, StandIns, Window
 
 KERNEL_KINDS = ('none', 'toeplitz', 'full')
@@ -250,6 +251,9 @@ class CausalSelfAttention(nn.Module):
   dtype: Any = jnp.float32
   dropout_impl: str = 'hash'
   kernels_on_logits: bool | None = None  # None: wherever it costs no more FLOPs
+  # The step's mesh: the Pallas kernel runs on each 'data' shard's rows (shard_map), since
+  # jit would run a custom call on the whole batch on every device.
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, q_in_BxQxD, k_in_BxTxD, v_in_BxTxD, key_valid_BxT, *,
@@ -353,10 +357,25 @@ class CausalSelfAttention(nn.Module):
         has_v_kernel=v_kernel is not None)
     # The plain path's Dropout_0 draws the same two words.
     seed_2 = Dropout(self.dropout, self.deterministic, self.dropout_impl).seed_words()
-    run = lambda interpret: functools.partial(
-        pallas_attention.fused_attention,
-        options=dataclasses.replace(options, interpret=interpret))
-    # Triton where the program is compiled for a GPU, Pallas's interpreter elsewhere.
-    return jax.lax.platform_dependent(
-        q, k, v, k_kernel, v_kernel, value_bias, key_valid_BxT, seed_2,
-        cuda=run(False), default=run(True))
+    run = lambda interpret: (
+        lambda *args: pallas_attention.fused_attention(
+            *args[:-1], options=dataclasses.replace(options, interpret=interpret),
+            first_row=args[-1]))
+
+    def attend(*args, first_row=0):
+      # Triton where the program is compiled for a GPU, Pallas's interpreter elsewhere.
+      return jax.lax.platform_dependent(*args, first_row, cuda=run(False), default=run(True))
+
+    args = (q, k, v, k_kernel, v_kernel, value_bias, key_valid_BxT, seed_2)
+    if self.mesh is None or self.mesh.shape[sharding.DATA] == 1:
+      return attend(*args)
+
+    def per_shard(*args):
+      return attend(*args, first_row=jax.lax.axis_index(sharding.DATA) * args[0].shape[0])
+
+    rows, whole = P(sharding.DATA), P()
+    # Unchecked: Pallas's interpreter (the CPU's checks) loses the varying axes of its refs.
+    # The kernels' and bias's gradients, per shard, are summed by shard_map's transpose.
+    return jax.shard_map(
+        per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 3 + (rows, whole),
+        out_specs=rows, check_vma=False)(*args)

@@ -130,10 +130,6 @@ def device_problems(config: ml_collections.ConfigDict, devices: int, processes: 
   if _is_int(mesh_model) and mesh_model > 0 and devices % mesh_model:
     problems.append(f'mesh_model: expected a divisor of the {devices} devices, got {mesh_model}')
   data_shards = _data_shards(config, devices)
-  if config.get('attention_impl') == 'pallas' and devices > 1:
-    # Under jit a custom call's batch is not split: every device would run the whole batch.
-    problems.append(f"attention_impl: 'pallas' trains on one device for now, got {devices} "
-                    "(use 'auto')")
   for name in ('batch_size', 'eval_batch_size'):
     value = config.get(name)
     if _is_int(value) and value > 0 and value % math.lcm(data_shards, processes):

@@ -150,6 +150,7 @@ class Block(nn.Module):
   """
 
   config: ModelConfig
+  mesh: jax.sharding.Mesh | None = None  # the step's, for a kernel that runs per data shard
 
   @nn.compact
   def __call__(self, x_BxTxD, valid_BxT, shared_kernels: dict[str, jax.Array], *,
@@ -180,7 +181,7 @@ class Block(nn.Module):
         deterministic=config.deterministic, rope=config.position_mode == 'rotary',
         cope_maxlen=config.maxlen if config.position_mode == 'contextual' else 0,
         impl=config.attention_impl, dtype=dtype, dropout_impl=config.dropout_impl,
-        name='attention')(
+        mesh=self.mesh, name='attention')(
             query_BxQxD, k_in, v_in, valid_BxT if config.mask_padding_keys else None,
             k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'),
             first_position=config.maxlen - width, window=window, padding=padding)
@@ -229,7 +230,8 @@ class Encoder(nn.Module):
         side: _kernel(config, side, f'shared_{side}_{config.kernel_kind(side)}')
         for side in ('q', 'k', 'v')
         if config.kernel_kind(side) != 'none' and config.kernel_shared(side)}
-    self.blocks = [Block(config, name=f'block_{i}') for i in range(config.num_blocks)]
+    self.blocks = [Block(config, mesh=self.mesh, name=f'block_{i}')
+                   for i in range(config.num_blocks)]
     self.ln_final = _layer_norm('ln_final', config.compute_dtype)
     self.embed_dropout = Dropout(config.dropout, config.deterministic, config.dropout_impl)
 

@@ -56,10 +56,11 @@ def supports(num_queries: int, num_keys: int, head_dim: int) -> bool:
 
 
 def fused_attention(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, k_kernel_TxT, v_kernel_TxT,
-                    value_bias_HxK, key_valid_BxT, seed_2, options: Options):
+                    value_bias_HxK, key_valid_BxT, seed_2, options: Options, first_row=0):
   """`out_BxQxHxK` of the formula above. A kernel that is None is the identity; so is a
   value bias of None (the values' bias then sits in `V'`); `key_valid_BxT` None sees every
-  key; `seed_2` is `Dropout`'s two words."""
+  key; `seed_2` is `Dropout`'s two words; `first_row` is the step's batch row of this batch's
+  first (a data shard's), for the dropout index."""
   dtype = q_BxQxHxK.dtype
   heads, head_dim = k_BxTxHxK.shape[2:]
   dummy = jnp.zeros((16, 16), dtype)
@@ -71,7 +72,9 @@ def fused_attention(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, k_kernel_TxT, v_kernel_TxT,
       dummy if v_kernel_TxT is None else v_kernel_TxT.astype(dtype),
       (jnp.zeros((heads, head_dim), jnp.float32) if value_bias_HxK is None
        else value_bias_HxK.astype(jnp.float32)),
-      valid, seed_2.astype(jnp.uint32), options)
+      valid, jnp.concatenate([seed_2.astype(jnp.uint32),
+                              jnp.asarray(first_row, jnp.uint32).reshape(1),
+                              jnp.zeros((1,), jnp.uint32)]), options)
 
 
 def _visible(rows: int, keys: int, valid_T):
@@ -85,9 +88,10 @@ def _keep(seed_ref, shape, options: Options):
   """`Dropout`'s hashed keep-mask of this program's `Q×T` tile."""
   b, h = pl.program_id(0), pl.program_id(1)
   heads = pl.num_programs(1)
+  b = b.astype(jnp.uint32) + seed_ref[2]  # the row in the step's batch
   row = jax.lax.broadcasted_iota(jnp.uint32, shape, 0) + jnp.uint32(options.off_q)
   key = jax.lax.broadcasted_iota(jnp.uint32, shape, 1) + jnp.uint32(options.off_t)
-  block = (b * heads + h).astype(jnp.uint32)
+  block = b * jnp.uint32(heads) + h.astype(jnp.uint32)
   index = ((block * jnp.uint32(options.full_q) + row) * jnp.uint32(options.full_t) + key)
   bits = dropout_lib.hash_bits((seed_ref[0], seed_ref[1]), shape, index)
   return bits >= dropout_lib.keep_threshold(options.rate)
@@ -185,7 +189,7 @@ def _specs(q, k, k_kernel, v_kernel):
   rows, (keys, _, head_dim) = q.shape[1], k.shape[1:]
   whole = lambda x: pl.BlockSpec(x.shape, lambda b, h: (0,) * x.ndim)
   return {
-      'seed': pl.BlockSpec((2,), lambda b, h: (0,)),
+      'seed': pl.BlockSpec((4,), lambda b, h: (0,)),  # two words, first row, padding
       'q': pl.BlockSpec((None, rows, None, head_dim), lambda b, h: (b, 0, h, 0)),
       'k': pl.BlockSpec((None, keys, None, head_dim), lambda b, h: (b, 0, h, 0)),
       'k_kernel': whole(k_kernel), 'v_kernel': whole(v_kernel),

@@ -98,13 +98,6 @@ def test_the_pallas_loss_says_what_it_needs():
   assert message.startswith('invalid configuration (3 problems)')
 
 
-def test_the_pallas_attention_trains_on_one_device():
-  with pytest.raises(config_check.ConfigError, match="'pallas' trains on one device for now, "
-                     'got 8') as raised:
-    config_check.check(config(attention_impl='pallas'), devices=8)
-  assert 'needs a GPU' in raised.value.args[0]  # and on a CPU, not at all
-
-
 def test_every_problem_in_one_message():
   with pytest.raises(config_check.ConfigError) as raised:
     config_check.check(config(maxlen=1, dropout=2.0, loss='mse', num_heads=5))

@@ -405,16 +405,19 @@ def test_the_data_parallel_pallas_step_lowers_to_its_kernels_for_a_gpu(tmp_path)
   assert text.count('custom_call @__gpu$xla.gpu.triton') == 3
 
 
-def test_pallas_attention_trains_like_the_plain_one(tmp_path):
+@pytest.mark.parametrize('data_parallel', [False, True])
+def test_pallas_attention_trains_like_the_plain_one(tmp_path, data_parallel):
   # Head size 16 (Triton's smallest tile) and windows of 16: the kernel runs in every block
-  # (Pallas's interpreter, on one device), with the test config's dropout on the weights.
+  # (Pallas's interpreter), with the test config's dropout on the weights; on one device, or
+  # on each of the tests' eight devices' rows (its dropout masks those of the batch's rows).
   run = train.Run(config(hidden_units=32, attention_impl='plain'), str(tmp_path))
+  mesh = run.mesh if data_parallel else None
   fused = run.config.copy_and_resolve_references()
   fused.attention_impl = 'pallas'
-  model = models.create_model(fused, run.dataset.num_items, deterministic=False)
+  model = models.create_model(fused, run.dataset.num_items, deterministic=False, mesh=mesh)
   batch = first_batch(run)
   assert batch['inputs'].shape[1] == 16
-  step = jax.jit(functools.partial(train.train_step, mesh=None, microbatches=1,
+  step = jax.jit(functools.partial(train.train_step, mesh=mesh, microbatches=1,
                                    **train.loss_options(run.config, run.dataset.num_items)))
   params = {}
   for name, apply_fn in (('plain', run.state.apply_fn), ('pallas', model.apply)):
