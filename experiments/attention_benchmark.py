@@ -14,17 +14,13 @@ Off a GPU the Pallas kernel runs in Pallas's interpreter, only with `--interpret
 small shapes.
 """
 
-import json
-import os
-import statistics
-import time
-
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernel_timing
 from pka_jax import attention
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Sequences.')
@@ -65,23 +61,6 @@ def layer_gradients(impl: str, dtype):
           (params, x, tk, fv, valid, weights, keys[5]))
 
 
-def timed(fn, args, steps: int) -> tuple[dict, object]:
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  compile_seconds = time.perf_counter() - start
-  single = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    single.append(time.perf_counter() - start)
-  start = time.perf_counter()
-  for _ in range(steps):
-    result = fn(*args)
-  jax.block_until_ready(result)
-  return {'compile_seconds': compile_seconds, 'seconds': statistics.median(single),
-          'back_to_back_seconds': (time.perf_counter() - start) / steps}, out
-
-
 def differences(out, reference) -> dict:
   """The value's relative difference, and the largest of the gradients' differences, each
   relative to its gradient's largest entry (the key bias, whose true gradient is zero and
@@ -115,7 +94,7 @@ def main(argv):
   reference = None
   for impl in impls:
     fn, args = layer_gradients(impl, dtype)
-    figures, out = timed(fn, args, _STEPS.value)
+    figures, out = kernel_timing.timed(fn, args, _STEPS.value)
     reference = reference or out
     figures['difference'] = differences(out, reference)
     report['implementations'][impl] = figures
@@ -125,10 +104,7 @@ def main(argv):
           f"{figures['compile_seconds']:5.1f} s; vs plain: value {d['value']:.1e}, "
           f"gradients {d['gradients']:.1e}")
   if _JSON.value:
-    temporary = _JSON.value + '.tmp'
-    with open(temporary, 'w') as f:
-      json.dump(report, f, indent=1)
-    os.replace(temporary, _JSON.value)
+    kernel_timing.write_json(report, _JSON.value)
 
 
 if __name__ == '__main__':

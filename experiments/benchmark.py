@@ -41,6 +41,7 @@ from pka_jax import metric_writer
 from pka_jax import sharding
 from pka_jax import train
 from pka_jax.models import Encoder
+import kernel_timing
 import trace_breakdown
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Config file.')
@@ -362,10 +363,7 @@ def main(argv):
   run.checkpoints.close()
   print_report(report)
   if _JSON.value:
-    tmp = _JSON.value + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(report, f, indent=2)
-    os.replace(tmp, _JSON.value)
+    kernel_timing.write_json(report, _JSON.value)
   logging.info('Done.')
 
 

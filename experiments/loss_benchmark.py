@@ -15,17 +15,13 @@ loss. Off a GPU the Pallas variants run in Pallas's interpreter, only with `--in
 at small shapes.
 """
 
-import json
-import os
-import statistics
-import time
-
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import kernel_timing
 from pka_jax import flops
 from pka_jax import losses
 from pka_jax import pallas_loss
@@ -73,24 +69,6 @@ def inputs(rows: int, items: int, width: int, dtype):
   return hidden, table, targets
 
 
-def timed(fn, args, steps: int) -> dict:
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  compile_seconds = time.perf_counter() - start
-  jax.block_until_ready(fn(*args))
-  single = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    single.append(time.perf_counter() - start)
-  start = time.perf_counter()
-  for _ in range(steps):
-    result = fn(*args)
-  jax.block_until_ready(result)
-  return {'compile_seconds': compile_seconds, 'seconds': statistics.median(single),
-          'back_to_back_seconds': (time.perf_counter() - start) / steps}, out
-
-
 def differences(out, reference) -> dict:
   """The loss's relative difference, and each gradient's largest one relative to its scale."""
   (value, grads), (ref_value, ref_grads) = out, reference
@@ -126,7 +104,7 @@ def main(argv):
     fn = jax.jit(jax.value_and_grad(lambda h, e, loss=loss: loss(h, e, targets)[0],
                                     argnums=(0, 1)))
     try:
-      figures, out = timed(fn, (hidden, table), _STEPS.value)
+      figures, out = kernel_timing.timed(fn, (hidden, table), _STEPS.value)
     except Exception as error:  # noqa: BLE001 (a tiling Triton cannot build: say so, go on)
       print(f'{name:22s} failed: {type(error).__name__}: {str(error)[:300]}')
       report['variants'][name] = {'error': f'{type(error).__name__}: {str(error)[:2000]}'}
@@ -142,10 +120,7 @@ def main(argv):
           f"vs chunked: loss {d['loss']:.1e}, grads {d['grad_hidden']:.1e} / "
           f"{d['grad_table']:.1e}")
   if _JSON.value:
-    temporary = _JSON.value + '.tmp'
-    with open(temporary, 'w') as f:
-      json.dump(report, f, indent=1)
-    os.replace(temporary, _JSON.value)
+    kernel_timing.write_json(report, _JSON.value)
 
 
 if __name__ == '__main__':

@@ -371,12 +371,7 @@ def test_blockwise_loss_trains_like_the_full_one(tmp_path):
   for run in runs:
     for _ in range(3):
       run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
-  full, blockwise = (jax.tree_util.tree_flatten_with_path(params_of(r))[0] for r in runs)
-  for (path, a), (_, b) in zip(full, blockwise):
-    # Key biases have a true gradient of zero (softmax ignores a constant added to a row of
-    # logits): they hold rounding noise only, which Adam scales up.
-    if "['key']['bias']" not in jax.tree_util.keystr(path):
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  assert_same_params(params_of(runs[1]), params_of(runs[0]))
 
 
 def test_pallas_loss_trains_like_the_xla_one(tmp_path):
@@ -384,17 +379,10 @@ def test_pallas_loss_trains_like_the_xla_one(tmp_path):
   # (jax 0.10 loses the refs' varying axes), so the data-parallel step is only lowered.
   run = train.Run(config(dropout=0.0), str(tmp_path))
   batch = first_batch(run)
-  params = {}
-  for impl in ('xla', 'pallas'):
-    step = jax.jit(pallas_step(run, impl, mesh=None))
-    state = run.state
-    for _ in range(3):
-      state, metrics = step(state, batch, run.dropout_rng)
-      assert bool(metrics['finite'])
-    params[impl] = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state.params))[0]
-  for (path, a), (_, b) in zip(params['xla'], params['pallas']):
-    if "['key']['bias']" not in jax.tree_util.keystr(path):  # noise only, as above
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  xla, pallas = (params_after_three_steps(jax.jit(pallas_step(run, impl, mesh=None)),
+                                          run.state, batch, run.dropout_rng)
+                 for impl in ('xla', 'pallas'))
+  assert_same_params(pallas, xla)
 
 
 def test_the_data_parallel_pallas_step_lowers_to_its_kernels_for_a_gpu(tmp_path):
@@ -419,19 +407,30 @@ def test_pallas_attention_trains_like_the_plain_one(tmp_path, data_parallel):
   assert batch['inputs'].shape[1] == 16
   step = jax.jit(functools.partial(train.train_step, mesh=mesh, microbatches=1,
                                    **train.loss_options(run.config, run.dataset.num_items)))
-  params = {}
-  for name, apply_fn in (('plain', run.state.apply_fn), ('pallas', model.apply)):
-    state = run.state.replace(apply_fn=apply_fn)
-    for _ in range(3):
-      state, metrics = step(state, batch, run.dropout_rng)
-      assert bool(metrics['finite'])
-    params[name] = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, state.params))[0]
-  for (path, a), (_, b) in zip(params['plain'], params['pallas']):
-    if "['key']['bias']" not in jax.tree_util.keystr(path):  # noise only, as above
-      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+  plain, pallas = (params_after_three_steps(step, run.state.replace(apply_fn=apply_fn), batch,
+                                            run.dropout_rng)
+                   for apply_fn in (run.state.apply_fn, model.apply))
+  assert_same_params(pallas, plain)
   text = step.trace(run.state.replace(apply_fn=model.apply), batch, run.dropout_rng).lower(
       lowering_platforms=('cuda',)).as_text()
   assert text.count('custom_call @__gpu$xla.gpu.triton') == 2 * run.config.num_blocks
+
+
+def params_after_three_steps(step, state, batch, rng):
+  for _ in range(3):
+    state, metrics = step(state, batch, rng)
+    assert bool(metrics['finite'])
+  return jax.tree.map(np.asarray, state.params)
+
+
+def assert_same_params(got, expected):
+  """Leaf by leaf, to float tolerance. Key biases have a true gradient of zero (softmax
+  ignores a constant added to a row of logits): they hold rounding noise only, which Adam
+  scales up."""
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(expected)[0],
+                          jax.tree.leaves(got)):
+    if "['key']['bias']" not in jax.tree_util.keystr(path):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
 def pallas_step(run: train.Run, ce_impl: str, mesh):
