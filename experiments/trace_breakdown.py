@@ -34,7 +34,7 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.+?) [\w-]+\(')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DEDUPLICATED = re.compile(r'deduplicated_name="([^"]*)"')
 _LIBRARY_CALL = re.compile(r'custom_call_target="__(cublas|cudnn)')
-_TRITON_CALL = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = \\?"(\w+)')
+TRITON_CALL = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = \\?"(\w+)')
 _COPY = re.compile(r'^(memcpy|memset|Memcpy|Memset)')
 _JAX_SCOPE = re.compile(r'while|body|cond|closed_call|checkpoint|remat|branch_\d+_fun')
 
@@ -73,7 +73,7 @@ def read_hlo(text: str) -> Program:
   groups, members, library_calls = collections.defaultdict(list), {}, []
   for match, line in parsed:
     name = match.group(1)
-    kernel = _DEDUPLICATED.search(line) or _TRITON_CALL.search(line)
+    kernel = _DEDUPLICATED.search(line) or TRITON_CALL.search(line)
     op_name = op_names[name] or _nearest_op_name(name, op_names, operands)
     instruction = Instruction(match.group(2), op_name, inferred=not op_names[name])
     group = kernel.group(1) if kernel else name

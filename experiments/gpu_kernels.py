@@ -1,0 +1,345 @@
+"""The kernels a config's train step launches on an NVIDIA GPU, found without a GPU.
+
+  pip install jax-cuda12-plugin==$JAX jax-cuda12-pjrt==$JAX  # JAX: the installed jax version
+  python experiments/gpu_kernels.py --config=configs/ml1m.py --config.dtype=bfloat16
+  python experiments/gpu_kernels.py --config=configs/ml1m.py --config.dtype=bfloat16 \
+      --config.attention_impl=pallas --config.ce_impl=pallas --gpu=h200 --json=/tmp/k.json
+
+XLA compiles for a GPU it is only described (deviceless compilation: jax's CUDA plugin and a
+`GpuTargetConfigProto`), so any machine, a laptop's CPU included, sees the program an H100
+or H200 would run: the same fusions, hence the same kernels, and the Pallas kernels compiled
+by Triton for that GPU. On a GPU a small model's step is bound by its kernels' count and
+their chains rather than by FLOPs (an H200 trace of ML-1M's bfloat16 step: 445 kernels, 248
+of them under 3 us), so this counts them: all of them, by part of the model and pass
+(trace_breakdown.part_of), and the longest chain of kernels each waiting on the one before,
+which no concurrency in a CUDA graph shortens. Two differences from a real device: without
+one XLA does not autotune, so every matrix product is a Triton GEMM here where cuBLAS may
+win on the device (one kernel either way, bar cuBLAS's split-K reductions); and cuDNN is not
+compiled (the train step's attention with dropout never uses it).
+
+The config's backend-dependent choices (microbatches, loss chunks, attention kernels, the
+config check) are made for a GPU. The catalog is `--num_items` items; no data is read.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import functools
+import glob
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from unittest import mock
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from ml_collections import config_flags
+
+from pka_jax import config_check
+from pka_jax import sharding
+from pka_jax import train
+from pka_jax.models import create_model
+import kernel_timing
+import trace_breakdown
+
+# Public figures of each GPU (NVIDIA's data sheets; CUDA's device queries for the per-SM
+# limits, which Hopper shares): what XLA's fusion and tiling heuristics read.
+GPUS = {
+    'h100': {'name': 'NVIDIA H100 80GB HBM3', 'memory_bytes': 80 * 2**30,
+             'bandwidth': 3.35e12, 'clock_ghz': 1.98},
+    'h200': {'name': 'NVIDIA H200', 'memory_bytes': 141 * 10**9,
+             'bandwidth': 4.8e12, 'clock_ghz': 1.98},
+}
+_HOPPER = """gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  thread_dim_limit_x: 1024
+  thread_dim_limit_y: 1024
+  thread_dim_limit_z: 64
+  memory_bandwidth: {bandwidth:.0f}
+  l2_cache_size: 52428800
+  clock_rate_ghz: {clock_ghz}
+  device_memory_size: {memory_bytes}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability {{
+    major: 9
+    minor: 0
+  }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{
+  major: 9
+}}
+device_description_str: "{name}"
+"""
+
+# Instructions that launch nothing: views, tuples, parameters and constants.
+_NO_KERNEL = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
+              'partition-id', 'replica-id', 'opt-barrier', 'add-dependency', 'domain'}
+_COMPUTATION = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{$')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .+? ([\w\-]+)\((.*)')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  name: str  # the HLO instruction
+  kind: str  # 'fusion', 'gemm' (a matrix product), 'triton' (a Pallas kernel), 'copy', ...
+  op_name: str  # where in the JAX program it comes from
+  launches: int = 1  # a step's: more inside a loop
+
+
+@dataclasses.dataclass
+class Census:
+  kernels: list[Kernel]
+  longest_chain: list[Kernel]  # one after another, each on the last one's output
+
+  @property
+  def launches(self) -> int:
+    return sum(k.launches for k in self.kernels)
+
+  def by(self, key) -> collections.Counter:
+    counts = collections.Counter()
+    for kernel in self.kernels:
+      counts[key(kernel)] += kernel.launches
+    return counts
+
+
+def target_config(gpu: str) -> str:
+  """The `GpuTargetConfigProto` text XLA compiles for, as a CUDA device would report it."""
+  return _HOPPER.format(**GPUS[gpu])
+
+
+def gpu_devices(gpu: str) -> list:
+  """A one-GPU topology's devices, for compiling only; jax's CUDA plugin must be installed."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  try:
+    topology = topologies.get_topology_desc(gpu, 'cuda', target_config=target_config(gpu),
+                                            topology='1x1x1')
+  except (NotImplementedError, RuntimeError) as error:
+    version = jax.__version__
+    raise SystemExit(f'compiling for a GPU needs jax\'s CUDA plugin ({error}): pip install '
+                     f'jax-cuda12-plugin=={version} jax-cuda12-pjrt=={version}') from None
+  return list(topology.devices)
+
+
+@contextlib.contextmanager
+def choices_for_gpu():
+  """Every `jax.default_backend()` the program asks while tracing answers 'gpu'."""
+  with mock.patch.object(jax, 'default_backend', return_value='gpu'):
+    yield
+
+
+def compile_train_step(config, num_items: int, devices: list):
+  """The config's train step, compiled for `devices` from shapes alone."""
+  with choices_for_gpu():
+    config_check.check(config, devices=len(devices))
+    mesh = sharding.make_mesh(config.mesh_model, devices)
+    model = create_model(config, num_items, deterministic=False, mesh=mesh)
+    key = jax.random.key(config.seed, impl=config.prng_impl)
+    state = jax.eval_shape(functools.partial(train.create_train_state, model, config), key)
+    shardings = sharding.state_shardings(state, mesh)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                         state, shardings)
+    rows = NamedSharding(mesh, P(sharding.DATA))
+    batch = {name: jax.ShapeDtypeStruct((config.batch_size, config.maxlen), jnp.int32,
+                                        sharding=rows) for name in ('inputs', 'targets')}
+    rng = jax.ShapeDtypeStruct((), key.dtype, sharding=NamedSharding(mesh, P()))
+    step = jax.jit(functools.partial(train.train_step, microbatches=config.microbatches,
+                                     mesh=mesh, **train.loss_options(config, num_items)),
+                   donate_argnums=0)
+    return step.trace(state, batch, rng).lower(lowering_platforms=('cuda',)).compile()
+
+
+def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
+  """Each computation's instruction lines, and the entry computation's name."""
+  computations, entry, current = {}, None, None
+  for line in hlo_text.splitlines():
+    if (found := _COMPUTATION.match(line)) and not line.startswith(' '):
+      current = found.group(2)
+      computations[current] = []
+      entry = current if found.group(1) else entry
+    elif line.startswith('}'):
+      current = None
+    elif current and line.strip():
+      computations[current].append(line)
+  return computations, entry
+
+
+def _kind(opcode: str, line: str) -> str:
+  if opcode == 'custom-call':
+    target = re.search(r'custom_call_target="([^"]+)"', line).group(1)
+    return ('triton' if 'triton' in target else 'gemm' if 'cublas' in target
+            else 'cudnn' if 'cudnn' in target else f'library {target}')
+  if opcode == 'fusion' and re.search(r'"kind":"__(triton\w*gemm|cublas)', line):
+    return 'gemm'
+  return 'fusion' if opcode == 'fusion' else opcode
+
+
+def census(hlo_text: str) -> Census:
+  """The kernels an optimised GPU HLO module launches: the entry computation's, with each
+  loop body's repeated its known trip count, a conditional's branches counted once each
+  (only one runs), and calls inlined; and the longest chain of kernels, each consuming the
+  one before (a loop's counts its body's chain once per trip)."""
+  computations, entry = _computations(hlo_text)
+
+  def walk(computation: str, repeats: int) -> tuple[list[Kernel], list[Kernel]]:
+    kernels, chain = [], {}  # chain: each instruction's longest chain of kernels, ending it
+    for line in computations[computation]:
+      found = _INSTRUCTION.match(line)
+      if not found:
+        continue
+      name, opcode, rest = found.groups()
+      before = max((chain.get(o, []) for o in re.findall(r'%([\w.\-]+)', rest)),
+                   key=_chain_length, default=[])
+      if opcode in _NO_KERNEL or opcode.endswith('-done'):
+        chain[name] = before
+        continue
+      called = []
+      if opcode == 'while':
+        trips = int(m.group(1)) if (m := _TRIP_COUNT.search(line)) else 1
+        called = [(re.search(r'body=%?([\w.\-]+)', line).group(1), trips)]
+      elif opcode == 'call':
+        called = [(re.search(r'to_apply=%?([\w.\-]+)', line).group(1), 1)]
+      elif opcode == 'conditional':
+        listed = re.search(r'branch_computations=\{([^}]*)\}', line)
+        branches = (listed.group(1).split(',') if listed else
+                    re.findall(r'(?:true|false)_computation=(%?[\w.\-]+)', line))
+        called = [(b.strip().lstrip('%'), 1) for b in branches]
+      if called:
+        inner = [walk(body, repeats * trips) + (trips,) for body, trips in called]
+        kernels += [k for body_kernels, _, _ in inner for k in body_kernels]
+        longest = max(inner, key=lambda found: _chain_length(found[1]) * found[2])
+        chain[name] = before + longest[1] * longest[2]
+        continue
+      op_name = m.group(1) if (m := re.search(r'op_name="([^"]*)"', line)) else ''
+      kind = _kind(opcode, line)
+      triton = trace_breakdown.TRITON_CALL.search(line) if kind == 'triton' else None
+      # A Pallas kernel goes by its own name, its PTX's entry.
+      kernels.append(Kernel(triton.group(1) if triton else name, kind, op_name, repeats))
+      chain[name] = before + [kernels[-1]]
+    return kernels, max(chain.values(), key=_chain_length, default=[])
+
+  kernels, longest_chain = walk(entry, 1)
+  return Census(kernels, longest_chain)
+
+
+def _chain_length(chain: list[Kernel]) -> int:
+  return len(chain)
+
+
+def find_ptxas() -> str | None:
+  """CUDA's PTX assembler: on the PATH, or from the nvidia-cuda-nvcc-cu12 wheel."""
+  if found := shutil.which('ptxas'):
+    return found
+  try:
+    spec = importlib.util.find_spec('nvidia.cuda_nvcc')
+  except ModuleNotFoundError:
+    return None
+  for directory in (spec.submodule_search_locations or []) if spec else []:
+    if os.access(path := os.path.join(directory, 'bin', 'ptxas'), os.X_OK):
+      return path
+  return None
+
+
+def registers(ptx_dir: str, names: set[str], ptxas: str, arch: str = 'sm_90a') -> dict:
+  """For each named kernel in the PTX files XLA dumped: the registers a thread uses and
+  the bytes it spills to local memory, as ptxas assembles it for `arch`."""
+  found = {}
+  for path in sorted(glob.glob(os.path.join(ptx_dir, '*.ptx'))):
+    with open(path) as f:
+      entries = set(re.findall(r'\.entry (\w+)\(', f.read())) & names
+    if not entries:
+      continue
+    out = subprocess.run([ptxas, '-v', f'--gpu-name={arch}', path, '-o', os.devnull],
+                         capture_output=True, text=True, check=True).stderr
+    for entry in entries:
+      info = out[out.index(f"Compiling entry function '{entry}'"):]
+      found[entry] = {'registers': int(re.search(r'Used (\d+) registers', info).group(1)),
+                      'spill_store_bytes': int(re.search(r'(\d+) bytes spill stores',
+                                                         info).group(1)),
+                      'spill_load_bytes': int(re.search(r'(\d+) bytes spill loads',
+                                                        info).group(1))}
+  return found
+
+
+def part(kernel: Kernel) -> str:
+  where, direction = trace_breakdown.part_of(kernel.op_name)
+  return f'{where} ({direction})' if direction else where
+
+
+def report(result: Census, gpu: str, config) -> dict:
+  return {'gpu': GPUS[gpu]['name'], 'jax': jax.__version__,
+          'config': {'model': config.model, 'dtype': config.dtype,
+                     'batch_size': config.batch_size, 'maxlen': config.maxlen,
+                     'attention_impl': config.attention_impl,
+                     'ce_impl': config.get('ce_impl', 'xla')},
+          'kernels': result.launches, 'longest_chain': len(result.longest_chain),
+          'longest_chain_by_part': dict(collections.Counter(
+              part(k) for k in result.longest_chain).most_common()),
+          'by_kind': dict(result.by(lambda k: k.kind).most_common()),
+          'by_part': dict(result.by(part).most_common()),
+          'triton': [k.name for k in result.kernels if k.kind == 'triton']}
+
+
+def print_report(figures: dict) -> None:
+  config = figures['config']
+  print(f"{figures['gpu']} (compiled without one, jax {figures['jax']}): {config['model']} "
+        f"{config['dtype']}, batch {config['batch_size']} x {config['maxlen']}, attention "
+        f"{config['attention_impl']}, loss {config['ce_impl']}")
+  print(f"train step: {figures['kernels']} kernels; longest chain {figures['longest_chain']}")
+  print('by kind:   ' + ', '.join(f'{k} {n}' for k, n in figures['by_kind'].items()))
+  print('by part of the model (pass):')
+  for where, count in figures['by_part'].items():
+    print(f'  {count:5d}  {where}')
+  for name, usage in figures.get('registers', {}).items():
+    print(f"{name}: {usage['registers']} registers a thread, spills "
+          f"{usage['spill_store_bytes']} bytes stored, {usage['spill_load_bytes']} loaded")
+  print('the longest chain, by part:')
+  for where, count in figures['longest_chain_by_part'].items():
+    print(f'  {count:5d}  {where}')
+
+
+def main(argv):
+  del argv
+  jax.config.update('jax_platforms', 'cpu')  # compiling only: never initialise a GPU
+  config = FLAGS.config
+  ptxas = find_ptxas()
+  with tempfile.TemporaryDirectory() as dump:
+    if ptxas:  # before XLA reads its flags: the PTX of every kernel it compiles
+      os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}"
+    result = census(compile_train_step(config, _NUM_ITEMS.value, gpu_devices(_GPU.value))
+                    .as_text())
+    figures = report(result, _GPU.value, config)
+    if ptxas:
+      figures['registers'] = registers(dump, set(figures['triton']), ptxas)
+  print_report(figures)
+  if _JSON.value:
+    kernel_timing.write_json(figures, _JSON.value)
+
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', 'configs/ml1m.py', 'Config file.')
+_GPU = flags.DEFINE_enum('gpu', 'h100', sorted(GPUS), 'The GPU to compile for.')
+_NUM_ITEMS = flags.DEFINE_integer('num_items', 3416, "Catalog size (ML-1M's by default).")
+_JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+
+if __name__ == '__main__':
+  app.run(main)
