@@ -4,12 +4,15 @@ import functools
 import json
 import os
 
+import chex
 import jax
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
+import jaxprs
 from pka_jax import evaluate
 from pka_jax import faults
 from pka_jax import models
@@ -552,3 +555,35 @@ def test_bfloat16_loss_follows_float32(tmp_path):
   # bfloat16 activations (8-bit mantissa) with float32 parameters, softmax and loss sums:
   # within 0.5% of the float32 loss at every one of the 36 steps (0.08% seen at worst).
   np.testing.assert_allclose(half, full, rtol=0.005)
+
+
+def test_one_finiteness_test_steps_as_optax_s_apply_if_finite():
+  # A finite step, a NaN in a bias (skipped), an infinity in the item table (a second error
+  # in a row: past max_consecutive_errors=1, so applied), then a finite one.
+  params = {'item_emb': {'embedding': np.arange(12.0).reshape(4, 3)},
+            'block': {'kernel': np.ones((3, 2)), 'bias': np.zeros(2)}}
+  finite = jax.tree.map(lambda p: np.cos(np.arange(p.size)).reshape(p.shape) * 0.1, params)
+  nan_bias = jax.tree.map(np.copy, finite)
+  nan_bias['block']['bias'][1] = np.nan
+  inf_table = jax.tree.map(np.copy, finite)
+  inf_table['item_emb']['embedding'][2, 0] = np.inf
+  ours = train.apply_if_all_finite(optax.adam(0.1), max_consecutive_errors=1)
+  optax_s = optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=1)
+  states = [(params, tx.init(params)) for tx in (ours, optax_s)]
+  for grads in (finite, nan_bias, inf_table, finite):
+    for i, tx in enumerate((ours, optax_s)):
+      p, state = states[i]
+      updates, state = jax.jit(tx.update)(grads, state, p)
+      states[i] = (optax.apply_updates(p, updates), state)
+    chex.assert_trees_all_equal(states[0], states[1])  # NaNs equal NaNs
+  assert int(states[0][1].total_notfinite) == 2
+
+
+def test_finiteness_is_one_reduction_besides_the_item_table_s():
+  # optax reduces every leaf on its own (on a GPU, a kernel each), then their flags.
+  params = {'item_emb': {'embedding': np.ones((4, 3))},
+            **{f'block_{i}': {'kernel': np.ones((3, 2)), 'bias': np.ones(2)} for i in range(5)}}
+  count = lambda tx: sum(eqn.primitive.name == 'reduce_and' for eqn in jaxprs.equations(
+      jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr))
+  assert count(optax.apply_if_finite(optax.adam(0.1), 1)) == 11 + 1
+  assert count(train.apply_if_all_finite(optax.adam(0.1), 1)) == 2
