@@ -73,13 +73,13 @@ def apply_if_all_finite(inner: optax.GradientTransformation, max_consecutive_err
   def update(updates, state, params=None):
     isfinite = all_finite(updates)
     notfinite_count = jnp.where(isfinite, jnp.zeros([], jnp.int32),
-                                optax.safe_increment(state.notfinite_count))
+                                optax.safe_int32_increment(state.notfinite_count))
     updates, inner_state = jax.lax.cond(
         isfinite | (notfinite_count > max_consecutive_errors),
         lambda: inner.update(updates, state.inner_state, params),
-        lambda: (optax.tree.zeros_like(updates), state.inner_state))
+        lambda: (jax.tree.map(jnp.zeros_like, updates), state.inner_state))
     total_notfinite = jnp.where(isfinite, state.total_notfinite,
-                                optax.safe_increment(state.total_notfinite))
+                                optax.safe_int32_increment(state.total_notfinite))
     return updates, optax.ApplyIfFiniteState(notfinite_count, isfinite, total_notfinite,
                                              inner_state)
 
