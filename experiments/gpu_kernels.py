@@ -1,6 +1,7 @@
 """The kernels a config's train step launches on an NVIDIA GPU, found without a GPU.
 
   pip install jax-cuda12-plugin==$JAX jax-cuda12-pjrt==$JAX  # JAX: the installed jax version
+  pip install nvidia-cuda-nvcc-cu12  # optional: ptxas, for the Pallas kernels' registers
   python experiments/gpu_kernels.py --config=configs/ml1m.py --config.dtype=bfloat16
   python experiments/gpu_kernels.py --config=configs/ml1m.py --config.dtype=bfloat16 \
       --config.attention_impl=pallas --config.ce_impl=pallas --gpu=h200 --json=/tmp/k.json
@@ -9,21 +10,23 @@ XLA compiles for a GPU it is only described (deviceless compilation: jax's CUDA 
 `GpuTargetConfigProto`), so any machine, a laptop's CPU included, sees the program an H100
 or H200 would run: the same fusions, hence the same kernels, and the Pallas kernels compiled
 by Triton for that GPU. On a GPU a small model's step is bound by its kernels' count and
-their chains rather than by FLOPs (an H200 trace of ML-1M's bfloat16 step: 445 kernels, 248
-of them under 3 us), so this counts them: all of them, by part of the model and pass
-(trace_breakdown.part_of), and the longest chain of kernels each waiting on the one before,
-which no concurrency in a CUDA graph shortens. Two differences from a real device: without
-one XLA does not autotune, so every matrix product is a Triton GEMM here where cuBLAS may
-win on the device (one kernel either way, bar cuBLAS's split-K reductions); and cuDNN is not
-compiled (the train step's attention with dropout never uses it).
+chains rather than by FLOPs (an H200 trace of ML-1M's bfloat16 step: 445 kernels, 248 of
+them under 3 us; its longest chain of kernels, each waiting on the one before, took 1.56 ms
+of the 2.4 ms step), so this counts them (hlo_kernels.py): all of them, by part of the model
+and pass (trace_breakdown.part_of), and the longest chain, which no concurrency in a CUDA
+graph shortens. With ptxas it also assembles the Pallas kernels for `sm_90a` and reports
+their registers and spills.
 
-The config's backend-dependent choices (microbatches, loss chunks, attention kernels, the
-config check) are made for a GPU. The catalog is `--num_items` items; no data is read.
+Two differences from a real device: without one XLA does not autotune, so every matrix
+product is a Triton GEMM here where cuBLAS may win on the device (one kernel either way, bar
+cuBLAS's split-K reductions); and cuDNN is not compiled (the train step's attention with
+dropout never uses it). The config's backend-dependent choices (microbatches, loss chunks,
+attention kernels, the config check) are made for a GPU. The catalog is `--num_items` items;
+no data is read.
 """
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import glob
 import importlib.util
@@ -46,6 +49,7 @@ from pka_jax import config_check
 from pka_jax import sharding
 from pka_jax import train
 from pka_jax.models import create_model
+import hlo_kernels
 import kernel_timing
 import trace_breakdown
 
@@ -89,38 +93,6 @@ dnn_version_info {{
 }}
 device_description_str: "{name}"
 """
-
-# Instructions that launch nothing: views, tuples, parameters and constants.
-_NO_KERNEL = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
-              'partition-id', 'replica-id', 'opt-barrier', 'add-dependency', 'domain'}
-_COMPUTATION = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{$')
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .+? ([\w\-]+)\((.*)')
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-@dataclasses.dataclass(frozen=True)
-class Kernel:
-  name: str  # the HLO instruction
-  kind: str  # 'fusion', 'gemm' (a matrix product), 'triton' (a Pallas kernel), 'copy', ...
-  op_name: str  # where in the JAX program it comes from
-  launches: int = 1  # a step's: more inside a loop
-
-
-@dataclasses.dataclass
-class Census:
-  kernels: list[Kernel]
-  longest_chain: list[Kernel]  # one after another, each on the last one's output
-
-  @property
-  def launches(self) -> int:
-    return sum(k.launches for k in self.kernels)
-
-  def by(self, key) -> collections.Counter:
-    counts = collections.Counter()
-    for kernel in self.kernels:
-      counts[key(kernel)] += kernel.launches
-    return counts
-
 
 def target_config(gpu: str) -> str:
   """The `GpuTargetConfigProto` text XLA compiles for, as a CUDA device would report it."""
@@ -168,83 +140,6 @@ def compile_train_step(config, num_items: int, devices: list):
     return step.trace(state, batch, rng).lower(lowering_platforms=('cuda',)).compile()
 
 
-def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
-  """Each computation's instruction lines, and the entry computation's name."""
-  computations, entry, current = {}, None, None
-  for line in hlo_text.splitlines():
-    if (found := _COMPUTATION.match(line)) and not line.startswith(' '):
-      current = found.group(2)
-      computations[current] = []
-      entry = current if found.group(1) else entry
-    elif line.startswith('}'):
-      current = None
-    elif current and line.strip():
-      computations[current].append(line)
-  return computations, entry
-
-
-def _kind(opcode: str, line: str) -> str:
-  if opcode == 'custom-call':
-    target = re.search(r'custom_call_target="([^"]+)"', line).group(1)
-    return ('triton' if 'triton' in target else 'gemm' if 'cublas' in target
-            else 'cudnn' if 'cudnn' in target else f'library {target}')
-  if opcode == 'fusion' and re.search(r'"kind":"__(triton\w*gemm|cublas)', line):
-    return 'gemm'
-  return 'fusion' if opcode == 'fusion' else opcode
-
-
-def census(hlo_text: str) -> Census:
-  """The kernels an optimised GPU HLO module launches: the entry computation's, with each
-  loop body's repeated its known trip count, a conditional's branches counted once each
-  (only one runs), and calls inlined; and the longest chain of kernels, each consuming the
-  one before (a loop's counts its body's chain once per trip)."""
-  computations, entry = _computations(hlo_text)
-
-  def walk(computation: str, repeats: int) -> tuple[list[Kernel], list[Kernel]]:
-    kernels, chain = [], {}  # chain: each instruction's longest chain of kernels, ending it
-    for line in computations[computation]:
-      found = _INSTRUCTION.match(line)
-      if not found:
-        continue
-      name, opcode, rest = found.groups()
-      before = max((chain.get(o, []) for o in re.findall(r'%([\w.\-]+)', rest)),
-                   key=_chain_length, default=[])
-      if opcode in _NO_KERNEL or opcode.endswith('-done'):
-        chain[name] = before
-        continue
-      called = []
-      if opcode == 'while':
-        trips = int(m.group(1)) if (m := _TRIP_COUNT.search(line)) else 1
-        called = [(re.search(r'body=%?([\w.\-]+)', line).group(1), trips)]
-      elif opcode == 'call':
-        called = [(re.search(r'to_apply=%?([\w.\-]+)', line).group(1), 1)]
-      elif opcode == 'conditional':
-        listed = re.search(r'branch_computations=\{([^}]*)\}', line)
-        branches = (listed.group(1).split(',') if listed else
-                    re.findall(r'(?:true|false)_computation=(%?[\w.\-]+)', line))
-        called = [(b.strip().lstrip('%'), 1) for b in branches]
-      if called:
-        inner = [walk(body, repeats * trips) + (trips,) for body, trips in called]
-        kernels += [k for body_kernels, _, _ in inner for k in body_kernels]
-        longest = max(inner, key=lambda found: _chain_length(found[1]) * found[2])
-        chain[name] = before + longest[1] * longest[2]
-        continue
-      op_name = m.group(1) if (m := re.search(r'op_name="([^"]*)"', line)) else ''
-      kind = _kind(opcode, line)
-      triton = trace_breakdown.TRITON_CALL.search(line) if kind == 'triton' else None
-      # A Pallas kernel goes by its own name, its PTX's entry.
-      kernels.append(Kernel(triton.group(1) if triton else name, kind, op_name, repeats))
-      chain[name] = before + [kernels[-1]]
-    return kernels, max(chain.values(), key=_chain_length, default=[])
-
-  kernels, longest_chain = walk(entry, 1)
-  return Census(kernels, longest_chain)
-
-
-def _chain_length(chain: list[Kernel]) -> int:
-  return len(chain)
-
-
 def find_ptxas() -> str | None:
   """CUDA's PTX assembler: on the PATH, or from the nvidia-cuda-nvcc-cu12 wheel."""
   if found := shutil.which('ptxas'):
@@ -280,12 +175,12 @@ def registers(ptx_dir: str, names: set[str], ptxas: str, arch: str = 'sm_90a') -
   return found
 
 
-def part(kernel: Kernel) -> str:
+def part(kernel: hlo_kernels.Kernel) -> str:
   where, direction = trace_breakdown.part_of(kernel.op_name)
   return f'{where} ({direction})' if direction else where
 
 
-def report(result: Census, gpu: str, config) -> dict:
+def report(result: hlo_kernels.Census, gpu: str, config) -> dict:
   return {'gpu': GPUS[gpu]['name'], 'jax': jax.__version__,
           'config': {'model': config.model, 'dtype': config.dtype,
                      'batch_size': config.batch_size, 'maxlen': config.maxlen,
@@ -325,8 +220,8 @@ def main(argv):
   with tempfile.TemporaryDirectory() as dump:
     if ptxas:  # before XLA reads its flags: the PTX of every kernel it compiles
       os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}"
-    result = census(compile_train_step(config, _NUM_ITEMS.value, gpu_devices(_GPU.value))
-                    .as_text())
+    compiled = compile_train_step(config, _NUM_ITEMS.value, gpu_devices(_GPU.value))
+    result = hlo_kernels.census(compiled.as_text())
     figures = report(result, _GPU.value, config)
     if ptxas:
       figures['registers'] = registers(dump, set(figures['triton']), ptxas)

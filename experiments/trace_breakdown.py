@@ -26,6 +26,8 @@ import re
 from absl import app
 from absl import flags
 
+import hlo_kernels
+
 HLO_FILE = 'train_step.hlo.txt'
 TRACED_STEPS = 3  # benchmark.py's
 UNMATCHED = 'kernels matching no instruction'
@@ -34,7 +36,6 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.+?) [\w-]+\(')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DEDUPLICATED = re.compile(r'deduplicated_name="([^"]*)"')
 _LIBRARY_CALL = re.compile(r'custom_call_target="__(cublas|cudnn)')
-TRITON_CALL = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = \\?"(\w+)')
 _COPY = re.compile(r'^(memcpy|memset|Memcpy|Memset)')
 _JAX_SCOPE = re.compile(r'while|body|cond|closed_call|checkpoint|remat|branch_\d+_fun')
 
@@ -44,6 +45,7 @@ class Instruction:
   shape: str  # of its output
   op_name: str  # where in the JAX program it comes from
   inferred: bool = False  # op_name taken from an operand's: XLA made the op without one
+  name: str = ''  # the instruction's own
 
 
 @dataclasses.dataclass
@@ -73,9 +75,9 @@ def read_hlo(text: str) -> Program:
   groups, members, library_calls = collections.defaultdict(list), {}, []
   for match, line in parsed:
     name = match.group(1)
-    kernel = _DEDUPLICATED.search(line) or TRITON_CALL.search(line)
+    kernel = _DEDUPLICATED.search(line) or hlo_kernels.TRITON_CALL.search(line)
     op_name = op_names[name] or _nearest_op_name(name, op_names, operands)
-    instruction = Instruction(match.group(2), op_name, inferred=not op_names[name])
+    instruction = Instruction(match.group(2), op_name, inferred=not op_names[name], name=name)
     group = kernel.group(1) if kernel else name
     groups[group].append(instruction)
     members[name] = members[name.replace('.', '_')] = members[group] = group
@@ -145,7 +147,9 @@ def device_ops(trace: dict, module: str) -> list[dict]:
 
 
 def breakdown(trace: dict, hlo_text: str, steps: int) -> dict:
-  """Microseconds a step by `(part, pass)` and by op, and the share matched to the HLO.
+  """Microseconds a step by `(part, pass)` and by op, the share matched to the HLO, and the
+  time of the longest chain of ops each consuming the one before (hlo_kernels.census): no
+  concurrency makes the step shorter than that.
 
   A library's kernels carry the library's names (cuBLAS's `nvjet_...`); they match the
   module's library calls in order when each step launches one per call (cuBLAS may add a
@@ -154,33 +158,44 @@ def breakdown(trace: dict, hlo_text: str, steps: int) -> dict:
   ops = sorted(device_ops(trace, program.module), key=lambda op: op['ts'])
   unnamed = [op for op in ops if op['name'] not in program.ops and not _COPY.match(op['name'])]
   library = program.library_calls if len(unnamed) == steps * len(program.library_calls) else []
-  by_part, by_op = collections.Counter(), collections.Counter()
+  by_part, by_op, by_instruction = (collections.Counter() for _ in range(3))
   runs, matched, library_runs = collections.Counter(), 0.0, 0
   for op in ops:
-    group = program.ops.get(op['name'])
+    group, instruction = program.ops.get(op['name']), None
     if group:
-      key = part_of(group[runs[op['name']] % len(group)].op_name)
+      instruction = group[runs[op['name']] % len(group)]
+      key = part_of(instruction.op_name)
     elif _COPY.match(op['name']):
       key = (COPIES, '')
     elif library:
-      key = part_of(library[library_runs % len(library)].op_name)
+      instruction = library[library_runs % len(library)]
+      key = part_of(instruction.op_name)
       library_runs += 1
     else:
       key = (UNMATCHED, '')
+    if instruction:
+      by_instruction[instruction.name] += op['dur'] / steps
     by_part[key] += op['dur'] / steps
     by_op[op['name']] += op['dur'] / steps
     runs[op['name']] += 1
     matched += op['dur'] if key[0] != UNMATCHED else 0.0
   total = sum(op['dur'] for op in ops)
+  chain = hlo_kernels.census(hlo_text).longest_chain
+  timed = [k for k in chain if k.name in by_instruction]
   return {'module': program.module, 'steps': steps, 'ops_per_step': len(ops) / steps,
           'step_us': total / steps, 'matched': matched / total if total else 0.0,
-          'by_part': by_part, 'by_op': by_op, 'runs': runs, 'instructions': program.ops}
+          'by_part': by_part, 'by_op': by_op, 'runs': runs, 'instructions': program.ops,
+          'chain_ops': len(chain), 'chain_timed_ops': len(timed),
+          'chain_us': sum(by_instruction[k.name] for k in timed)}
 
 
 def print_breakdown(result: dict, top: int) -> None:
   print(f"{result['module']}: {result['step_us'] / 1e3:,.2f} ms of ops a step (summed: a "
         f"CPU runs some side by side), {result['ops_per_step']:,.0f} ops, "
         f"{100 * result['matched']:.1f}% of the time matched to HLO instructions")
+  print(f"longest chain of ops each consuming the one before: {result['chain_ops']} ops, "
+        f"{result['chain_us'] / 1e3:,.2f} ms a step over the {result['chain_timed_ops']} "
+        'matched (no concurrency makes a step shorter)')
   parts = collections.defaultdict(dict)
   for (part, direction), us in result['by_part'].items():
     parts[part][direction] = us

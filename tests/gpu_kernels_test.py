@@ -1,5 +1,6 @@
-"""experiments/gpu_kernels.py: the kernels an optimised GPU program launches, and their
-longest chain, counted from its HLO text."""
+"""experiments/hlo_kernels.py and gpu_kernels.py: the kernels an optimised GPU program
+launches, and their longest chain, counted from its HLO text; a train step compiled for a
+GPU without one."""
 
 import importlib.util
 import json
@@ -15,6 +16,7 @@ _SPEC = importlib.util.spec_from_file_location(
     'gpu_kernels', os.path.join(ROOT, 'experiments', 'gpu_kernels.py'))
 gpu_kernels = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(gpu_kernels)
+hlo_kernels = gpu_kernels.hlo_kernels
 
 _FWD = 'metadata={op_name="jit(train_step)/jvp(Encoder)/block_0/ln_attn/reduce_sum"}'
 _BWD = 'metadata={op_name="jit(train_step)/transpose(jvp(Encoder))/block_1/ffn_in/dot_general"}'
@@ -77,7 +79,7 @@ ENTRY %main.1 (p: f32[4], q: pred[]) -> f32[4] {{
 
 
 def test_every_launch_is_counted_loops_by_their_trips():
-  result = gpu_kernels.census(HLO)
+  result = hlo_kernels.census(HLO)
   # a, b, the GEMM, 5 x 2 in the loop, 1 + 2 in the branches, the side, Pallas, cuBLAS,
   # the copy.
   assert result.launches == 3 + 10 + 3 + 4
@@ -87,7 +89,7 @@ def test_every_launch_is_counted_loops_by_their_trips():
 
 
 def test_the_longest_chain_follows_the_data_and_takes_the_longer_branch():
-  result = gpu_kernels.census(HLO)
+  result = hlo_kernels.census(HLO)
   # a (or b), the GEMM, 2 kernels x 5 trips, the two-kernel branch, Pallas, cuBLAS, the
   # copy; the side kernel reads only `p`, off the chain.
   names = [k.name for k in result.longest_chain]
@@ -98,7 +100,7 @@ def test_the_longest_chain_follows_the_data_and_takes_the_longer_branch():
 
 
 def test_kernels_go_to_the_part_of_the_model_they_come_from():
-  by_part = gpu_kernels.census(HLO).by(gpu_kernels.part)
+  by_part = hlo_kernels.census(HLO).by(gpu_kernels.part)
   assert by_part == {'encoder/block/ln_attn (forward)': 2 + 10,
                      'encoder/block/ffn_in (backward)': 4,
                      'optimizer and update': 3,

@@ -2,10 +2,12 @@
 
 import importlib.util
 import os
+import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'experiments'))  # it imports hlo_kernels
 _SPEC = importlib.util.spec_from_file_location(
     'trace_breakdown', os.path.join(ROOT, 'experiments', 'trace_breakdown.py'))
 trace_breakdown = importlib.util.module_from_spec(_SPEC)
@@ -84,6 +86,19 @@ def test_pallas_kernels_go_by_their_triton_names_and_cublas_still_pairs(quote):
   assert result['matched'] == 1.0
 
 
+def test_the_longest_chain_is_timed_launch_by_launch():
+  # fusion.1 feeds the first GEMM, which feeds the cuBLAS call; the second launch of the
+  # shared GEMM kernel and fusion.4 read only the parameter.
+  hlo = (HLO.replace('%gemm_fusion.2 = f32[8,8]{1,0} fusion(%p)',
+                     '%gemm_fusion.2 = f32[8,8]{1,0} fusion(%fusion.1)')
+         .replace('custom-call(%p)', 'custom-call(%gemm_fusion.2)'))
+  trace = gpu_trace([('fusion_1', 10), ('gemm_fusion_2', 20), ('nvjet_sm90_tss', 40),
+                     ('gemm_fusion_2', 30), ('fusion_4', 5)])
+  result = trace_breakdown.breakdown(trace, hlo, steps=2)
+  assert result['chain_ops'] == result['chain_timed_ops'] == 3
+  assert result['chain_us'] == pytest.approx(10 + 20 + 40)  # not the GEMM's 30 us launch
+
+
 def test_library_kernels_that_do_not_pair_with_calls_stay_unmatched():
   # Two cuBLAS kernels a step for one call (say a split-K reduction after the product).
   trace = gpu_trace([('fusion_1', 10), ('nvjet_a', 40), ('splitKreduce_kernel', 10)])
@@ -132,5 +147,5 @@ def test_an_op_xla_made_without_a_name_takes_its_nearest_operands():
       'ROOT %fusion.4', '%dot.5 = f32[4,4]{1,0} dot(%fusion.1, %p)\n  ROOT %fusion.4'))
   assert program.ops['dot.5'] == [trace_breakdown.Instruction(
       'f32[4,4]{1,0}', 'jit(train_step)/jvp(Encoder)/block_0/attention/reduce_max',
-      inferred=True)]
+      inferred=True, name='dot.5')]
   assert not program.ops['fusion.1'][0].inferred
