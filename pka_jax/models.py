@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from pka_jax import attention
+from pka_jax import pallas_layer_norm
 from pka_jax import sharding
 from pka_jax.dropout import DROPOUT_IMPLS, Dropout, StandIns, Window
 
 POSITION_MODES = ('none', 'absolute', 'absolute_all', 'rotary', 'contextual', 'kernel')
 DTYPES = ('float32', 'bfloat16')
+LAYER_NORM_IMPLS = ('xla', 'pallas')
 LN_EPSILON = 1e-8
 
 
@@ -41,6 +45,7 @@ class ModelConfig:
   dtype: str = 'float32'
   attention_impl: str = 'auto'  # attention.ATTENTION_IMPLS
   dropout_impl: str = 'hash'  # dropout.DROPOUT_IMPLS
+  layer_norm_impl: str = 'xla'  # LAYER_NORM_IMPLS: 'pallas' runs pallas_layer_norm's kernels
   # Devices the item table's rows are split over (the mesh's 'model' axis; sharding.py).
   mesh_model: int = 1
   deterministic: bool = False
@@ -53,6 +58,9 @@ class ModelConfig:
     if self.attention_impl not in attention.ATTENTION_IMPLS:
       raise ValueError(f'attention_impl {self.attention_impl!r}: expected one of '
                        f'{attention.ATTENTION_IMPLS}')
+    if self.layer_norm_impl not in LAYER_NORM_IMPLS:
+      raise ValueError(f'layer_norm_impl {self.layer_norm_impl!r}: expected one of '
+                       f'{LAYER_NORM_IMPLS}')
     if self.dropout_impl not in DROPOUT_IMPLS:
       raise ValueError(f'dropout_impl {self.dropout_impl!r}: expected one of {DROPOUT_IMPLS}')
     for side in ('q', 'k', 'v'):
@@ -122,8 +130,45 @@ def _kernel(config: ModelConfig, side: str, name: str):
       learn_first=(side == 'v'), name=name)
 
 
-def _layer_norm(name: str, dtype) -> nn.LayerNorm:
-  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=dtype, name=name)
+def _layer_norm(name: str, config: ModelConfig, mesh: jax.sharding.Mesh | None) -> nn.Module:
+  if config.layer_norm_impl == 'pallas':
+    return PallasLayerNorm(config.compute_dtype, mesh=mesh, name=name)
+  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=config.compute_dtype, name=name)
+
+
+class PallasLayerNorm(nn.Module):
+  """flax's `nn.LayerNorm` (the same parameters, so checkpoints are interchangeable) by the
+  Pallas kernels: Triton where the program is compiled for a GPU, Pallas's interpreter
+  elsewhere; flax's own where the rows do not fit the kernels' tiles. On several devices
+  each normalises its own rows (`shard_map`)."""
+
+  dtype: jnp.dtype
+  mesh: jax.sharding.Mesh | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    params = {'scale': self.param('scale', nn.initializers.ones, (width,)),
+              'bias': self.param('bias', nn.initializers.zeros, (width,))}
+    shards = self.mesh.shape[sharding.DATA] if self.mesh is not None else 1
+    rows = x.size // width // shards  # a device's
+    if x.shape[0] % shards or not pallas_layer_norm.supports(rows, width):
+      return nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype).apply({'params': params}, x)
+    options = pallas_layer_norm.Options(LN_EPSILON, pallas_layer_norm.block_rows_for(rows))
+
+    def normalise(x, scale, bias):
+      run = lambda interpret: functools.partial(
+          pallas_layer_norm.layer_norm, options=dataclasses.replace(options, interpret=interpret))
+      return jax.lax.platform_dependent(x.reshape(-1, width), scale, bias, cuda=run(False),
+                                        default=run(True)).reshape(x.shape).astype(self.dtype)
+
+    if shards == 1:
+      return normalise(x, params['scale'], params['bias'])
+    # Unchecked, as attention's: Pallas's interpreter loses its refs' varying axes. The
+    # scale's and bias's gradients, per shard, are summed by shard_map's transpose.
+    return jax.shard_map(normalise, mesh=self.mesh, in_specs=(P(sharding.DATA), P(), P()),
+                         out_specs=P(sharding.DATA), check_vma=False)(
+                             x, params['scale'], params['bias'])
 
 
 def _dense(features: int, name: str, dtype):
@@ -166,7 +211,7 @@ class Block(nn.Module):
     # A window narrower than maxlen is its right end: the kernels' bottom-right corner.
     kernels = {side: kernel[-width:, -width:] for side, kernel in kernels.items()}
 
-    normed_BxTxD = _layer_norm('ln_attn', dtype)(x_BxTxD)
+    normed_BxTxD = _layer_norm('ln_attn', config, self.mesh)(x_BxTxD)
     k_in, v_in = x_BxTxD, x_BxTxD
     if config.position_mode == 'absolute_all':
       pos_TxD = self.param('pos_emb', nn.initializers.xavier_uniform(),
@@ -187,7 +232,7 @@ class Block(nn.Module):
             first_position=config.maxlen - width, window=window, padding=padding)
     h_BxQxD = q_in_BxQxD + attended
 
-    y_BxQxD = _layer_norm('ln_ffn', dtype)(h_BxQxD)
+    y_BxQxD = _layer_norm('ln_ffn', config, self.mesh)(h_BxQxD)
     drop = Dropout(config.dropout, config.deterministic, config.dropout_impl)
     hidden = drop(nn.relu(_dense(config.hidden_units, 'ffn_in', dtype)(y_BxQxD)), window)
     z_BxQxD = y_BxQxD + drop(_dense(config.hidden_units, 'ffn_out', dtype)(hidden), window)
@@ -232,7 +277,7 @@ class Encoder(nn.Module):
         if config.kernel_kind(side) != 'none' and config.kernel_shared(side)}
     self.blocks = [Block(config, mesh=self.mesh, name=f'block_{i}')
                    for i in range(config.num_blocks)]
-    self.ln_final = _layer_norm('ln_final', config.compute_dtype)
+    self.ln_final = _layer_norm('ln_final', config, self.mesh)
     self.embed_dropout = Dropout(config.dropout, config.deterministic, config.dropout_impl)
 
   def __call__(self, inputs_BxT: jax.Array, *, last_only: bool = False,

@@ -48,6 +48,8 @@ def test_the_shipped_configs_pass():
     (dict(dtype='float16'), None, 'dtype'),
     (dict(attention_impl='flash'), None, 'attention_impl'),
     (dict(attention_impl='pallas'), None, 'attention_impl'),  # Triton; the tests run on a CPU
+    (dict(layer_norm_impl='pallas'), None, 'layer_norm_impl'),
+    (dict(layer_norm_impl='triton'), None, 'layer_norm_impl'),
     (dict(dropout_impl='philox'), None, 'dropout_impl'),
     (dict(prng_impl='mt19937'), None, 'prng_impl'),
     (dict(batch_size=0), None, 'batch_size'),
