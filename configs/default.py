@@ -77,10 +77,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # hash: keep-masks from a keyed integer hash of the element index (pka_jax/dropout.py), 50x
   # cheaper than jax.random's bits on CPU; jax: flax's jax.random.bernoulli masks.
   config.dropout_impl = 'hash'
-  # xla | pallas. pallas (GPU only): every LayerNorm as one Triton kernel forward and one
-  # backward (pka_jax/pallas_layer_norm.py) where rows come in blocks of 64 and the width is
-  # a power of two of at least 16; flax's elsewhere. The same parameters and LayerNorm, to
-  # float rounding.
+  # xla | pallas. pallas (GPU only): in training, every LayerNorm as one Triton kernel
+  # forward and one backward (pka_jax/pallas_layer_norm.py) where rows come in blocks of 16
+  # to 64 and the width is a power of two of at least 16; flax's elsewhere and in evaluation,
+  # serving and export. The same parameters and LayerNorm, to float rounding.
   config.layer_norm_impl = 'xla'
 
   # ---- training ----

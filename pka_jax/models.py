@@ -131,7 +131,9 @@ def _kernel(config: ModelConfig, side: str, name: str):
 
 
 def _layer_norm(name: str, config: ModelConfig, mesh: jax.sharding.Mesh | None) -> nn.Module:
-  if config.layer_norm_impl == 'pallas':
+  """flax's LayerNorm, or in training with `layer_norm_impl='pallas'` the kernels' (an
+  evaluated, served or exported model keeps flax's: it runs anywhere, a CPU included)."""
+  if config.layer_norm_impl == 'pallas' and not config.deterministic:
     return PallasLayerNorm(config.compute_dtype, mesh=mesh, name=name)
   return nn.LayerNorm(epsilon=LN_EPSILON, dtype=config.compute_dtype, name=name)
 

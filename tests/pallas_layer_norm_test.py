@@ -1,6 +1,8 @@
 """The Pallas LayerNorm is flax's (Pallas's interpreter on the CPU: same values and gradients,
 same parameters) and lowers to one Triton kernel forward and one backward for a GPU."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -84,3 +86,17 @@ def test_lowers_to_one_triton_kernel_each_way_for_a_gpu(dtype):
   text = jax.jit(grads).trace(rows, vector, vector).lower(
       lowering_platforms=('cuda',)).as_text()
   assert text.count('custom_call @__gpu$xla.gpu.triton') == 2
+
+
+def test_only_training_runs_the_kernels():
+  # An evaluated, served or exported model keeps flax's LayerNorm: it runs anywhere.
+  config = models.ModelConfig(num_items=20, maxlen=16, num_blocks=1, hidden_units=16,
+                              num_heads=1, dropout=0.0, position_mode='kernel',
+                              layer_norm_impl='pallas')
+  inputs = jnp.tile(jnp.arange(1, 17), (4, 1))  # 64 rows: a block
+  for deterministic, kernels in ((False, True), (True, False)):
+    model = models.Encoder(dataclasses.replace(config, deterministic=deterministic))
+    params = model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, inputs)
+    jaxpr = jax.make_jaxpr(lambda p: model.apply(p, inputs, rngs={'dropout': jax.random.key(1)})
+                           )(params)
+    assert ('pallas_call' in str(jaxpr)) is kernels
