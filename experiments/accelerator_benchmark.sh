@@ -49,10 +49,15 @@ loss_bench() {  # dtype
     --json="$OUT/loss_$1.json" 2>&1 | log
 }
 
+breakdown() {  # trace what: the breakdown of the trace SCRATCH/trace, kept as OUT/trace.tgz
+  [ -d "$SCRATCH/$1" ] || return
+  echo "=== where the step's time goes, $2" | tee -a "$OUT/log.txt"
+  "$PYTHON" experiments/trace_breakdown.py "$SCRATCH/$1" --top=25 2>&1 | log
+  tar -czf "$OUT/$1.tgz" -C "$SCRATCH" "$1" 2>/dev/null
+}
+
 bench pka bfloat16 256 --epochs=2 --profile_dir="$SCRATCH/trace"
-echo "=== where the bfloat16 step's time goes" | tee -a "$OUT/log.txt"
-"$PYTHON" experiments/trace_breakdown.py "$SCRATCH/trace" --top=25 2>&1 | log
-tar -czf "$OUT/trace.tgz" -C "$SCRATCH" trace 2>/dev/null
+breakdown trace "bfloat16"
 loss_bench bfloat16
 if room "attention alone, bfloat16"; then
   echo "=== attention alone, bfloat16" | tee -a "$OUT/log.txt"
@@ -64,11 +69,7 @@ TAG=_pallas_attention bench pka bfloat16 256 --config.attention_impl=pallas
 TAG=_pallas_both bench pka bfloat16 256 --config.ce_impl=pallas --config.attention_impl=pallas
 TAG=_pallas_all bench pka bfloat16 256 --config.ce_impl=pallas --config.attention_impl=pallas \
   --config.layer_norm_impl=pallas --profile_dir="$SCRATCH/trace_all"
-if [ -d "$SCRATCH/trace_all" ]; then
-  echo "=== where the step's time goes with every Pallas kernel" | tee -a "$OUT/log.txt"
-  "$PYTHON" experiments/trace_breakdown.py "$SCRATCH/trace_all" --top=25 2>&1 | log
-  tar -czf "$OUT/trace_all.tgz" -C "$SCRATCH" trace_all 2>/dev/null
-fi
+breakdown trace_all "bfloat16 with every Pallas kernel"
 loss_bench float32
 if room "attention check"; then
   echo "=== attention check" | tee -a "$OUT/log.txt"

@@ -403,21 +403,11 @@ def test_pallas_attention_trains_like_the_plain_one(tmp_path, data_parallel):
   # (Pallas's interpreter), with the test config's dropout on the weights; on one device, or
   # on each of the tests' eight devices' rows (its dropout masks those of the batch's rows).
   run = train.Run(config(hidden_units=32, attention_impl='plain'), str(tmp_path))
-  mesh = run.mesh if data_parallel else None
-  fused = run.config.copy_and_resolve_references()
-  fused.attention_impl = 'pallas'
-  model = models.create_model(fused, run.dataset.num_items, deterministic=False, mesh=mesh)
   batch = first_batch(run)
   assert batch['inputs'].shape[1] == 16
-  step = jax.jit(functools.partial(train.train_step, mesh=mesh, microbatches=1,
-                                   **train.loss_options(run.config, run.dataset.num_items)))
-  plain, pallas = (params_after_three_steps(step, run.state.replace(apply_fn=apply_fn), batch,
-                                            run.dropout_rng)
-                   for apply_fn in (run.state.apply_fn, model.apply))
+  plain, pallas, calls = three_steps_each_way(run, batch, data_parallel, attention_impl='pallas')
   assert_same_params(pallas, plain)
-  text = step.trace(run.state.replace(apply_fn=model.apply), batch, run.dropout_rng).lower(
-      lowering_platforms=('cuda',)).as_text()
-  assert text.count('custom_call @__gpu$xla.gpu.triton') == 2 * run.config.num_blocks
+  assert len(calls) == 2 * run.config.num_blocks
 
 
 @pytest.mark.parametrize('data_parallel', [False, True])
@@ -425,25 +415,34 @@ def test_pallas_layer_norm_trains_like_flax_s(tmp_path, data_parallel):
   # Width 16 and 512 rows a step (64 a device on the tests' eight): every LayerNorm runs the
   # kernels (Pallas's interpreter), on each device's own rows when data-parallel.
   run = train.Run(config(), str(tmp_path))
-  mesh = run.mesh if data_parallel else None
-  fused = run.config.copy_and_resolve_references()
-  fused.layer_norm_impl = 'pallas'
-  model = models.create_model(fused, run.dataset.num_items, deterministic=False, mesh=mesh)
   batch = first_batch(run)
-  step = jax.jit(functools.partial(train.train_step, mesh=mesh, microbatches=1,
-                                   **train.loss_options(run.config, run.dataset.num_items)))
-  flax_s, pallas = (params_after_three_steps(step, run.state.replace(apply_fn=apply_fn), batch,
-                                             run.dropout_rng)
-                    for apply_fn in (run.state.apply_fn, model.apply))
+  flax_s, pallas, calls = three_steps_each_way(run, batch, data_parallel,
+                                               layer_norm_impl='pallas')
   assert_same_params(pallas, flax_s)
-  text = step.trace(run.state.replace(apply_fn=model.apply), batch, run.dropout_rng).lower(
-      lowering_platforms=('cuda',)).as_text()
   layer_norms = 2 * run.config.num_blocks + 1
-  calls = [line for line in text.splitlines() if 'custom_call @__gpu$xla.gpu.triton' in line]
   assert len(calls) == 2 * layer_norms
   rows, width = batch['inputs'].size // (run.mesh.size if data_parallel else 1), 16
   # Each device's own rows: the step's whole batch would be every device's under GSPMD.
   assert set(re.findall(r': \(tensor<(\d+x\d+)x', ' '.join(calls))) == {f'{rows}x{width}'}
+
+
+def three_steps_each_way(run: train.Run, batch, data_parallel: bool, **model_overrides):
+  """Parameters after three train steps of `run`'s model and of the model with
+  `model_overrides`, on one device or data-parallel on `run`'s mesh; and the Triton calls
+  the second's step lowers to for a GPU."""
+  mesh = run.mesh if data_parallel else None
+  other = run.config.copy_and_resolve_references()
+  other.update(model_overrides)
+  model = models.create_model(other, run.dataset.num_items, deterministic=False, mesh=mesh)
+  step = jax.jit(functools.partial(train.train_step, mesh=mesh, microbatches=1,
+                                   **train.loss_options(run.config, run.dataset.num_items)))
+  before, after = (params_after_three_steps(step, run.state.replace(apply_fn=apply_fn), batch,
+                                            run.dropout_rng)
+                   for apply_fn in (run.state.apply_fn, model.apply))
+  text = step.trace(run.state.replace(apply_fn=model.apply), batch, run.dropout_rng).lower(
+      lowering_platforms=('cuda',)).as_text()
+  calls = [line for line in text.splitlines() if 'custom_call @__gpu$xla.gpu.triton' in line]
+  return before, after, calls
 
 
 def params_after_three_steps(step, state, batch, rng):
