@@ -94,6 +94,7 @@ dnn_version_info {{
 device_description_str: "{name}"
 """
 
+
 def target_config(gpu: str) -> str:
   """The `GpuTargetConfigProto` text XLA compiles for, as a CUDA device would report it."""
   return _HOPPER.format(**GPUS[gpu])
