@@ -7,6 +7,8 @@ Exits with status 1 and the reason (no traceback) when the raw file is missing o
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from absl import app
@@ -73,5 +75,24 @@ def main(argv: list[str]) -> None:
   print(format_stats(prepared))
 
 
+def run() -> None:
+  """`app.run(main)`, then an exit that skips the interpreter's teardown: worker threads of
+  Arrow's pools still alive then can abort it after the work is done ("terminate called
+  without an active exception", exit -6; apache/arrow#39862), as this command once did in
+  CI. Everything it writes is written and closed by then."""
+  try:
+    app.run(main)
+    status = 0
+  except SystemExit as done:
+    status = done.code
+  if isinstance(status, str):  # sys.exit('error: ...') prints its message at teardown
+    print(status, file=sys.stderr)
+    status = 1
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.shutdown()  # absl's handlers flushed
+  os._exit(status or 0)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  run()
