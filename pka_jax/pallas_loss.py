@@ -11,9 +11,11 @@ lives only in registers:
 * gradient of the item table, one program per block of items and part of the rows:
   `(softmax - onehot)ᵀ h`.
 
-The two gradient kernels recompute their tiles of logits (5 products of `rows × N × D`
-against XLA's 3), so this is a trade of FLOPs for memory traffic that only a GPU profile can
-judge (`experiments/loss_benchmark.py`, `benchmark.py --config.ce_impl=pallas`). Exact: the
+Rows with a target come first (a stable sort of the rows, undone by the gradient's scatter),
+and every kernel skips the blocks of rows past them: a third of ML-1M's positions are
+padding. The two gradient kernels recompute their tiles of logits (5 products of
+`rows × N × D` against XLA's 3), so this is a trade of FLOPs for memory traffic that only a
+GPU profile can judge (`experiments/loss_benchmark.py`, `benchmark.py --config.ce_impl=pallas`). Exact: the
 same loss and gradients as `losses.full_cross_entropy` to float tolerance. Off a GPU the
 kernels run in Pallas's interpreter, slowly, for checks.
 """
@@ -60,8 +62,13 @@ def pallas_cross_entropy(
   """
   hidden_MxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
   targets_M = targets_BxT.reshape(-1)
+  # Rows with a target first (in order): the blocks of rows past them hold none, and the
+  # kernels skip them (a third of ML-1M's positions are padding).
+  order_M = jnp.argsort(targets_M <= 0, stable=True)
+  hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
   weight_M = (targets_M > 0).astype(jnp.float32)
-  args = (hidden_MxD, item_emb_VxD, targets_M, weight_M)
+  count_1 = jnp.sum(targets_M > 0, dtype=jnp.int32).reshape(1)
+  args = (hidden_MxD, item_emb_VxD, targets_M, weight_M, count_1)
   if interpret is None:  # chosen for the platform the program is compiled for
     total = jax.lax.platform_dependent(
         *args, cuda=functools.partial(_nll_sum, tiling=tiling, interpret=False),
@@ -134,8 +141,13 @@ def _item_tile(items_ref, block, block_items):
   return start, items_ref[pl.ds(start, block_items), :]
 
 
-def _log_sum_exp_kernel(hidden_ref, items_ref, classes_ref, log_z_ref, target_ref, *,
-                        num_items: int, block_items: int):
+def _has_targets(count_ref, rows: int):
+  """Whether this program's block of `rows` rows holds targets: the first `count` rows do."""
+  return pl.program_id(0) * rows < count_ref[0]
+
+
+def _log_sum_exp_kernel(hidden_ref, items_ref, classes_ref, count_ref, log_z_ref, target_ref,
+                        *, num_items: int, block_items: int):
   """Per row of the block: log-sum-exp of its logits over the real items, and the target's
   logit (0 where the class is -1)."""
   hidden_RxD, classes_R = hidden_ref[...], classes_ref[...]
@@ -153,12 +165,19 @@ def _log_sum_exp_kernel(hidden_ref, items_ref, classes_ref, log_z_ref, target_re
     target_R += jnp.sum(jnp.where(item_RxK == classes_R[:, None], logits_RxK, 0.0), axis=1)
     return new_max_R, sum_R, target_R
 
-  start = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
-           jnp.zeros((rows,), jnp.float32))
-  max_R, sum_R, target_R = jax.lax.fori_loop(
-      0, pl.cdiv(num_items, block_items), add_tile, start)
-  log_z_ref[...] = max_R + jnp.log(sum_R)
-  target_ref[...] = target_R
+  @pl.when(_has_targets(count_ref, rows))
+  def _():
+    start = (jnp.full((rows,), -jnp.inf, jnp.float32), jnp.zeros((rows,), jnp.float32),
+             jnp.zeros((rows,), jnp.float32))
+    max_R, sum_R, target_R = jax.lax.fori_loop(
+        0, pl.cdiv(num_items, block_items), add_tile, start)
+    log_z_ref[...] = max_R + jnp.log(sum_R)
+    target_ref[...] = target_R
+
+  @pl.when(~_has_targets(count_ref, rows))
+  def _():  # padding only: nothing reads these
+    log_z_ref[...] = jnp.zeros(log_z_ref.shape, jnp.float32)
+    target_ref[...] = jnp.zeros(target_ref.shape, jnp.float32)
 
 
 def _logit_grads(logits, item, classes, log_z, scale):
@@ -168,8 +187,8 @@ def _logit_grads(logits, item, classes, log_z, scale):
   return (jnp.exp(logits - log_z) - jnp.where(item == classes, 1.0, 0.0)) * scale
 
 
-def _grad_hidden_kernel(hidden_ref, items_ref, classes_ref, log_z_ref, scale_ref, grad_ref, *,
-                        num_items: int, block_items: int):
+def _grad_hidden_kernel(hidden_ref, items_ref, classes_ref, log_z_ref, scale_ref, count_ref,
+                        grad_ref, *, num_items: int, block_items: int):
   """`(softmax - onehot) · scale` of each tile of the rows' logits, times the items' tile."""
   hidden_RxD, classes_R = hidden_ref[...], classes_ref[...]
   log_z_R, scale_R = log_z_ref[...], scale_ref[...]
@@ -183,16 +202,22 @@ def _grad_hidden_kernel(hidden_ref, items_ref, classes_ref, log_z_ref, scale_ref
     return grad_RxD + jnp.dot(grads_RxK.astype(items_KxD.dtype), items_KxD,
                               preferred_element_type=jnp.float32)
 
-  grad_ref[...] = jax.lax.fori_loop(
-      0, pl.cdiv(num_items, block_items), add_tile,
-      jnp.zeros(hidden_RxD.shape, jnp.float32)).astype(grad_ref.dtype)
+  @pl.when(_has_targets(count_ref, hidden_RxD.shape[0]))
+  def _():
+    grad_ref[...] = jax.lax.fori_loop(
+        0, pl.cdiv(num_items, block_items), add_tile,
+        jnp.zeros(hidden_RxD.shape, jnp.float32)).astype(grad_ref.dtype)
+
+  @pl.when(~_has_targets(count_ref, hidden_RxD.shape[0]))
+  def _():  # padding only: no gradient
+    grad_ref[...] = jnp.zeros(grad_ref.shape, grad_ref.dtype)
 
 
-def _grad_items_kernel(items_ref, hidden_ref, classes_ref, log_z_ref, scale_ref, grad_ref, *,
-                       row_blocks: int, blocks_per_split: int, block_rows: int,
+def _grad_items_kernel(items_ref, hidden_ref, classes_ref, log_z_ref, scale_ref, count_ref,
+                       grad_ref, *, row_blocks: int, blocks_per_split: int, block_rows: int,
                        block_items: int):
   """`((softmax - onehot) · scale)ᵀ` times the rows, summed over this program's part of the
-  blocks of rows, for its tile of items."""
+  blocks of rows that hold targets, for its tile of items."""
   items_KxD = items_ref[...]
   first_item = pl.program_id(0) * block_items
   first_block = pl.program_id(1) * blocks_per_split
@@ -208,43 +233,46 @@ def _grad_items_kernel(items_ref, hidden_ref, classes_ref, log_z_ref, scale_ref,
     return grad_KxD + jnp.dot(grads_KxR.astype(hidden_RxD.dtype), hidden_RxD,
                               preferred_element_type=jnp.float32)
 
-  last_block = jnp.minimum(first_block + blocks_per_split, row_blocks)
+  last_block = jnp.minimum(jnp.minimum(first_block + blocks_per_split, row_blocks),
+                           pl.cdiv(count_ref[0], block_rows))
   grad_ref[...] = jax.lax.fori_loop(first_block, last_block, add_rows,
                                     jnp.zeros(items_KxD.shape, jnp.float32))
 
 
-def _forward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, num_items):
+def _forward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, count_1, num_items):
   row_vector = layout.row_block()
   return layout.call(
       _log_sum_exp_kernel, (layout.row_blocks,),
       (sharding.varying_like(hidden_MxD, (layout.rows,), jnp.float32),) * 2,
-      [layout.row_block(layout.width), layout.whole(layout.items, layout.width), row_vector],
+      [layout.row_block(layout.width), layout.whole(layout.items, layout.width), row_vector,
+       layout.whole(1)],
       (row_vector, row_vector), num_items=num_items,
-      block_items=layout.tiling.block_items)(hidden_MxD, items_NxD, classes_M)
+      block_items=layout.tiling.block_items)(hidden_MxD, items_NxD, classes_M, count_1)
 
 
 def _backward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, log_z_M, scale_M,
-                   num_items):
+                   count_1, num_items):
   tiling, width = layout.tiling, layout.width
   row_vector = layout.row_block()
   grad_hidden_MxD = layout.call(
       _grad_hidden_kernel, (layout.row_blocks,),
       sharding.varying_like(hidden_MxD, hidden_MxD.shape, hidden_MxD.dtype),
       [layout.row_block(width), layout.whole(layout.items, width), row_vector, row_vector,
-       row_vector],
+       row_vector, layout.whole(1)],
       layout.row_block(width), num_items=num_items, block_items=tiling.block_items,
-  )(hidden_MxD, items_NxD, classes_M, log_z_M, scale_M)
+  )(hidden_MxD, items_NxD, classes_M, log_z_M, scale_M, count_1)
   row_vectors = layout.whole(layout.rows)
   splits = layout.row_splits
   grad_parts_SxNxD = layout.call(
       _grad_items_kernel, (layout.item_blocks, splits),
       sharding.varying_like(items_NxD, (splits, *items_NxD.shape), jnp.float32),
       [pl.BlockSpec((tiling.block_items, width), lambda i, s: (i, 0)),
-       layout.whole(layout.rows, width), row_vectors, row_vectors, row_vectors],
+       layout.whole(layout.rows, width), row_vectors, row_vectors, row_vectors,
+       layout.whole(1)],
       pl.BlockSpec((None, tiling.block_items, width), lambda i, s: (s, i, 0)),
       row_blocks=layout.row_blocks, blocks_per_split=-(-layout.row_blocks // splits),
       block_rows=tiling.block_rows, block_items=tiling.block_items,
-  )(items_NxD, hidden_MxD, classes_M, log_z_M, scale_M)
+  )(items_NxD, hidden_MxD, classes_M, log_z_M, scale_M, count_1)
   return grad_hidden_MxD, jnp.sum(grad_parts_SxNxD, axis=0)
 
 
@@ -258,33 +286,35 @@ def _padded(hidden_MxD, item_emb_VxD, targets_M, tiling, interpret):
           _pad_to(targets_M.astype(jnp.int32) - 1, layout.rows, value=-1))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, tiling, interpret):
-  return _nll_forward(hidden_MxD, item_emb_VxD, targets_M, weight_M, tiling, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, count_1, tiling, interpret):
+  """The rows' summed loss; `count_1`: how many rows, the first ones, have targets."""
+  return _nll_forward(hidden_MxD, item_emb_VxD, targets_M, weight_M, count_1, tiling,
+                      interpret)[0]
 
 
-def _nll_forward(hidden_MxD, item_emb_VxD, targets_M, weight_M, tiling, interpret):
+def _nll_forward(hidden_MxD, item_emb_VxD, targets_M, weight_M, count_1, tiling, interpret):
   layout, hidden, items, classes = _padded(hidden_MxD, item_emb_VxD, targets_M, tiling,
                                            interpret)
-  log_z_M, target_logit_M = _forward_pass(layout, hidden, items, classes,
+  log_z_M, target_logit_M = _forward_pass(layout, hidden, items, classes, count_1,
                                           item_emb_VxD.shape[0] - 1)
   rows = hidden_MxD.shape[0]
   # Rows without a target add nothing (where, not a product: nothing of theirs is read).
   total = jnp.sum(jnp.where(weight_M > 0, log_z_M[:rows] - target_logit_M[:rows], 0.0))
   # The padded inputs, not the originals: the backward pass pads nothing again.
-  return total, (hidden, items, classes, weight_M, log_z_M, item_emb_VxD)
+  return total, (hidden, items, classes, weight_M, count_1, log_z_M, item_emb_VxD)
 
 
 def _nll_backward(tiling, interpret, residuals, grad_total):
-  hidden, items, classes, weight_M, log_z_M, item_emb_VxD = residuals
+  hidden, items, classes, weight_M, count_1, log_z_M, item_emb_VxD = residuals
   layout = _Layout.of(hidden, items, tiling, interpret)  # already padded to it
   scale_M = _pad_to(grad_total * weight_M, layout.rows)
   num_items, width = item_emb_VxD.shape[0] - 1, item_emb_VxD.shape[1]
   grad_hidden, grad_items = _backward_pass(layout, hidden, items, classes, log_z_M, scale_M,
-                                           num_items)
+                                           count_1, num_items)
   grad_item_emb_VxD = jnp.pad(grad_items[:num_items, :width], ((1, 0), (0, 0)))
   return (grad_hidden[:weight_M.shape[0], :width],
-          grad_item_emb_VxD.astype(item_emb_VxD.dtype), None, None)
+          grad_item_emb_VxD.astype(item_emb_VxD.dtype), None, None, None)
 
 
 _nll_sum.defvjp(_nll_forward, _nll_backward)

@@ -17,13 +17,16 @@ B, T, D, N = 3, 13, 12, 45
 SMALL = pallas_loss.Tiling(block_rows=16, block_items=16)
 
 
-def inputs(dtype=jnp.float32):
+def inputs(dtype=jnp.float32, padded_sequences=0):
+  """Hidden states, table and targets; `padded_sequences` of the B sequences have targets
+  only in their last 4 positions (left padding), the others a few padding targets."""
   keys = jax.random.split(jax.random.key(1), 3)
   hidden = jax.random.normal(keys[0], (B, T, D)).astype(dtype)
   table = jax.random.normal(keys[1], (N + 1, D))
   targets = jax.random.randint(keys[2], (B, T), 0, N + 1)  # 0 (padding) included
   # The first and the last item (the last tile's last real column) are targets too.
-  return hidden, table, targets.at[0, :3].set(0).at[1, 0].set(1).at[2, 0].set(N)
+  targets = targets.at[0, :3].set(0).at[1, 0].set(1).at[2, 0].set(N)
+  return hidden, table, targets.at[:padded_sequences, :T - 4].set(0)
 
 
 def value_and_grads(loss, hidden, table, targets):
@@ -35,8 +38,11 @@ def value_and_grads(loss, hidden, table, targets):
     SMALL,  # 3 blocks of items, 3 of rows: the table's gradient in 3 parts of one block
     pallas_loss.Tiling(block_rows=16, block_items=16, min_programs=6),  # parts of 2 and 1
     pallas_loss.Tiling(block_rows=64, block_items=64, min_programs=1)])  # one tile each
-def test_equals_the_full_loss_in_value_and_gradients(tiling):
-  hidden, table, targets = inputs()
+@pytest.mark.parametrize('padded_sequences', [0, 2])  # 2: 21 rows with targets of 39
+def test_equals_the_full_loss_in_value_and_gradients(tiling, padded_sequences):
+  # With two sequences mostly padding, the rows with targets fill one block of 16 and part
+  # of another: the kernels skip the third block, and the second is partly padding.
+  hidden, table, targets = inputs(padded_sequences=padded_sequences)
   value, grads = value_and_grads(
       functools.partial(pallas_loss.pallas_cross_entropy, tiling=tiling), hidden, table, targets)
   expected_value, expected = value_and_grads(losses.full_cross_entropy, hidden, table, targets)
