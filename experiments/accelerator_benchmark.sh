@@ -2,9 +2,9 @@
 # The benchmark on an accelerator, in one call: ML-1M's PKA shape in bfloat16 (with two real
 # epochs and a profiler trace), the loss alone (XLA against the Pallas kernels in several
 # tilings, which it also checks against XLA's loss), attention alone (plain against the
-# Pallas kernel, checked the same way), the step with the Pallas loss, attention, both,
-# and all three Pallas kernels (LayerNorm too, traced), the fused-attention check, then PKA
-# in float32, SASRec in both, and batch 1,024 for scaling. Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and text, the trace (with the
+# Pallas kernel, checked the same way), the step with all three Pallas kernels (LayerNorm
+# too, traced), with the Pallas loss, attention and both, the fused-attention check, then
+# PKA in float32, SASRec in both, and batch 1,024 for scaling. Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and text, the trace (with the
 # traced step's HLO) as trace.tgz and its breakdown by part of the model (trace_breakdown.py)
 # in the log; the synthetic data and scratch files stay outside OUT.
 #
@@ -64,12 +64,12 @@ if room "attention alone, bfloat16"; then
   timeout "$LIMIT" "$PYTHON" experiments/attention_benchmark.py \
     --json="$OUT/attention_bfloat16.json" 2>&1 | log
 fi
-TAG=_pallas_loss bench pka bfloat16 256 --config.ce_impl=pallas
-TAG=_pallas_attention bench pka bfloat16 256 --config.attention_impl=pallas
-TAG=_pallas_both bench pka bfloat16 256 --config.ce_impl=pallas --config.attention_impl=pallas
 TAG=_pallas_all bench pka bfloat16 256 --config.ce_impl=pallas --config.attention_impl=pallas \
   --config.layer_norm_impl=pallas --profile_dir="$SCRATCH/trace_all"
 breakdown trace_all "bfloat16 with every Pallas kernel"
+TAG=_pallas_loss bench pka bfloat16 256 --config.ce_impl=pallas
+TAG=_pallas_attention bench pka bfloat16 256 --config.attention_impl=pallas
+TAG=_pallas_both bench pka bfloat16 256 --config.ce_impl=pallas --config.attention_impl=pallas
 loss_bench float32
 if room "attention check"; then
   echo "=== attention check" | tee -a "$OUT/log.txt"
