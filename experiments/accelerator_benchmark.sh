@@ -1,12 +1,13 @@
 #!/bin/bash
 # The benchmark on an accelerator, in one call: ML-1M's PKA shape in bfloat16 (with two real
 # epochs and a profiler trace), the loss alone (XLA against the Pallas kernels in several
-# tilings, which it also checks against XLA's loss), attention alone (plain against the
-# Pallas kernel, checked the same way), the step with all three Pallas kernels (LayerNorm
-# too, traced), with the Pallas loss, attention and both, the fused-attention check, then
-# PKA in float32, SASRec in both, and batch 1,024 for scaling. Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and text, the trace (with the
-# traced step's HLO) as trace.tgz and its breakdown by part of the model (trace_breakdown.py)
-# in the log; the synthetic data and scratch files stay outside OUT.
+# tilings, which it also checks against XLA's loss), attention and LayerNorm alone (XLA
+# against the Pallas kernels, checked the same way), the step with all three Pallas kernels
+# (traced), with the Pallas loss, attention and both, the fused-attention check, then PKA in
+# float32, SASRec in both, and batch 1,024 for scaling. Figures go to OUT (default
+# /tmp/pka_jax_accelerator) as JSON and text, each trace (with the traced step's HLO) as a
+# .tgz and its breakdown by part of the model (trace_breakdown.py, the longest chain's time
+# included) in the log; the synthetic data and scratch files stay outside OUT.
 #
 #   OUT=/tmp/acc bash experiments/accelerator_benchmark.sh   # PYTHON=..., LIMIT=, TOTAL=
 #
@@ -63,6 +64,11 @@ if room "attention alone, bfloat16"; then
   echo "=== attention alone, bfloat16" | tee -a "$OUT/log.txt"
   timeout "$LIMIT" "$PYTHON" experiments/attention_benchmark.py \
     --json="$OUT/attention_bfloat16.json" 2>&1 | log
+fi
+if room "LayerNorm alone, bfloat16"; then
+  echo "=== LayerNorm alone, bfloat16" | tee -a "$OUT/log.txt"
+  timeout "$LIMIT" "$PYTHON" experiments/layer_norm_benchmark.py \
+    --json="$OUT/layer_norm_bfloat16.json" 2>&1 | log
 fi
 TAG=_pallas_all bench pka bfloat16 256 --config.ce_impl=pallas --config.attention_impl=pallas \
   --config.layer_norm_impl=pallas --profile_dir="$SCRATCH/trace_all"

@@ -118,3 +118,26 @@ def test_attention_benchmark_times_both_paths_and_checks_the_kernel_against_plai
   pallas = report['implementations']['pallas']
   assert pallas['back_to_back_seconds'] > 0
   assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
+
+
+def test_layer_norm_benchmark_times_both_and_checks_the_kernels_against_flax(tmp_path):
+  out = tmp_path / 'layer_norm.json'
+  result = subprocess.run(
+      [sys.executable, 'experiments/layer_norm_benchmark.py', '--rows=96', '--width=32',
+       '--dtype=float32', '--steps=2', '--interpret', f'--json={out}'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert list(report['implementations']) == ['xla', 'pallas']
+  pallas = report['implementations']['pallas']
+  assert pallas['back_to_back_seconds'] > 0
+  assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
+  assert set(pallas['difference']) == {'value', 'rows', 'scale', 'bias'}
+
+
+def test_layer_norm_benchmark_refuses_rows_the_kernels_cannot_take():
+  result = subprocess.run(
+      [sys.executable, 'experiments/layer_norm_benchmark.py', '--rows=100', '--interpret'],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert '--rows=100' in result.stderr
