@@ -79,32 +79,11 @@ def differences(out, reference) -> dict:
 
 def main(argv):
   del argv
-  on_gpu = jax.default_backend() == 'gpu'
-  dtype = jnp.dtype(_DTYPE.value)
-  device = jax.devices()[0]
-  report = {'device': f'{device.platform} {device.device_kind}', 'jax': jax.__version__,
-            'shape': {'batch': _BATCH.value, 'maxlen': _MAXLEN.value, 'width': _WIDTH.value,
-                      'heads': _HEADS.value, 'dropout': _DROPOUT.value,
-                      'dtype': _DTYPE.value},
-            'implementations': {}}
-  print(f"device  {report['device']} (jax {jax.__version__}); {report['shape']}")
-  impls = ['plain'] + (['pallas'] if on_gpu or _INTERPRET.value else [])
-  if 'pallas' not in impls:
-    print('pallas  skipped: Triton kernels need a GPU (--interpret runs them interpreted)')
-  reference = None
-  for impl in impls:
-    fn, args = layer_gradients(impl, dtype)
-    figures, out = kernel_timing.timed(fn, args, _STEPS.value)
-    reference = reference or out
-    figures['difference'] = differences(out, reference)
-    report['implementations'][impl] = figures
-    d = figures['difference']
-    print(f"{impl:8s} {figures['seconds'] * 1e3:9.3f} ms alone, "
-          f"{figures['back_to_back_seconds'] * 1e3:9.3f} ms back to back; compile "
-          f"{figures['compile_seconds']:5.1f} s; vs plain: value {d['value']:.1e}, "
-          f"gradients {d['gradients']:.1e}")
-  if _JSON.value:
-    kernel_timing.write_json(report, _JSON.value)
+  build = lambda impl: layer_gradients(impl, jnp.dtype(_DTYPE.value))
+  shape = {'batch': _BATCH.value, 'maxlen': _MAXLEN.value, 'width': _WIDTH.value,
+           'heads': _HEADS.value, 'dropout': _DROPOUT.value, 'dtype': _DTYPE.value}
+  kernel_timing.against_pallas('plain', shape, build, differences, steps=_STEPS.value,
+                               interpret=_INTERPRET.value, json_path=_JSON.value)
 
 
 if __name__ == '__main__':

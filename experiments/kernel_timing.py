@@ -1,4 +1,5 @@
-"""What the loss and attention benchmarks share: timing a jitted function, writing figures."""
+"""What the kernel benchmarks share: timing a jitted function, comparing a Pallas kernel with
+its XLA path, writing figures."""
 
 import json
 import os
@@ -33,3 +34,32 @@ def write_json(report: dict, path: str) -> None:
   with open(temporary, 'w') as f:
     json.dump(report, f, indent=2)
   os.replace(temporary, path)
+
+
+def against_pallas(baseline: str, shape: dict, build, differences, *, steps: int,
+                   interpret: bool, json_path: str | None) -> dict:
+  """A Pallas kernel's benchmark against its XLA path on the default device: `build(impl)`
+  gives the jitted function of `baseline` or 'pallas' and its arguments; each is timed, and
+  its output compared with the baseline's (`differences(out, reference)`, a dict of
+  relative differences). Off a GPU the kernel runs only with `interpret`. Prints a line
+  each, writes the report to `json_path` if given, and returns it."""
+  device = jax.devices()[0]
+  report = {'device': f'{device.platform} {device.device_kind}', 'jax': jax.__version__,
+            'shape': shape, 'implementations': {}}
+  print(f"device  {report['device']} (jax {jax.__version__}); {shape}")
+  impls = [baseline] + (['pallas'] if jax.default_backend() == 'gpu' or interpret else [])
+  if 'pallas' not in impls:
+    print('pallas  skipped: Triton kernels need a GPU (--interpret runs them interpreted)')
+  reference = None
+  for impl in impls:
+    figures, out = timed(*build(impl), steps)
+    reference = reference or out
+    figures['difference'] = differences(out, reference)
+    report['implementations'][impl] = figures
+    compared = ', '.join(f'{name} {value:.1e}' for name, value in figures['difference'].items())
+    print(f"{impl:8s} {figures['seconds'] * 1e3:9.3f} ms alone, "
+          f"{figures['back_to_back_seconds'] * 1e3:9.3f} ms back to back; compile "
+          f"{figures['compile_seconds']:5.1f} s; vs {baseline}: {compared}")
+  if json_path:
+    write_json(report, json_path)
+  return report

@@ -99,19 +99,21 @@ def test_loss_benchmark_refuses_a_tile_that_is_no_power_of_two():
 
 
 def loss_benchmark(*flags):
-  return subprocess.run(
-      [sys.executable, 'experiments/loss_benchmark.py', '--rows=200', '--items=70',
-       '--width=24', '--dtype=float32', '--steps=2', '--interpret', *flags],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  return run_script('loss_benchmark.py', '--rows=200', '--items=70', '--width=24',
+                    '--dtype=float32', '--steps=2', '--interpret', *flags)
+
+
+def run_script(name, *flags):
+  """experiments/`name` with `flags`, in a process of its own."""
+  return subprocess.run([sys.executable, f'experiments/{name}', *flags], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
 
 
 def test_attention_benchmark_times_both_paths_and_checks_the_kernel_against_plain(tmp_path):
   out = tmp_path / 'attention.json'
-  result = subprocess.run(
-      [sys.executable, 'experiments/attention_benchmark.py', '--batch=4', '--maxlen=16',
-       '--width=32', '--heads=2', '--dtype=float32', '--steps=2', '--interpret',
-       f'--json={out}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = run_script('attention_benchmark.py', '--batch=4', '--maxlen=16', '--width=32',
+                      '--heads=2', '--dtype=float32', '--steps=2', '--interpret',
+                      f'--json={out}')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert list(report['implementations']) == ['plain', 'pallas']
@@ -122,10 +124,8 @@ def test_attention_benchmark_times_both_paths_and_checks_the_kernel_against_plai
 
 def test_layer_norm_benchmark_times_both_and_checks_the_kernels_against_flax(tmp_path):
   out = tmp_path / 'layer_norm.json'
-  result = subprocess.run(
-      [sys.executable, 'experiments/layer_norm_benchmark.py', '--rows=96', '--width=32',
-       '--dtype=float32', '--steps=2', '--interpret', f'--json={out}'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = run_script('layer_norm_benchmark.py', '--rows=96', '--width=32', '--dtype=float32',
+                      '--steps=2', '--interpret', f'--json={out}')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert list(report['implementations']) == ['xla', 'pallas']
@@ -136,8 +136,6 @@ def test_layer_norm_benchmark_times_both_and_checks_the_kernels_against_flax(tmp
 
 
 def test_layer_norm_benchmark_refuses_rows_the_kernels_cannot_take():
-  result = subprocess.run(
-      [sys.executable, 'experiments/layer_norm_benchmark.py', '--rows=100', '--interpret'],
-      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  result = run_script('layer_norm_benchmark.py', '--rows=100', '--interpret')
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert '--rows=100' in result.stderr
