@@ -13,7 +13,7 @@ from configs import default
 from pka_jax import attention
 from pka_jax.data import registry
 from pka_jax.dropout import DROPOUT_IMPLS
-from pka_jax.models import DTYPES, LAYER_NORM_IMPLS, POSITION_MODES
+from pka_jax.models import DTYPES, FFN_IMPLS, LAYER_NORM_IMPLS, POSITION_MODES
 
 LOSSES = ('ce', 'bce')
 CE_IMPLS = ('xla', 'pallas')
@@ -55,6 +55,7 @@ def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
       'attention_impl': one_of(attention.ATTENTION_IMPLS),
       'dropout_impl': one_of(DROPOUT_IMPLS),
       'layer_norm_impl': one_of(LAYER_NORM_IMPLS),
+      'ffn_impl': one_of(FFN_IMPLS),
       'loss': one_of(LOSSES),
       'ce_block_size': non_negative_int,
       'ce_chunk_rows': non_negative_int,
@@ -103,7 +104,8 @@ def _relations(config: ml_collections.ConfigDict, devices: int, processes: int) 
                     f'{q_test!r}')
   if config.get('ce_impl') == 'pallas':
     problems.extend(_pallas_loss_problems(config))
-  for field, instead in (('attention_impl', 'auto'), ('layer_norm_impl', 'xla')):
+  for field, instead in (('attention_impl', 'auto'), ('layer_norm_impl', 'xla'),
+                         ('ffn_impl', 'xla')):
     if config.get(field) == 'pallas' and jax.default_backend() != 'gpu':
       problems.append(f"{field}: 'pallas' runs Triton kernels and needs a GPU, not this "
                       f"{jax.default_backend()} backend (use {instead!r})")

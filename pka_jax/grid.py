@@ -38,7 +38,7 @@ DISPLAY = {'pka': 'PKA', 'sasrec': 'SASRec', 'nope': 'NoPE', 'all_ape': 'ALL-APE
 BOOKKEEPING_FIELDS = frozenset({'data_dir', 'log_every_steps', 'checkpoint_every_steps',
                                 'checkpoint_interval_s', 'eval_batch_size', 'ce_block_size',
                                 'ce_chunk_rows', 'ce_impl', 'attention_impl',
-                                'layer_norm_impl'})
+                                'layer_norm_impl', 'ffn_impl'})
 # Fields that only say how long to train: a run that differs in them is resumed, not refused.
 BUDGET_FIELDS = frozenset({'max_epochs', 'patience'})
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from pka_jax import attention
+from pka_jax import pallas_ffn
 from pka_jax import pallas_layer_norm
 from pka_jax import sharding
 from pka_jax.dropout import DROPOUT_IMPLS, Dropout, StandIns, Window
@@ -20,6 +22,7 @@ from pka_jax.dropout import DROPOUT_IMPLS, Dropout, StandIns, Window
 POSITION_MODES = ('none', 'absolute', 'absolute_all', 'rotary', 'contextual', 'kernel')
 DTYPES = ('float32', 'bfloat16')
 LAYER_NORM_IMPLS = ('xla', 'pallas')
+FFN_IMPLS = ('xla', 'pallas')
 LN_EPSILON = 1e-8
 
 
@@ -46,6 +49,7 @@ class ModelConfig:
   attention_impl: str = 'auto'  # attention.ATTENTION_IMPLS
   dropout_impl: str = 'hash'  # dropout.DROPOUT_IMPLS
   layer_norm_impl: str = 'xla'  # LAYER_NORM_IMPLS: 'pallas' runs pallas_layer_norm's kernels
+  ffn_impl: str = 'xla'  # FFN_IMPLS: 'pallas' runs a block's second half as pallas_ffn's kernels
   # Devices the item table's rows are split over (the mesh's 'model' axis; sharding.py).
   mesh_model: int = 1
   deterministic: bool = False
@@ -61,6 +65,8 @@ class ModelConfig:
     if self.layer_norm_impl not in LAYER_NORM_IMPLS:
       raise ValueError(f'layer_norm_impl {self.layer_norm_impl!r}: expected one of '
                        f'{LAYER_NORM_IMPLS}')
+    if self.ffn_impl not in FFN_IMPLS:
+      raise ValueError(f'ffn_impl {self.ffn_impl!r}: expected one of {FFN_IMPLS}')
     if self.dropout_impl not in DROPOUT_IMPLS:
       raise ValueError(f'dropout_impl {self.dropout_impl!r}: expected one of {DROPOUT_IMPLS}')
     for side in ('q', 'k', 'v'):
@@ -173,6 +179,18 @@ class PallasLayerNorm(nn.Module):
                              x, params['scale'], params['bias'])
 
 
+class _Declared(nn.Module):
+  """Parameters declared as another module declares them (names, order, initialisers, so
+  the same values and checkpoints), returned unapplied: for a kernel that applies several
+  modules' parameters at once."""
+
+  specs: tuple[tuple[str, Callable, tuple[int, ...]], ...]  # (name, initialiser, shape)
+
+  @nn.compact
+  def __call__(self) -> dict[str, jax.Array]:
+    return {name: self.param(name, init, shape) for name, init, shape in self.specs}
+
+
 def _dense(features: int, name: str, dtype):
   """`x W + b` with flax `Dense`'s parameters, on rows (attention.dot_rows)."""
   projection = attention.Projection(features, dtype, name=name)
@@ -232,13 +250,78 @@ class Block(nn.Module):
             query_BxQxD, k_in, v_in, valid_BxT if config.mask_padding_keys else None,
             k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'),
             first_position=config.maxlen - width, window=window, padding=padding)
+    valid_BxQ = valid_BxT[:, -num_queries:]
+    if self._pallas_ffn_applies(q_in_BxQxD.shape, window):
+      return self._pallas_ffn(q_in_BxQxD, attended, valid_BxQ, window)
     h_BxQxD = q_in_BxQxD + attended
 
     y_BxQxD = _layer_norm('ln_ffn', config, self.mesh)(h_BxQxD)
     drop = Dropout(config.dropout, config.deterministic, config.dropout_impl)
     hidden = drop(nn.relu(_dense(config.hidden_units, 'ffn_in', dtype)(y_BxQxD)), window)
     z_BxQxD = y_BxQxD + drop(_dense(config.hidden_units, 'ffn_out', dtype)(hidden), window)
-    return z_BxQxD * valid_BxT[:, -num_queries:, None].astype(dtype)
+    return z_BxQxD * valid_BxQ[..., None].astype(dtype)
+
+  def _data_shards(self) -> int:
+    return self.mesh.shape[sharding.DATA] if self.mesh is not None else 1
+
+  def _pallas_ffn_applies(self, shape: tuple[int, ...], window: Window | None) -> bool:
+    """Whether pallas_ffn's kernels compute what the XLA path would: in training, hashed
+    masks of the whole batch's rows in order, each device's rows in blocks that fit."""
+    config = self.config
+    batch, queries, width = shape
+    shards = self._data_shards()
+    return (config.ffn_impl == 'pallas' and not config.deterministic
+            and (config.dropout_impl == 'hash' or config.dropout == 0.0)
+            and (window is None or window.rows_B is None) and batch % shards == 0
+            and pallas_ffn.supports(batch * queries // shards, width))
+
+  def _pallas_ffn(self, q_in_BxQxD, attended_BxQxD, valid_BxQ, window: Window | None
+                  ) -> jax.Array:
+    """The block's second half (residual, LayerNorm, feed-forward, dropout, mask) by
+    pallas_ffn's kernels, with the XLA path's parameters and dropout masks."""
+    config = self.config
+    batch, queries, width = q_in_BxQxD.shape
+    ones, zeros = nn.initializers.ones, nn.initializers.zeros
+    dense = ((('kernel', nn.initializers.xavier_uniform(), (width, width)),
+              ('bias', zeros, (width,))))
+    ln = _Declared((('scale', ones, (width,)), ('bias', zeros, (width,))), name='ln_ffn')()
+    ffn_in = _Declared(dense, name='ffn_in')()
+    ffn_out = _Declared(dense, name='ffn_out')()
+    drop = Dropout(config.dropout, config.deterministic, config.dropout_impl)
+    # The XLA path's two calls of `drop` draw these words, in this order.
+    seeds_2x2 = (jnp.stack([drop.seed_words(), drop.seed_words()]) if config.dropout > 0
+                 else jnp.zeros((2, 2), jnp.uint32))
+    shards = self._data_shards()
+    options = pallas_ffn.Options(
+        epsilon=LN_EPSILON, rate=config.dropout, queries=queries,
+        full_q=queries if window is None else window.maxlen,
+        block_rows=pallas_layer_norm.block_rows_for(batch * queries // shards))
+    params = (ln['scale'], ln['bias'], ffn_in['kernel'], ffn_in['bias'], ffn_out['kernel'],
+              ffn_out['bias'], seeds_2x2)
+
+    def second_half(q_in, attended, valid, *params, first_row=0):
+      run = lambda interpret: (lambda *args: pallas_ffn.feed_forward(
+          *args[:-1], options=dataclasses.replace(options, interpret=interpret),
+          first_row=args[-1]))
+      rows = lambda x: x.reshape(-1, width)
+      # Triton where the program is compiled for a GPU, Pallas's interpreter elsewhere.
+      z = jax.lax.platform_dependent(rows(q_in), rows(attended), valid.reshape(-1), *params,
+                                     first_row, cuda=run(False), default=run(True))
+      return z.reshape(q_in.shape)
+
+    if shards == 1:
+      return second_half(q_in_BxQxD, attended_BxQxD, valid_BxQ, *params)
+
+    def per_shard(q_in, attended, valid, *params):
+      first_row = jax.lax.axis_index(sharding.DATA) * q_in.shape[0]
+      return second_half(q_in, attended, valid, *params, first_row=first_row)
+
+    # Unchecked, as attention's: Pallas's interpreter loses its refs' varying axes. The
+    # parameters' gradients, per shard, are summed by shard_map's transpose.
+    rows, whole = P(sharding.DATA), P()
+    return jax.shard_map(per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 7,
+                         out_specs=rows, check_vma=False)(
+                             q_in_BxQxD, attended_BxQxD, valid_BxQ, *params)
 
 
 def _padding_stand_ins(valid_BxT: jax.Array, maxlen: int) -> StandIns:

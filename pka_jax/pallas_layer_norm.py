@@ -59,7 +59,8 @@ def layer_norm(x_NxD: jax.Array, scale_D: jax.Array, bias_D: jax.Array, options:
   return _layer_norm(x_NxD, scale_D.astype(jnp.float32), bias_D.astype(jnp.float32), options)
 
 
-def _stats(x):
+def stats(x):
+  """Each row's mean and variance, as flax's LayerNorm computes them (`use_fast_variance`)."""
   mean = jnp.mean(x, axis=1)
   variance = jnp.maximum(jnp.mean(x * x, axis=1) - mean * mean, 0.0)
   return mean, variance
@@ -67,7 +68,7 @@ def _stats(x):
 
 def _layer_norm_kernel(x_ref, scale_ref, bias_ref, y_ref, mean_ref, rstd_ref, *, epsilon):
   x = x_ref[...].astype(jnp.float32)
-  mean, variance = _stats(x)
+  mean, variance = stats(x)
   rstd = jax.lax.rsqrt(variance + epsilon)
   y = (x - mean[:, None]) * (scale_ref[...][None, :] * rstd[:, None]) + bias_ref[...][None, :]
   y_ref[...] = y.astype(y_ref.dtype)

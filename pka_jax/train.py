@@ -371,11 +371,11 @@ def load_dataset_once(config: ml_collections.ConfigDict) -> SplitDataset:
 
 # Fields that define the parameters, the data or the course of training a checkpoint belongs
 # to. Left out: limits a resumed run may change (max_epochs, patience), and settings that
-# compute the same function (attention_impl, layer_norm_impl, microbatches, loss chunking,
-# eval batch size).
+# compute the same function (attention_impl, layer_norm_impl, ffn_impl, microbatches, loss
+# chunking, eval batch size).
 RUN_DEFINING_FIELDS = tuple(sorted(
     {f.name for f in dataclasses.fields(ModelConfig)}
-    - {'num_items', 'deterministic', 'attention_impl', 'layer_norm_impl'}
+    - {'num_items', 'deterministic', 'attention_impl', 'layer_norm_impl', 'ffn_impl'}
     | {'dataset', 'q_valid', 'q_test', 'max_eval', 'synthetic', 'seed', 'batch_size',
        'prng_impl', 'loss', 'learning_rate', 'adam_b1', 'adam_b2'}))
 

@@ -50,6 +50,8 @@ def test_the_shipped_configs_pass():
     (dict(attention_impl='pallas'), None, 'attention_impl'),  # Triton; the tests run on a CPU
     (dict(layer_norm_impl='pallas'), None, 'layer_norm_impl'),
     (dict(layer_norm_impl='triton'), None, 'layer_norm_impl'),
+    (dict(ffn_impl='pallas'), None, 'ffn_impl'),
+    (dict(ffn_impl='fused'), None, 'ffn_impl'),
     (dict(dropout_impl='philox'), None, 'dropout_impl'),
     (dict(prng_impl='mt19937'), None, 'prng_impl'),
     (dict(batch_size=0), None, 'batch_size'),

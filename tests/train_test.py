@@ -426,6 +426,23 @@ def test_pallas_layer_norm_trains_like_flax_s(tmp_path, data_parallel):
   assert set(re.findall(r': \(tensor<(\d+x\d+)x', ' '.join(calls))) == {f'{rows}x{width}'}
 
 
+@pytest.mark.parametrize('data_parallel', [False, True])
+def test_pallas_feed_forward_trains_like_the_xla_one(tmp_path, data_parallel):
+  # Width 16 and 512 rows a step (64 a device on the tests' eight), with the test config's
+  # dropout: every block's second half runs the kernels (Pallas's interpreter), on each
+  # device's own rows, and their dropout masks, when data-parallel.
+  run = train.Run(config(), str(tmp_path))
+  batch = first_batch(run)
+  assert run.config.dropout > 0
+  xla, pallas, calls = three_steps_each_way(run, batch, data_parallel, ffn_impl='pallas')
+  assert_same_params(pallas, xla)
+  assert len(calls) == 2 * run.config.num_blocks
+  rows = batch['inputs'].size // (run.mesh.size if data_parallel else 1)
+  # Each call's operands: the dropout seeds, then the rows.
+  assert set(re.findall(r': \(tensor<8xui32>, tensor<(\d+x\d+)x', ' '.join(calls))) == {
+      f'{rows}x16'}
+
+
 def three_steps_each_way(run: train.Run, batch, data_parallel: bool, **model_overrides):
   """Parameters after three train steps of `run`'s model and of the model with
   `model_overrides`, on one device or data-parallel on `run`'s mesh; and the Triton calls

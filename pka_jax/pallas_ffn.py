@@ -1,0 +1,214 @@
+"""A block's second half as one Pallas kernel forward and one backward (GPU, Triton).
+
+After attention, each block computes, row by row (models.Block):
+
+    h = q_in + attended,  y = LayerNorm(h),  a = y W1 + b1,  u = dropout(relu(a)),
+    f = u W2 + b2,  z = (y + dropout(f)) · valid
+
+which XLA runs on a GPU as about ten kernels forward and as many backward, six of them links
+a block in the longest chain of dependent kernels (experiments/gpu_kernels.py). Here a
+program takes a block of rows through all of it with both weights on chip, in the
+activations' dtype where the XLA path rounds to it, LayerNorm's statistics in float32 as
+flax computes them, and the very dropout masks of `dropout.Dropout` (each element's place in
+the step's batch). The backward kernel writes the rows' gradient `dh` and the two products'
+output gradients `da`, `df`; the weights' gradients `yᵀ da`, `uᵀ df` and the biases' are
+products over all rows, which XLA computes off the chain. LayerNorm's scale and bias get
+per-block shares, which XLA adds.
+
+Rows must come in blocks of 16 to 64 and the width must be a power of two from 16 to 128
+(`supports`). Off a GPU it runs in Pallas's interpreter, slowly, for checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pallas_triton
+
+from pka_jax import dropout as dropout_lib
+from pka_jax import pallas_layer_norm
+
+MAX_WIDTH = 128  # both weights on chip
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What the kernels compute, fixed at trace time. The dropout index of element `(n, d)`
+  of the `B·Q×D` rows is `((first_row + n // Q)·full_q + full_q - Q + n % Q)·D + d`
+  (`dropout.Window.index` of the `B×Q×D` array, positions on axis 1)."""
+  epsilon: float
+  rate: float
+  queries: int  # Q: the rows of one sequence
+  full_q: int  # the window's full width (maxlen)
+  block_rows: int
+  num_warps: int = 8
+  interpret: bool = False
+
+
+def supports(rows: int, width: int) -> bool:
+  """Whether Triton's tiles fit: blocks of rows, a width of a power of two, 16 to 128."""
+  return pallas_layer_norm.supports(rows, width) and width <= MAX_WIDTH
+
+
+def feed_forward(left_NxD, right_NxD, valid_N, ln_scale_D, ln_bias_D, w_in_DxD, b_in_D,
+                 w_out_DxD, b_out_D, seeds_2x2, options: Options, first_row=0) -> jax.Array:
+  """`z` of the formula above for the rows `h = left + right`, in their dtype. `seeds_2x2`
+  holds the two dropout call sites' words, in call order; `first_row` is the step's batch
+  row of these rows' first sequence (a data shard's), for the dropout index."""
+  dtype = left_NxD.dtype
+  f32 = jnp.float32
+  seed = jnp.concatenate([seeds_2x2.reshape(4).astype(jnp.uint32),
+                          jnp.asarray(first_row, jnp.uint32).reshape(1),
+                          jnp.zeros((3,), jnp.uint32)])
+  return _feed_forward(left_NxD, right_NxD.astype(dtype), valid_N.astype(jnp.int32),
+                       ln_scale_D.astype(f32), ln_bias_D.astype(f32), w_in_DxD.astype(dtype),
+                       b_in_D.astype(dtype), w_out_DxD.astype(dtype), b_out_D.astype(dtype),
+                       seed, options)
+
+
+def _keep(seed_ref, site: int, shape, options: Options):
+  """Call site `site`'s hashed keep-mask of this program's rows."""
+  rows, width = shape
+  row = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+         + (pl.program_id(0) * rows).astype(jnp.uint32))
+  sequence = row // jnp.uint32(options.queries) + seed_ref[4]
+  position = row % jnp.uint32(options.queries) + jnp.uint32(options.full_q - options.queries)
+  column = jax.lax.broadcasted_iota(jnp.uint32, shape, 1)
+  index = (sequence * jnp.uint32(options.full_q) + position) * jnp.uint32(width) + column
+  bits = dropout_lib.hash_bits((seed_ref[2 * site], seed_ref[2 * site + 1]), shape, index)
+  return bits >= dropout_lib.keep_threshold(options.rate)
+
+
+def _kept_rate(options: Options, dtype):
+  """`1 - rate` as `Dropout` divides by it: rounded to the activations' dtype."""
+  return jnp.asarray(1.0 - options.rate, dtype).astype(jnp.float32)
+
+
+def _dropout(x, keep, options: Options):
+  """`Dropout` of `x`: divided in float32 (as XLA divides 16-bit floats; Triton has no 16-bit
+  division), rounded back, zero where not kept. Also the transpose of itself."""
+  if options.rate == 0.0:
+    return x
+  kept = (x.astype(jnp.float32) / _kept_rate(options, x.dtype)).astype(x.dtype)
+  return jnp.where(keep, kept, jnp.zeros_like(kept))
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _residual(left_ref, right_ref):
+  return left_ref[...] + right_ref[...]
+
+
+
+
+def _ffn_kernel(seed_ref, left_ref, right_ref, valid_ref, ln_scale_ref, ln_bias_ref, w_in_ref,
+                b_in_ref, w_out_ref, b_out_ref, z_ref, y_ref, u_ref, mean_ref, rstd_ref, *,
+                options: Options):
+  h = _residual(left_ref, right_ref)
+  dtype = h.dtype
+  mean, variance = pallas_layer_norm.stats(h.astype(jnp.float32))
+  rstd = jax.lax.rsqrt(variance + options.epsilon)
+  y = ((h.astype(jnp.float32) - mean[:, None]) * (ln_scale_ref[...][None, :] * rstd[:, None])
+       + ln_bias_ref[...][None, :]).astype(dtype)
+  a = _dot(y, w_in_ref[...]) + b_in_ref[...][None, :]
+  u = _dropout(jnp.maximum(a, jnp.zeros_like(a)), _keep(seed_ref, 0, a.shape, options), options)
+  f = _dot(u, w_out_ref[...]) + b_out_ref[...][None, :]
+  f = _dropout(f, _keep(seed_ref, 1, f.shape, options), options)
+  z_ref[...] = (y + f) * valid_ref[...].astype(dtype)[:, None]
+  y_ref[...] = y
+  u_ref[...] = u
+  mean_ref[...] = mean
+  rstd_ref[...] = rstd
+
+
+def _ffn_grad_kernel(seed_ref, left_ref, right_ref, valid_ref, ln_scale_ref, mean_ref, rstd_ref,
+                     u_ref, w_in_ref, w_out_ref, dz_ref, dh_ref, da_ref, df_ref, shares_ref, *,
+                     options: Options):
+  f32 = jnp.float32
+  dz = dz_ref[...]
+  dtype = dz.dtype
+  d_sum = dz * valid_ref[...].astype(dtype)[:, None]  # of y + dropout(f)
+  df = _dropout(d_sum, _keep(seed_ref, 1, dz.shape, options), options)
+  du = _dot(df, w_out_ref[...].T)
+  # u > 0 exactly where the mask kept a positive `a`: the only places gradient passes.
+  u = u_ref[...]
+  da = jnp.where(u > 0, _dropout(du, True, options), jnp.zeros_like(du))
+  dy = (_dot(da, w_in_ref[...].T) + d_sum).astype(f32)
+  rstd = rstd_ref[...]
+  x_hat = (_residual(left_ref, right_ref).astype(f32) - mean_ref[...][:, None]) * rstd[:, None]
+  g = dy * ln_scale_ref[...][None, :]
+  dh = rstd[:, None] * (g - jnp.mean(g, axis=1)[:, None]
+                        - x_hat * jnp.mean(g * x_hat, axis=1)[:, None])
+  dh_ref[...] = dh.astype(dtype)
+  da_ref[...] = da
+  df_ref[...] = df
+  shares_ref[0, :] = jnp.sum(dy * x_hat, axis=0)  # LayerNorm's scale's, then its bias's
+  shares_ref[1, :] = jnp.sum(dy, axis=0)
+
+
+def _specs(rows_NxD, options: Options):
+  width, block = rows_NxD.shape[1], options.block_rows
+  whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+  return {'seed': whole((8,)),
+          'rows': pl.BlockSpec((block, width), lambda i: (i, 0)),
+          'per_row': pl.BlockSpec((block,), lambda i: (i,)),
+          'vector': whole((width,)), 'weight': whole((width, width)),
+          'shares': pl.BlockSpec((None, 2, width), lambda i: (i, 0, 0))}
+
+
+def _call(kernel, rows_NxD, in_specs, out_specs, out_shape, options: Options):
+  return pl.pallas_call(
+      functools.partial(kernel, options=options),
+      grid=(rows_NxD.shape[0] // options.block_rows,), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, interpret=options.interpret,
+      compiler_params=None if options.interpret else pallas_triton.CompilerParams(
+          num_warps=options.num_warps, num_stages=1),
+      name=kernel.__name__.strip('_'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
+def _feed_forward(left, right, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out, seed,
+                  options):
+  return _forward(left, right, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out, seed,
+                  options)[0]
+
+
+def _forward(left, right, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out, seed, options):
+  spec = _specs(left, options)
+  rows = jax.ShapeDtypeStruct(left.shape, left.dtype)
+  per_row = jax.ShapeDtypeStruct(left.shape[:1], jnp.float32)
+  z, y, u, mean, rstd = _call(
+      _ffn_kernel, left,
+      [spec['seed'], spec['rows'], spec['rows'], spec['per_row'], spec['vector'],
+       spec['vector'], spec['weight'], spec['vector'], spec['weight'], spec['vector']],
+      (spec['rows'],) * 3 + (spec['per_row'],) * 2, (rows,) * 3 + (per_row,) * 2, options,
+  )(seed, left, right, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out)
+  return z, (left, right, valid, ln_scale, mean, rstd, y, u, w_in, w_out, seed)
+
+
+def _backward(options, residuals, dz):
+  left, right, valid, ln_scale, mean, rstd, y, u, w_in, w_out, seed = residuals
+  spec = _specs(left, options)
+  rows = jax.ShapeDtypeStruct(left.shape, left.dtype)
+  blocks = left.shape[0] // options.block_rows
+  dh, da, df, shares = _call(
+      _ffn_grad_kernel, left,
+      [spec['seed'], spec['rows'], spec['rows'], spec['per_row'], spec['vector'],
+       spec['per_row'], spec['per_row'], spec['rows'], spec['weight'], spec['weight'],
+       spec['rows']],
+      (spec['rows'],) * 3 + (spec['shares'],),
+      (rows,) * 3 + (jax.ShapeDtypeStruct((blocks, 2, left.shape[1]), jnp.float32),), options,
+  )(seed, left, right, valid, ln_scale, mean, rstd, u, w_in, w_out, dz)
+  d_ln_scale, d_ln_bias = shares.sum(axis=0)
+  # As autodiff transposes `x W + b` in the activations' dtype.
+  return (dh, dh, None, d_ln_scale, d_ln_bias, y.T @ da, da.sum(axis=0), u.T @ df,
+          df.sum(axis=0), None)
+
+
+_feed_forward.defvjp(_forward, _backward)
