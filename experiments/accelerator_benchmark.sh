@@ -1,13 +1,14 @@
 #!/bin/bash
 # The benchmark on an accelerator, in one call: ML-1M's PKA shape in bfloat16 (with two real
 # epochs and a profiler trace), the loss alone (XLA against the Pallas kernels in several
-# tilings, which it also checks against XLA's loss), attention and LayerNorm alone (XLA
-# against the Pallas kernels, checked the same way), the step with all three Pallas kernels
-# (traced), with the Pallas loss, attention and both, the fused-attention check, then PKA in
-# float32, SASRec in both, and batch 1,024 for scaling. Figures go to OUT (default
-# /tmp/pka_jax_accelerator) as JSON and text, each trace (with the traced step's HLO) as a
-# .tgz and its breakdown by part of the model (trace_breakdown.py, the longest chain's time
-# included) in the log; the synthetic data and scratch files stay outside OUT.
+# tilings, which it also checks against XLA's loss), attention, LayerNorm and the encoder with
+# the blocks' second halves fused (XLA against the Pallas kernels, checked the same way), the
+# step with every Pallas kernel (traced), with the Pallas loss, attention and both, the
+# fused-attention check, then PKA in float32, SASRec in both, and batch 1,024 for scaling.
+# Figures go to OUT (default /tmp/pka_jax_accelerator) as JSON and text, each trace (with the
+# traced step's HLO) as a .tgz and its breakdown by part of the model (trace_breakdown.py,
+# the longest chain's time included) in the log; the synthetic data and scratch files stay
+# outside OUT.
 #
 #   OUT=/tmp/acc bash experiments/accelerator_benchmark.sh   # PYTHON=..., LIMIT=, TOTAL=
 #
@@ -70,8 +71,13 @@ if room "LayerNorm alone, bfloat16"; then
   timeout "$LIMIT" "$PYTHON" experiments/layer_norm_benchmark.py \
     --json="$OUT/layer_norm_bfloat16.json" 2>&1 | log
 fi
+if room "the blocks' second halves, bfloat16"; then
+  echo "=== the blocks' second halves, bfloat16" | tee -a "$OUT/log.txt"
+  timeout "$LIMIT" "$PYTHON" experiments/ffn_benchmark.py \
+    --json="$OUT/ffn_bfloat16.json" 2>&1 | log
+fi
 TAG=_pallas_all bench pka bfloat16 256 --config.ce_impl=pallas --config.attention_impl=pallas \
-  --config.layer_norm_impl=pallas --profile_dir="$SCRATCH/trace_all"
+  --config.layer_norm_impl=pallas --config.ffn_impl=pallas --profile_dir="$SCRATCH/trace_all"
 breakdown trace_all "bfloat16 with every Pallas kernel"
 TAG=_pallas_loss bench pka bfloat16 256 --config.ce_impl=pallas
 TAG=_pallas_attention bench pka bfloat16 256 --config.attention_impl=pallas

@@ -135,6 +135,27 @@ def test_layer_norm_benchmark_times_both_and_checks_the_kernels_against_flax(tmp
   assert set(pallas['difference']) == {'value', 'rows', 'scale', 'bias'}
 
 
+def test_ffn_benchmark_times_both_and_checks_the_kernels_against_xla(tmp_path):
+  out = tmp_path / 'ffn.json'
+  result = run_script('ffn_benchmark.py', '--batch=4', '--maxlen=16', '--width=16',
+                      '--blocks=2', '--items=30', '--dtype=float32', '--steps=2', '--interpret',
+                      f'--json={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert list(report['implementations']) == ['xla', 'pallas']
+  pallas = report['implementations']['pallas']
+  assert pallas['back_to_back_seconds'] > 0
+  assert set(pallas['difference']) == {'outputs', 'gradients'}
+  assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
+
+
+def test_ffn_benchmark_refuses_shapes_the_kernels_cannot_take():
+  result = run_script('ffn_benchmark.py', '--batch=3', '--maxlen=10', '--width=16',
+                      '--interpret')
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert '--batch=3 --maxlen=10' in result.stderr
+
+
 def test_layer_norm_benchmark_refuses_rows_the_kernels_cannot_take():
   result = run_script('layer_norm_benchmark.py', '--rows=100', '--interpret')
   assert result.returncode != 0 and 'Traceback' not in result.stderr
