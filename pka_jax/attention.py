@@ -258,12 +258,14 @@ class CausalSelfAttention(nn.Module):
   @nn.compact
   def __call__(self, q_in_BxQxD, k_in_BxTxD, v_in_BxTxD, key_valid_BxT, *,
                k_kernel_TxT=None, v_kernel_TxT=None, first_position: int = 0,
-               window: Window | None = None, padding: StandIns | None = None
-               ) -> jax.Array:
+               window: Window | None = None, padding: StandIns | None = None,
+               out_bias_outside: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """`first_position`: the position of the first key (RoPE's angles start there);
     `window`: where the batch sits in the step's batch (dropout on the weights);
     `padding`: key columns that each stand for several identical keys of the full window,
-    which their logits and dropout weigh in (plain path only; `stand_in_logit_bias`)."""
+    which their logits and dropout weigh in (plain path only; `stand_in_logit_bias`);
+    `out_bias_outside`: return the output without its projection's bias, and that bias (in
+    the activations' dtype), for a kernel that adds it."""
     batch, num_queries, d = q_in_BxQxD.shape
     size = k_in_BxTxD.shape[1]
     if d % self.num_heads:
@@ -282,13 +284,19 @@ class CausalSelfAttention(nn.Module):
     def split_heads(x_BxTxD: jax.Array) -> jax.Array:
       return x_BxTxD.reshape(*x_BxTxD.shape[:2], heads, head_dim)
 
-    def project(name, x_BxTxD, kernel_TxT, kernel_on_logits):
+    def project(name, x_BxTxD, kernel_TxT, kernel_on_logits, bias_outside=False):
       if not kernel_on_logits:
         x_BxTxD = apply_kernel(kernel_TxT, x_BxTxD)
-      y, bias = Projection(d, self.dtype, name=name)(x_BxTxD, with_bias=not kernel_on_logits)
+      y, bias = Projection(d, self.dtype, name=name)(
+          x_BxTxD, with_bias=not (kernel_on_logits or bias_outside))
       return split_heads(y), bias.reshape(heads, head_dim)
 
-    q_BxQxHxK, _ = project('query', q_in_BxQxD, None, False)
+    pallas = impl == 'pallas' and self._pallas_applies(window, padding, on_logits, num_queries,
+                                                       size, head_dim)
+    # The Pallas kernel adds the query bias itself (one kernel fewer), unless RoPE turns the
+    # queries first.
+    query_bias_inside = pallas and not self.rope
+    q_BxQxHxK, query_bias_HxK = project('query', q_in_BxQxD, None, False, query_bias_inside)
     k_BxTxHxK, _ = project('key', k_in_BxTxD, k_kernel_TxT, k_on_logits)
     v_BxTxHxK, value_bias_HxK = project('value', v_in_BxTxD, v_kernel_TxT, v_on_logits)
     if self.rope:
@@ -297,12 +305,12 @@ class CausalSelfAttention(nn.Module):
     mask_Bx1xQxT = visible_keys(num_queries, key_valid_BxT, size)
     scale = 1.0 / math.sqrt(head_dim)
 
-    if impl == 'pallas' and self._pallas_applies(window, padding, on_logits, num_queries,
-                                                 size, head_dim):
+    if pallas:
       out_BxQxHxK = self._pallas(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, key_valid_BxT, window,
                                  k_kernel_TxT if k_on_logits else None,
                                  v_kernel_TxT if v_on_logits else None,
-                                 value_bias_HxK if v_on_logits else None, scale)
+                                 value_bias_HxK if v_on_logits else None, scale,
+                                 query_bias_HxK if query_bias_inside else None)
     elif fused:
       mask = jnp.broadcast_to(mask_Bx1xQxT, (batch, 1, num_queries, size))
       out_BxQxHxK = jax.nn.dot_product_attention(
@@ -338,8 +346,9 @@ class CausalSelfAttention(nn.Module):
         # Rows of A weigh the value bias by their sum (below 1 only under dropout).
         out_BxQxHxK = out_BxQxHxK + jnp.einsum(
             'bhq,hk->bqhk', weights_BxHxQxT.sum(axis=-1), value_bias_HxK)
-    out, _ = Projection(d, self.dtype, name='out')(out_BxQxHxK.reshape(batch, num_queries, d))
-    return out
+    out, out_bias = Projection(d, self.dtype, name='out')(
+        out_BxQxHxK.reshape(batch, num_queries, d), with_bias=not out_bias_outside)
+    return (out, out_bias) if out_bias_outside else out
 
   def _pallas_applies(self, window, padding, on_logits, num_queries, size, head_dim) -> bool:
     """Whether the fused kernel computes what the plain path would: hashed masks of the
@@ -348,25 +357,26 @@ class CausalSelfAttention(nn.Module):
             and (window is None or window.rows_B is None)
             and pallas_attention.supports(num_queries, size, head_dim))
 
-  def _pallas(self, q, k, v, key_valid_BxT, window, k_kernel, v_kernel, value_bias, scale):
+  def _pallas(self, q, k, v, key_valid_BxT, window, k_kernel, v_kernel, value_bias, scale,
+              query_bias):
     num_queries, size = q.shape[1], k.shape[1]
     full_q, full_t = (num_queries, size) if window is None else (window.maxlen,) * 2
     options = pallas_attention.Options(
         scale=scale, rate=self.dropout, full_q=full_q, off_q=full_q - num_queries,
         full_t=full_t, off_t=full_t - size, has_k_kernel=k_kernel is not None,
-        has_v_kernel=v_kernel is not None)
+        has_v_kernel=v_kernel is not None, has_query_bias=query_bias is not None)
     # The plain path's Dropout_0 draws the same two words.
     seed_2 = Dropout(self.dropout, self.deterministic, self.dropout_impl).seed_words()
     run = lambda interpret: (
         lambda *args: pallas_attention.fused_attention(
-            *args[:-1], options=dataclasses.replace(options, interpret=interpret),
-            first_row=args[-1]))
+            *args[:-2], options=dataclasses.replace(options, interpret=interpret),
+            query_bias_HxK=args[-2], first_row=args[-1]))
 
     def attend(*args, first_row=0):
       # Triton where the program is compiled for a GPU, Pallas's interpreter elsewhere.
       return jax.lax.platform_dependent(*args, first_row, cuda=run(False), default=run(True))
 
-    args = (q, k, v, k_kernel, v_kernel, value_bias, key_valid_BxT, seed_2)
+    args = (q, k, v, k_kernel, v_kernel, value_bias, key_valid_BxT, seed_2, query_bias)
     if self.mesh is None or self.mesh.shape[sharding.DATA] == 1:
       return attend(*args)
 
@@ -377,5 +387,5 @@ class CausalSelfAttention(nn.Module):
     # Unchecked: Pallas's interpreter (the CPU's checks) loses the varying axes of its refs.
     # The kernels' and bias's gradients, per shard, are summed by shard_map's transpose.
     return jax.shard_map(
-        per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 3 + (rows, whole),
+        per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 3 + (rows, whole, whole),
         out_specs=rows, check_vma=False)(*args)

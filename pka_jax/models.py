@@ -241,6 +241,8 @@ class Block(nn.Module):
     query_BxQxD = q_in_BxQxD
     if 'q' in kernels:
       query_BxQxD = attention.apply_kernel(kernels['q'][-num_queries:], normed_BxTxD)
+    # The feed-forward kernel adds the attention's output bias itself (one kernel fewer).
+    fused_ffn = self._pallas_ffn_applies(q_in_BxQxD.shape, window)
     attended = attention.CausalSelfAttention(
         num_heads=config.num_heads, dropout=config.dropout,
         deterministic=config.deterministic, rope=config.position_mode == 'rotary',
@@ -249,10 +251,11 @@ class Block(nn.Module):
         mesh=self.mesh, name='attention')(
             query_BxQxD, k_in, v_in, valid_BxT if config.mask_padding_keys else None,
             k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'),
-            first_position=config.maxlen - width, window=window, padding=padding)
+            first_position=config.maxlen - width, window=window, padding=padding,
+            out_bias_outside=fused_ffn)
     valid_BxQ = valid_BxT[:, -num_queries:]
-    if self._pallas_ffn_applies(q_in_BxQxD.shape, window):
-      return self._pallas_ffn(q_in_BxQxD, attended, valid_BxQ, window)
+    if fused_ffn:
+      return self._pallas_ffn(q_in_BxQxD, *attended, valid_BxQ, window)
     h_BxQxD = q_in_BxQxD + attended
 
     y_BxQxD = _layer_norm('ln_ffn', config, self.mesh)(h_BxQxD)
@@ -275,10 +278,11 @@ class Block(nn.Module):
             and (window is None or window.rows_B is None) and batch % shards == 0
             and pallas_ffn.supports(batch * queries // shards, width))
 
-  def _pallas_ffn(self, q_in_BxQxD, attended_BxQxD, valid_BxQ, window: Window | None
-                  ) -> jax.Array:
+  def _pallas_ffn(self, q_in_BxQxD, attended_BxQxD, attended_bias_D, valid_BxQ,
+                  window: Window | None) -> jax.Array:
     """The block's second half (residual, LayerNorm, feed-forward, dropout, mask) by
-    pallas_ffn's kernels, with the XLA path's parameters and dropout masks."""
+    pallas_ffn's kernels, with the XLA path's parameters and dropout masks; `attended`
+    comes without its projection's bias."""
     config = self.config
     batch, queries, width = q_in_BxQxD.shape
     ones, zeros = nn.initializers.ones, nn.initializers.zeros
@@ -296,8 +300,8 @@ class Block(nn.Module):
         epsilon=LN_EPSILON, rate=config.dropout, queries=queries,
         full_q=queries if window is None else window.maxlen,
         block_rows=pallas_layer_norm.block_rows_for(batch * queries // shards))
-    params = (ln['scale'], ln['bias'], ffn_in['kernel'], ffn_in['bias'], ffn_out['kernel'],
-              ffn_out['bias'], seeds_2x2)
+    params = (attended_bias_D, ln['scale'], ln['bias'], ffn_in['kernel'], ffn_in['bias'],
+              ffn_out['kernel'], ffn_out['bias'], seeds_2x2)
 
     def second_half(q_in, attended, valid, *params, first_row=0):
       run = lambda interpret: (lambda *args: pallas_ffn.feed_forward(
@@ -305,8 +309,9 @@ class Block(nn.Module):
           first_row=args[-1]))
       rows = lambda x: x.reshape(-1, width)
       # Triton where the program is compiled for a GPU, Pallas's interpreter elsewhere.
-      z = jax.lax.platform_dependent(rows(q_in), rows(attended), valid.reshape(-1), *params,
-                                     first_row, cuda=run(False), default=run(True))
+      bias, *params = params
+      z = jax.lax.platform_dependent(rows(q_in), rows(attended), bias, valid.reshape(-1),
+                                     *params, first_row, cuda=run(False), default=run(True))
       return z.reshape(q_in.shape)
 
     if shards == 1:
@@ -319,7 +324,7 @@ class Block(nn.Module):
     # Unchecked, as attention's: Pallas's interpreter loses its refs' varying axes. The
     # parameters' gradients, per shard, are summed by shard_map's transpose.
     rows, whole = P(sharding.DATA), P()
-    return jax.shard_map(per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 7,
+    return jax.shard_map(per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 8,
                          out_specs=rows, check_vma=False)(
                              q_in_BxQxD, attended_BxQxD, valid_BxQ, *params)
 

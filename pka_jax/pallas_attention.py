@@ -6,7 +6,7 @@ runs the plain path (attention.py) as a dozen kernels a block, each writing and 
 program keeps a sequence's `Q×T` tiles on chip from the projected queries, keys and values
 to the output, the kernels on the logits and weights included (not yet timed on a GPU):
 
-    S = Q K'ᵀ,  L = (S Tkᵀ)·scale (masked),  P = softmax(L),  W = dropout(P),
+    Q = Q' + bq,  S = Q K'ᵀ,  L = (S Tkᵀ)·scale (masked),  P = softmax(L),  W = dropout(P),
     out = (W F) V' + rowsum(W) bv
 
 with the same hashed dropout masks as `dropout.Dropout` (the element's place in the step's
@@ -45,6 +45,7 @@ class Options:
   off_t: int
   has_k_kernel: bool
   has_v_kernel: bool
+  has_query_bias: bool = False
   num_warps: int = 8
   num_stages: int = 1
   interpret: bool = False
@@ -56,18 +57,23 @@ def supports(num_queries: int, num_keys: int, head_dim: int) -> bool:
 
 
 def fused_attention(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, k_kernel_TxT, v_kernel_TxT,
-                    value_bias_HxK, key_valid_BxT, seed_2, options: Options, first_row=0):
+                    value_bias_HxK, key_valid_BxT, seed_2, options: Options, first_row=0,
+                    query_bias_HxK=None):
   """`out_BxQxHxK` of the formula above. A kernel that is None is the identity; so is a
-  value bias of None (the values' bias then sits in `V'`); `key_valid_BxT` None sees every
-  key; `seed_2` is `Dropout`'s two words; `first_row` is the step's batch row of this batch's
-  first (a data shard's), for the dropout index."""
+  value bias of None (the values' bias then sits in `V'`), and a query bias of None (as
+  `options.has_query_bias` says; added in the activations' dtype); `key_valid_BxT` None sees
+  every key; `seed_2` is `Dropout`'s two words; `first_row` is the step's batch row of this
+  batch's first (a data shard's), for the dropout index."""
   dtype = q_BxQxHxK.dtype
   heads, head_dim = k_BxTxHxK.shape[2:]
+  if (query_bias_HxK is not None) != options.has_query_bias:
+    raise ValueError('a query bias goes with options.has_query_bias')
   dummy = jnp.zeros((16, 16), dtype)
   valid = (jnp.ones(k_BxTxHxK.shape[:2], jnp.int32) if key_valid_BxT is None
            else key_valid_BxT.astype(jnp.int32))
   return _attention(
-      q_BxQxHxK, k_BxTxHxK, v_BxTxHxK,
+      q_BxQxHxK, (jnp.zeros((heads, head_dim), dtype) if query_bias_HxK is None
+                  else query_bias_HxK.astype(dtype)), k_BxTxHxK, v_BxTxHxK,
       dummy if k_kernel_TxT is None else k_kernel_TxT.astype(dtype),
       dummy if v_kernel_TxT is None else v_kernel_TxT.astype(dtype),
       (jnp.zeros((heads, head_dim), jnp.float32) if value_bias_HxK is None
@@ -123,9 +129,14 @@ def _dropped(p, keep, options: Options, dtype):
   return jnp.where(keep, kept, jnp.zeros_like(kept))
 
 
-def _attention_kernel(seed_ref, q_ref, k_ref, v_ref, k_kernel_ref, v_kernel_ref, bias_ref,
-                      valid_ref, out_ref, *, options: Options):
-  q, k, v = q_ref[...], k_ref[...], v_ref[...]
+def _queries(q_ref, q_bias_ref, options: Options):
+  q = q_ref[...]
+  return q + q_bias_ref[...][None, :] if options.has_query_bias else q
+
+
+def _attention_kernel(seed_ref, q_ref, q_bias_ref, k_ref, v_ref, k_kernel_ref, v_kernel_ref,
+                      bias_ref, valid_ref, out_ref, *, options: Options):
+  q, k, v = _queries(q_ref, q_bias_ref, options), k_ref[...], v_ref[...]
   dtype = q.dtype
   _, logits, _ = _logits(q, k, k_kernel_ref, valid_ref[...], options)
   weights = _dropped(_softmax(logits), _keep(seed_ref, logits.shape, options), options, dtype)
@@ -139,11 +150,12 @@ def _attention_kernel(seed_ref, q_ref, k_ref, v_ref, k_kernel_ref, v_kernel_ref,
   out_ref[...] = out.astype(out_ref.dtype)
 
 
-def _attention_grad_kernel(seed_ref, q_ref, k_ref, v_ref, k_kernel_ref, v_kernel_ref,
-                           bias_ref, valid_ref, d_out_ref, dq_ref, dk_ref, dv_ref,
+def _attention_grad_kernel(seed_ref, q_ref, q_bias_ref, k_ref, v_ref, k_kernel_ref,
+                           v_kernel_ref, bias_ref, valid_ref, d_out_ref, dq_ref, dk_ref, dv_ref,
                            d_k_kernel_ref, d_v_kernel_ref, d_bias_ref, *, options: Options):
   f32 = jnp.float32
-  q, k, v, d_out = q_ref[...], k_ref[...], v_ref[...], d_out_ref[...]
+  q, k, v = _queries(q_ref, q_bias_ref, options), k_ref[...], v_ref[...]
+  d_out = d_out_ref[...]
   dtype = q.dtype
   s_c, logits, visible = _logits(q, k, k_kernel_ref, valid_ref[...], options)
   p = _softmax(logits)
@@ -211,39 +223,41 @@ def _like(x, shape=None, dtype=None):
   return sharding.varying_like(x, x.shape if shape is None else shape, dtype or x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
-def _attention(q, k, v, k_kernel, v_kernel, bias, valid, seed, options):
-  return _attention_forward(q, k, v, k_kernel, v_kernel, bias, valid, seed, options)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _attention(q, q_bias, k, v, k_kernel, v_kernel, bias, valid, seed, options):
+  return _attention_forward(q, q_bias, k, v, k_kernel, v_kernel, bias, valid, seed,
+                            options)[0]
 
 
-def _attention_forward(q, k, v, k_kernel, v_kernel, bias, valid, seed, options):
+def _attention_forward(q, q_bias, k, v, k_kernel, v_kernel, bias, valid, seed, options):
   batch, _, heads, _ = q.shape
   spec = _specs(q, k, k_kernel, v_kernel)
   out = _call(
       _attention_kernel, (batch, heads),
-      [spec['seed'], spec['q'], spec['k'], spec['k'], spec['k_kernel'], spec['v_kernel'],
-       spec['bias'], spec['valid']], spec['q'], _like(q), options,
-  )(seed, q, k, v, k_kernel, v_kernel, bias, valid)
-  return out, (q, k, v, k_kernel, v_kernel, bias, valid, seed)
+      [spec['seed'], spec['q'], spec['bias'], spec['k'], spec['k'], spec['k_kernel'],
+       spec['v_kernel'], spec['bias'], spec['valid']], spec['q'], _like(q), options,
+  )(seed, q, q_bias, k, v, k_kernel, v_kernel, bias, valid)
+  return out, (q, q_bias, k, v, k_kernel, v_kernel, bias, valid, seed)
 
 
 def _attention_backward(options, residuals, d_out):
-  q, k, v, k_kernel, v_kernel, bias, valid, seed = residuals
+  q, q_bias, k, v, k_kernel, v_kernel, bias, valid, seed = residuals
   batch, _, heads, _ = q.shape
   spec = _specs(q, k, k_kernel, v_kernel)
   f32 = jnp.float32
   per_program = lambda x: pl.BlockSpec((None, None, *x.shape), lambda b, h: (b, h, 0, 0))
   dq, dk, dv, d_k_kernel, d_v_kernel, d_bias = _call(
       _attention_grad_kernel, (batch, heads),
-      [spec['seed'], spec['q'], spec['k'], spec['k'], spec['k_kernel'], spec['v_kernel'],
-       spec['bias'], spec['valid'], spec['q']],
+      [spec['seed'], spec['q'], spec['bias'], spec['k'], spec['k'], spec['k_kernel'],
+       spec['v_kernel'], spec['bias'], spec['valid'], spec['q']],
       (spec['q'], spec['k'], spec['k'], per_program(k_kernel), per_program(v_kernel),
        pl.BlockSpec((None, None, bias.shape[1]), lambda b, h: (b, h, 0))),
       (_like(q), _like(k), _like(v), _like(k_kernel, (batch, heads, *k_kernel.shape), f32),
        _like(v_kernel, (batch, heads, *v_kernel.shape), f32),
        _like(bias, (batch, *bias.shape), f32)), options,
-  )(seed, q, k, v, k_kernel, v_kernel, bias, valid, d_out)
-  return (dq, dk, dv, d_k_kernel.sum(axis=(0, 1)).astype(k_kernel.dtype),
+  )(seed, q, q_bias, k, v, k_kernel, v_kernel, bias, valid, d_out)
+  # The query bias's gradient as autodiff transposes `x W + b`: a sum in the activations' dtype.
+  return (dq, dq.sum(axis=(0, 1)), dk, dv, d_k_kernel.sum(axis=(0, 1)).astype(k_kernel.dtype),
           d_v_kernel.sum(axis=(0, 1)).astype(v_kernel.dtype), d_bias.sum(axis=0), None, None)
 
 

@@ -2,11 +2,12 @@
 
 After attention, each block computes, row by row (models.Block):
 
-    h = q_in + attended,  y = LayerNorm(h),  a = y W1 + b1,  u = dropout(relu(a)),
+    h = q_in + (attended + b_out),  y = LayerNorm(h),  a = y W1 + b1,  u = dropout(relu(a)),
     f = u W2 + b2,  z = (y + dropout(f)) · valid
 
-which XLA runs on a GPU as about ten kernels forward and as many backward, six of them links
-a block in the longest chain of dependent kernels (experiments/gpu_kernels.py). Here a
+(`attended` the attention's output projection before its bias `b_out`), which XLA runs on a
+GPU as about ten kernels forward and as many backward, seven of them links a block in the
+longest chain of dependent kernels (experiments/gpu_kernels.py). Here a
 program takes a block of rows through all of it with both weights on chip, in the
 activations' dtype where the XLA path rounds to it, LayerNorm's statistics in float32 as
 flax computes them, and the very dropout masks of `dropout.Dropout` (each element's place in
@@ -54,17 +55,20 @@ def supports(rows: int, width: int) -> bool:
   return pallas_layer_norm.supports(rows, width) and width <= MAX_WIDTH
 
 
-def feed_forward(left_NxD, right_NxD, valid_N, ln_scale_D, ln_bias_D, w_in_DxD, b_in_D,
-                 w_out_DxD, b_out_D, seeds_2x2, options: Options, first_row=0) -> jax.Array:
-  """`z` of the formula above for the rows `h = left + right`, in their dtype. `seeds_2x2`
-  holds the two dropout call sites' words, in call order; `first_row` is the step's batch
-  row of these rows' first sequence (a data shard's), for the dropout index."""
+def feed_forward(left_NxD, right_NxD, right_bias_D, valid_N, ln_scale_D, ln_bias_D, w_in_DxD,
+                 b_in_D, w_out_DxD, b_out_D, seeds_2x2, options: Options, first_row=0
+                 ) -> jax.Array:
+  """`z` of the formula above for the rows `h = left + (right + right_bias)`, in their
+  dtype. `seeds_2x2` holds the two dropout call sites' words, in call order; `first_row` is
+  the step's batch row of these rows' first sequence (a data shard's), for the dropout
+  index."""
   dtype = left_NxD.dtype
   f32 = jnp.float32
   seed = jnp.concatenate([seeds_2x2.reshape(4).astype(jnp.uint32),
                           jnp.asarray(first_row, jnp.uint32).reshape(1),
                           jnp.zeros((3,), jnp.uint32)])
-  return _feed_forward(left_NxD, right_NxD.astype(dtype), valid_N.astype(jnp.int32),
+  return _feed_forward(left_NxD, right_NxD.astype(dtype), right_bias_D.astype(dtype),
+                       valid_N.astype(jnp.int32),
                        ln_scale_D.astype(f32), ln_bias_D.astype(f32), w_in_DxD.astype(dtype),
                        b_in_D.astype(dtype), w_out_DxD.astype(dtype), b_out_D.astype(dtype),
                        seed, options)
@@ -101,16 +105,16 @@ def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def _residual(left_ref, right_ref):
-  return left_ref[...] + right_ref[...]
+def _residual(left_ref, right_ref, right_bias_ref):
+  return left_ref[...] + (right_ref[...] + right_bias_ref[...][None, :])
 
 
 
 
-def _ffn_kernel(seed_ref, left_ref, right_ref, valid_ref, ln_scale_ref, ln_bias_ref, w_in_ref,
-                b_in_ref, w_out_ref, b_out_ref, z_ref, y_ref, u_ref, mean_ref, rstd_ref, *,
-                options: Options):
-  h = _residual(left_ref, right_ref)
+def _ffn_kernel(seed_ref, left_ref, right_ref, right_bias_ref, valid_ref, ln_scale_ref,
+                ln_bias_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, z_ref, y_ref, u_ref,
+                mean_ref, rstd_ref, *, options: Options):
+  h = _residual(left_ref, right_ref, right_bias_ref)
   dtype = h.dtype
   mean, variance = pallas_layer_norm.stats(h.astype(jnp.float32))
   rstd = jax.lax.rsqrt(variance + options.epsilon)
@@ -127,9 +131,9 @@ def _ffn_kernel(seed_ref, left_ref, right_ref, valid_ref, ln_scale_ref, ln_bias_
   rstd_ref[...] = rstd
 
 
-def _ffn_grad_kernel(seed_ref, left_ref, right_ref, valid_ref, ln_scale_ref, mean_ref, rstd_ref,
-                     u_ref, w_in_ref, w_out_ref, dz_ref, dh_ref, da_ref, df_ref, shares_ref, *,
-                     options: Options):
+def _ffn_grad_kernel(seed_ref, left_ref, right_ref, right_bias_ref, valid_ref, ln_scale_ref,
+                     mean_ref, rstd_ref, u_ref, w_in_ref, w_out_ref, dz_ref, dh_ref, da_ref,
+                     df_ref, shares_ref, *, options: Options):
   f32 = jnp.float32
   dz = dz_ref[...]
   dtype = dz.dtype
@@ -141,7 +145,8 @@ def _ffn_grad_kernel(seed_ref, left_ref, right_ref, valid_ref, ln_scale_ref, mea
   da = jnp.where(u > 0, _dropout(du, True, options), jnp.zeros_like(du))
   dy = (_dot(da, w_in_ref[...].T) + d_sum).astype(f32)
   rstd = rstd_ref[...]
-  x_hat = (_residual(left_ref, right_ref).astype(f32) - mean_ref[...][:, None]) * rstd[:, None]
+  h = _residual(left_ref, right_ref, right_bias_ref).astype(f32)
+  x_hat = (h - mean_ref[...][:, None]) * rstd[:, None]
   g = dy * ln_scale_ref[...][None, :]
   dh = rstd[:, None] * (g - jnp.mean(g, axis=1)[:, None]
                         - x_hat * jnp.mean(g * x_hat, axis=1)[:, None])
@@ -172,42 +177,44 @@ def _call(kernel, rows_NxD, in_specs, out_specs, out_shape, options: Options):
       name=kernel.__name__.strip('_'))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(10,))
-def _feed_forward(left, right, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out, seed,
-                  options):
-  return _forward(left, right, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out, seed,
-                  options)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
+def _feed_forward(left, right, right_bias, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out,
+                  seed, options):
+  return _forward(left, right, right_bias, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out,
+                  seed, options)[0]
 
 
-def _forward(left, right, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out, seed, options):
+def _forward(left, right, right_bias, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out, seed,
+             options):
   spec = _specs(left, options)
   rows = jax.ShapeDtypeStruct(left.shape, left.dtype)
   per_row = jax.ShapeDtypeStruct(left.shape[:1], jnp.float32)
   z, y, u, mean, rstd = _call(
       _ffn_kernel, left,
-      [spec['seed'], spec['rows'], spec['rows'], spec['per_row'], spec['vector'],
-       spec['vector'], spec['weight'], spec['vector'], spec['weight'], spec['vector']],
+      [spec['seed'], spec['rows'], spec['rows'], spec['vector'], spec['per_row'],
+       spec['vector'], spec['vector'], spec['weight'], spec['vector'], spec['weight'],
+       spec['vector']],
       (spec['rows'],) * 3 + (spec['per_row'],) * 2, (rows,) * 3 + (per_row,) * 2, options,
-  )(seed, left, right, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out)
-  return z, (left, right, valid, ln_scale, mean, rstd, y, u, w_in, w_out, seed)
+  )(seed, left, right, right_bias, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out)
+  return z, (left, right, right_bias, valid, ln_scale, mean, rstd, y, u, w_in, w_out, seed)
 
 
 def _backward(options, residuals, dz):
-  left, right, valid, ln_scale, mean, rstd, y, u, w_in, w_out, seed = residuals
+  left, right, right_bias, valid, ln_scale, mean, rstd, y, u, w_in, w_out, seed = residuals
   spec = _specs(left, options)
   rows = jax.ShapeDtypeStruct(left.shape, left.dtype)
   blocks = left.shape[0] // options.block_rows
   dh, da, df, shares = _call(
       _ffn_grad_kernel, left,
-      [spec['seed'], spec['rows'], spec['rows'], spec['per_row'], spec['vector'],
-       spec['per_row'], spec['per_row'], spec['rows'], spec['weight'], spec['weight'],
-       spec['rows']],
+      [spec['seed'], spec['rows'], spec['rows'], spec['vector'], spec['per_row'],
+       spec['vector'], spec['per_row'], spec['per_row'], spec['rows'], spec['weight'],
+       spec['weight'], spec['rows']],
       (spec['rows'],) * 3 + (spec['shares'],),
       (rows,) * 3 + (jax.ShapeDtypeStruct((blocks, 2, left.shape[1]), jnp.float32),), options,
-  )(seed, left, right, valid, ln_scale, mean, rstd, u, w_in, w_out, dz)
+  )(seed, left, right, right_bias, valid, ln_scale, mean, rstd, u, w_in, w_out, dz)
   d_ln_scale, d_ln_bias = shares.sum(axis=0)
   # As autodiff transposes `x W + b` in the activations' dtype.
-  return (dh, dh, None, d_ln_scale, d_ln_bias, y.T @ da, da.sum(axis=0), u.T @ df,
+  return (dh, dh, dh.sum(axis=0), None, d_ln_scale, d_ln_bias, y.T @ da, da.sum(axis=0), u.T @ df,
           df.sum(axis=0), None)
 
 
