@@ -186,10 +186,14 @@ def report(result: hlo_kernels.Census, gpu: str, config) -> dict:
           'config': {'model': config.model, 'dtype': config.dtype,
                      'batch_size': config.batch_size, 'maxlen': config.maxlen,
                      'attention_impl': config.attention_impl,
-                     'ce_impl': config.get('ce_impl', 'xla')},
+                     'ce_impl': config.get('ce_impl', 'xla'),
+                     'layer_norm_impl': config.get('layer_norm_impl', 'xla'),
+                     'ffn_impl': config.get('ffn_impl', 'xla')},
           'kernels': result.launches, 'longest_chain': len(result.longest_chain),
           'longest_chain_by_part': dict(collections.Counter(
               part(k) for k in result.longest_chain).most_common()),
+          'longest_chain_in_order': [f'{k.kind} {k.name}: {part(k)}'
+                                     for k in result.longest_chain],
           'by_kind': dict(result.by(lambda k: k.kind).most_common()),
           'by_part': dict(result.by(part).most_common()),
           'triton': [k.name for k in result.kernels if k.kind == 'triton']}
@@ -199,7 +203,8 @@ def print_report(figures: dict) -> None:
   config = figures['config']
   print(f"{figures['gpu']} (compiled without one, jax {figures['jax']}): {config['model']} "
         f"{config['dtype']}, batch {config['batch_size']} x {config['maxlen']}, attention "
-        f"{config['attention_impl']}, loss {config['ce_impl']}")
+        f"{config['attention_impl']}, loss {config['ce_impl']}, LayerNorm "
+        f"{config['layer_norm_impl']}, feed-forward {config['ffn_impl']}")
   print(f"train step: {figures['kernels']} kernels; longest chain {figures['longest_chain']}")
   print('by kind:   ' + ', '.join(f'{k} {n}' for k, n in figures['by_kind'].items()))
   print('by part of the model (pass):')
@@ -211,6 +216,10 @@ def print_report(figures: dict) -> None:
   print('the longest chain, by part:')
   for where, count in figures['longest_chain_by_part'].items():
     print(f'  {count:5d}  {where}')
+  if _CHAIN.value:
+    print('the longest chain, in order:')
+    for i, kernel in enumerate(figures['longest_chain_in_order']):
+      print(f'  {i + 1:5d}  {kernel}')
 
 
 def main(argv):
@@ -236,6 +245,7 @@ config_flags.DEFINE_config_file('config', 'configs/ml1m.py', 'Config file.')
 _GPU = flags.DEFINE_enum('gpu', 'h100', sorted(GPUS), 'The GPU to compile for.')
 _NUM_ITEMS = flags.DEFINE_integer('num_items', 3416, "Catalog size (ML-1M's by default).")
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+_CHAIN = flags.DEFINE_bool('chain', False, 'Also print the longest chain kernel by kernel.')
 
 if __name__ == '__main__':
   app.run(main)
