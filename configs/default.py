@@ -82,12 +82,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # to 64 and the width is a power of two of at least 16; flax's elsewhere and in evaluation,
   # serving and export. The same parameters and LayerNorm, to float rounding.
   config.layer_norm_impl = 'xla'
-  # xla | pallas. pallas (GPU only): in training, each block's second half (the residual,
-  # LayerNorm, feed-forward, both dropouts and the padding mask) as one Triton kernel forward
-  # and one backward (pka_jax/pallas_ffn.py) where rows come in blocks of 16 to 64 and the
-  # width is a power of two from 16 to 128; the XLA path elsewhere (microbatches included)
-  # and in evaluation, serving and export. The same parameters, masks and function, to float
-  # rounding.
+  # xla | pallas. pallas (GPU only): in training, each block's second half (the attention's
+  # output projection, the residual, LayerNorm, feed-forward, both dropouts and the padding
+  # mask) as one Triton kernel forward and one backward (pka_jax/pallas_ffn.py) where rows
+  # come in blocks of 16 or 32 and the width is a power of two from 16 to 128; the XLA path
+  # elsewhere (microbatches included) and in evaluation, serving and export. The same
+  # parameters, masks and function, to float rounding.
   config.ffn_impl = 'xla'
 
   # ---- training ----

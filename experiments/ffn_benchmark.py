@@ -60,7 +60,7 @@ def gradients(impl: str):
   rows = _BATCH.value * _MAXLEN.value
   if impl == 'pallas' and not pallas_ffn.supports(rows, _WIDTH.value):
     raise app.UsageError(f'--batch={_BATCH.value} --maxlen={_MAXLEN.value} --width='
-                         f'{_WIDTH.value}: the kernels take rows in blocks of 16 to 64 and a '
+                         f'{_WIDTH.value}: the kernels take rows in blocks of 16 or 32 and a '
                          'width of a power of two from 16 to 128')
   config = dataclasses.replace(model_config(), ffn_impl=impl)
   model = models.Encoder(config)

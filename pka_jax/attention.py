@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -196,6 +197,24 @@ class ContextualPosition(nn.Module):
     return (1.0 - weight_ceil) * at_floor + weight_ceil * at_ceil
 
 
+class Declared(nn.Module):
+  """Parameters declared as another module declares them (names, order, initialisers, so
+  the same values and checkpoints), returned unapplied: for a kernel that applies several
+  modules' parameters at once."""
+
+  specs: tuple[tuple[str, Callable, tuple[int, ...]], ...]  # (name, initialiser, shape)
+
+  @nn.compact
+  def __call__(self) -> dict[str, jax.Array]:
+    return {name: self.param(name, init, shape) for name, init, shape in self.specs}
+
+
+def projection_specs(in_features: int, features: int) -> tuple:
+  """`Projection`'s parameters, for `Declared`."""
+  return (('kernel', nn.initializers.xavier_uniform(), (in_features, features)),
+          ('bias', nn.initializers.zeros, (features,)))
+
+
 class Projection(nn.Module):
   """`x W + b` over `x`'s last axis, with flax `Dense`'s parameters (and init order), the
   bias optional per call: kernels on the logits add the key and value biases outside the
@@ -259,13 +278,13 @@ class CausalSelfAttention(nn.Module):
   def __call__(self, q_in_BxQxD, k_in_BxTxD, v_in_BxTxD, key_valid_BxT, *,
                k_kernel_TxT=None, v_kernel_TxT=None, first_position: int = 0,
                window: Window | None = None, padding: StandIns | None = None,
-               out_bias_outside: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+               out_projection_outside: bool = False) -> jax.Array | tuple[jax.Array, ...]:
     """`first_position`: the position of the first key (RoPE's angles start there);
     `window`: where the batch sits in the step's batch (dropout on the weights);
     `padding`: key columns that each stand for several identical keys of the full window,
     which their logits and dropout weigh in (plain path only; `stand_in_logit_bias`);
-    `out_bias_outside`: return the output without its projection's bias, and that bias (in
-    the activations' dtype), for a kernel that adds it."""
+    `out_projection_outside`: return the heads `B×Q×D` before the output projection, and
+    that projection's kernel and bias, for a kernel that applies it."""
     batch, num_queries, d = q_in_BxQxD.shape
     size = k_in_BxTxD.shape[1]
     if d % self.num_heads:
@@ -346,9 +365,11 @@ class CausalSelfAttention(nn.Module):
         # Rows of A weigh the value bias by their sum (below 1 only under dropout).
         out_BxQxHxK = out_BxQxHxK + jnp.einsum(
             'bhq,hk->bqhk', weights_BxHxQxT.sum(axis=-1), value_bias_HxK)
-    out, out_bias = Projection(d, self.dtype, name='out')(
-        out_BxQxHxK.reshape(batch, num_queries, d), with_bias=not out_bias_outside)
-    return (out, out_bias) if out_bias_outside else out
+    mixed_BxQxD = out_BxQxHxK.reshape(batch, num_queries, d)
+    if out_projection_outside:
+      out = Declared(projection_specs(d, d), name='out')()
+      return mixed_BxQxD, out['kernel'], out['bias']
+    return Projection(d, self.dtype, name='out')(mixed_BxQxD)[0]
 
   def _pallas_applies(self, window, padding, on_logits, num_queries, size, head_dim) -> bool:
     """Whether the fused kernel computes what the plain path would: hashed masks of the

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -179,18 +178,6 @@ class PallasLayerNorm(nn.Module):
                              x, params['scale'], params['bias'])
 
 
-class _Declared(nn.Module):
-  """Parameters declared as another module declares them (names, order, initialisers, so
-  the same values and checkpoints), returned unapplied: for a kernel that applies several
-  modules' parameters at once."""
-
-  specs: tuple[tuple[str, Callable, tuple[int, ...]], ...]  # (name, initialiser, shape)
-
-  @nn.compact
-  def __call__(self) -> dict[str, jax.Array]:
-    return {name: self.param(name, init, shape) for name, init, shape in self.specs}
-
-
 def _dense(features: int, name: str, dtype):
   """`x W + b` with flax `Dense`'s parameters, on rows (attention.dot_rows)."""
   projection = attention.Projection(features, dtype, name=name)
@@ -241,7 +228,8 @@ class Block(nn.Module):
     query_BxQxD = q_in_BxQxD
     if 'q' in kernels:
       query_BxQxD = attention.apply_kernel(kernels['q'][-num_queries:], normed_BxTxD)
-    # The feed-forward kernel adds the attention's output bias itself (one kernel fewer).
+    # The feed-forward kernel runs the attention's output projection itself (two kernels
+    # fewer in a row).
     fused_ffn = self._pallas_ffn_applies(q_in_BxQxD.shape, window)
     attended = attention.CausalSelfAttention(
         num_heads=config.num_heads, dropout=config.dropout,
@@ -252,7 +240,7 @@ class Block(nn.Module):
             query_BxQxD, k_in, v_in, valid_BxT if config.mask_padding_keys else None,
             k_kernel_TxT=kernels.get('k'), v_kernel_TxT=kernels.get('v'),
             first_position=config.maxlen - width, window=window, padding=padding,
-            out_bias_outside=fused_ffn)
+            out_projection_outside=fused_ffn)
     valid_BxQ = valid_BxT[:, -num_queries:]
     if fused_ffn:
       return self._pallas_ffn(q_in_BxQxD, *attended, valid_BxQ, window)
@@ -278,19 +266,18 @@ class Block(nn.Module):
             and (window is None or window.rows_B is None) and batch % shards == 0
             and pallas_ffn.supports(batch * queries // shards, width))
 
-  def _pallas_ffn(self, q_in_BxQxD, attended_BxQxD, attended_bias_D, valid_BxQ,
+  def _pallas_ffn(self, q_in_BxQxD, mixed_BxQxD, w_proj_DxD, b_proj_D, valid_BxQ,
                   window: Window | None) -> jax.Array:
-    """The block's second half (residual, LayerNorm, feed-forward, dropout, mask) by
-    pallas_ffn's kernels, with the XLA path's parameters and dropout masks; `attended`
-    comes without its projection's bias."""
+    """The block's second half (the attention's output projection, residual, LayerNorm,
+    feed-forward, dropout, mask) by pallas_ffn's kernels, with the XLA path's parameters and
+    dropout masks; `mixed` is the attention's heads before that projection."""
     config = self.config
     batch, queries, width = q_in_BxQxD.shape
     ones, zeros = nn.initializers.ones, nn.initializers.zeros
-    dense = ((('kernel', nn.initializers.xavier_uniform(), (width, width)),
-              ('bias', zeros, (width,))))
-    ln = _Declared((('scale', ones, (width,)), ('bias', zeros, (width,))), name='ln_ffn')()
-    ffn_in = _Declared(dense, name='ffn_in')()
-    ffn_out = _Declared(dense, name='ffn_out')()
+    ln = attention.Declared((('scale', ones, (width,)), ('bias', zeros, (width,))),
+                            name='ln_ffn')()
+    ffn_in = attention.Declared(attention.projection_specs(width, width), name='ffn_in')()
+    ffn_out = attention.Declared(attention.projection_specs(width, width), name='ffn_out')()
     drop = Dropout(config.dropout, config.deterministic, config.dropout_impl)
     # The XLA path's two calls of `drop` draw these words, in this order.
     seeds_2x2 = (jnp.stack([drop.seed_words(), drop.seed_words()]) if config.dropout > 0
@@ -299,34 +286,34 @@ class Block(nn.Module):
     options = pallas_ffn.Options(
         epsilon=LN_EPSILON, rate=config.dropout, queries=queries,
         full_q=queries if window is None else window.maxlen,
-        block_rows=pallas_layer_norm.block_rows_for(batch * queries // shards))
-    params = (attended_bias_D, ln['scale'], ln['bias'], ffn_in['kernel'], ffn_in['bias'],
+        block_rows=pallas_ffn.block_rows_for(batch * queries // shards))
+    params = (w_proj_DxD, b_proj_D, ln['scale'], ln['bias'], ffn_in['kernel'], ffn_in['bias'],
               ffn_out['kernel'], ffn_out['bias'], seeds_2x2)
 
-    def second_half(q_in, attended, valid, *params, first_row=0):
+    def second_half(q_in, mixed, valid, *params, first_row=0):
       run = lambda interpret: (lambda *args: pallas_ffn.feed_forward(
           *args[:-1], options=dataclasses.replace(options, interpret=interpret),
           first_row=args[-1]))
       rows = lambda x: x.reshape(-1, width)
       # Triton where the program is compiled for a GPU, Pallas's interpreter elsewhere.
-      bias, *params = params
-      z = jax.lax.platform_dependent(rows(q_in), rows(attended), bias, valid.reshape(-1),
+      w_proj, b_proj, *params = params
+      z = jax.lax.platform_dependent(rows(q_in), rows(mixed), w_proj, b_proj, valid.reshape(-1),
                                      *params, first_row, cuda=run(False), default=run(True))
       return z.reshape(q_in.shape)
 
     if shards == 1:
-      return second_half(q_in_BxQxD, attended_BxQxD, valid_BxQ, *params)
+      return second_half(q_in_BxQxD, mixed_BxQxD, valid_BxQ, *params)
 
-    def per_shard(q_in, attended, valid, *params):
+    def per_shard(q_in, mixed, valid, *params):
       first_row = jax.lax.axis_index(sharding.DATA) * q_in.shape[0]
-      return second_half(q_in, attended, valid, *params, first_row=first_row)
+      return second_half(q_in, mixed, valid, *params, first_row=first_row)
 
     # Unchecked, as attention's: Pallas's interpreter loses its refs' varying axes. The
     # parameters' gradients, per shard, are summed by shard_map's transpose.
     rows, whole = P(sharding.DATA), P()
-    return jax.shard_map(per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 8,
+    return jax.shard_map(per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 9,
                          out_specs=rows, check_vma=False)(
-                             q_in_BxQxD, attended_BxQxD, valid_BxQ, *params)
+                             q_in_BxQxD, mixed_BxQxD, valid_BxQ, *params)
 
 
 def _padding_stand_ins(valid_BxT: jax.Array, maxlen: int) -> StandIns:

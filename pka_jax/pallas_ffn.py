@@ -2,21 +2,21 @@
 
 After attention, each block computes, row by row (models.Block):
 
-    h = q_in + (attended + b_out),  y = LayerNorm(h),  a = y W1 + b1,  u = dropout(relu(a)),
+    h = q_in + (o Wo + bo),  y = LayerNorm(h),  a = y W1 + b1,  u = dropout(relu(a)),
     f = u W2 + b2,  z = (y + dropout(f)) · valid
 
-(`attended` the attention's output projection before its bias `b_out`), which XLA runs on a
-GPU as about ten kernels forward and as many backward, seven of them links a block in the
-longest chain of dependent kernels (experiments/gpu_kernels.py). Here a
-program takes a block of rows through all of it with both weights on chip, in the
-activations' dtype where the XLA path rounds to it, LayerNorm's statistics in float32 as
-flax computes them, and the very dropout masks of `dropout.Dropout` (each element's place in
-the step's batch). The backward kernel writes the rows' gradient `dh` and the two products'
-output gradients `da`, `df`; the weights' gradients `yᵀ da`, `uᵀ df` and the biases' are
-products over all rows, which XLA computes off the chain. LayerNorm's scale and bias get
-per-block shares, which XLA adds.
+(`o` the attention's heads, `Wo, bo` its output projection), which XLA runs on a GPU as
+about a dozen kernels forward and as many backward, eight of them links a block in the
+longest chain of dependent kernels (experiments/gpu_kernels.py). Here a program takes a
+block of rows through all of it with its three weights on chip, in the activations' dtype
+where the XLA path rounds to it, LayerNorm's statistics in float32 as flax computes them,
+and the very dropout masks of `dropout.Dropout` (each element's place in the step's batch).
+The backward kernel writes the gradients of `q_in` (`dh`) and of `o` (`dh Woᵀ`) and the
+products' output gradients `da`, `df`; the weights' gradients `oᵀ dh`, `yᵀ da`, `uᵀ df` and
+the biases' are products over all rows, which XLA computes off the chain. LayerNorm's scale
+and bias get per-block shares, which XLA adds.
 
-Rows must come in blocks of 16 to 64 and the width must be a power of two from 16 to 128
+Rows must come in blocks of 16 or 32 and the width must be a power of two from 16 to 128
 (`supports`). Off a GPU it runs in Pallas's interpreter, slowly, for checks.
 """
 
@@ -33,7 +33,7 @@ from jax.experimental.pallas import triton as pallas_triton
 from pka_jax import dropout as dropout_lib
 from pka_jax import pallas_layer_norm
 
-MAX_WIDTH = 128  # both weights on chip
+MAX_WIDTH = 128  # the three weights on chip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,30 +45,36 @@ class Options:
   rate: float
   queries: int  # Q: the rows of one sequence
   full_q: int  # the window's full width (maxlen)
-  block_rows: int
+  block_rows: int  # block_rows_for(rows)
   num_warps: int = 8
   interpret: bool = False
 
 
+def block_rows_for(rows: int) -> int:
+  """16 or 32 rows a program, whichever divides `rows` (32 first); 0 if neither does. At
+  ML-1M's width of 128, programs of 64 rows spill registers (ptxas, sm_90a, 8 warps)."""
+  return next((block for block in (32, 16) if rows % block == 0), 0)
+
+
 def supports(rows: int, width: int) -> bool:
   """Whether Triton's tiles fit: blocks of rows, a width of a power of two, 16 to 128."""
-  return pallas_layer_norm.supports(rows, width) and width <= MAX_WIDTH
+  return block_rows_for(rows) > 0 and 16 <= width <= MAX_WIDTH and not width & (width - 1)
 
 
-def feed_forward(left_NxD, right_NxD, right_bias_D, valid_N, ln_scale_D, ln_bias_D, w_in_DxD,
-                 b_in_D, w_out_DxD, b_out_D, seeds_2x2, options: Options, first_row=0
-                 ) -> jax.Array:
-  """`z` of the formula above for the rows `h = left + (right + right_bias)`, in their
-  dtype. `seeds_2x2` holds the two dropout call sites' words, in call order; `first_row` is
-  the step's batch row of these rows' first sequence (a data shard's), for the dropout
-  index."""
-  dtype = left_NxD.dtype
+def feed_forward(residual_NxD, mixed_NxD, w_proj_DxD, b_proj_D, valid_N, ln_scale_D, ln_bias_D,
+                 w_in_DxD, b_in_D, w_out_DxD, b_out_D, seeds_2x2, options: Options,
+                 first_row=0) -> jax.Array:
+  """`z` of the formula above, in the rows' dtype: `residual` is `q_in`, `mixed` the
+  attention's heads before its output projection `(w_proj, b_proj)`. `seeds_2x2` holds the
+  two dropout call sites' words, in call order; `first_row` is the step's batch row of these
+  rows' first sequence (a data shard's), for the dropout index."""
+  dtype = residual_NxD.dtype
   f32 = jnp.float32
   seed = jnp.concatenate([seeds_2x2.reshape(4).astype(jnp.uint32),
                           jnp.asarray(first_row, jnp.uint32).reshape(1),
                           jnp.zeros((3,), jnp.uint32)])
-  return _feed_forward(left_NxD, right_NxD.astype(dtype), right_bias_D.astype(dtype),
-                       valid_N.astype(jnp.int32),
+  return _feed_forward(residual_NxD, mixed_NxD.astype(dtype), w_proj_DxD.astype(dtype),
+                       b_proj_D.astype(dtype), valid_N.astype(jnp.int32),
                        ln_scale_D.astype(f32), ln_bias_D.astype(f32), w_in_DxD.astype(dtype),
                        b_in_D.astype(dtype), w_out_DxD.astype(dtype), b_out_D.astype(dtype),
                        seed, options)
@@ -105,16 +111,11 @@ def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
-def _residual(left_ref, right_ref, right_bias_ref):
-  return left_ref[...] + (right_ref[...] + right_bias_ref[...][None, :])
-
-
-
-
-def _ffn_kernel(seed_ref, left_ref, right_ref, right_bias_ref, valid_ref, ln_scale_ref,
-                ln_bias_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, z_ref, y_ref, u_ref,
-                mean_ref, rstd_ref, *, options: Options):
-  h = _residual(left_ref, right_ref, right_bias_ref)
+def _ffn_kernel(seed_ref, residual_ref, mixed_ref, w_proj_ref, b_proj_ref, valid_ref,
+                ln_scale_ref, ln_bias_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, z_ref, h_ref,
+                y_ref, u_ref, mean_ref, rstd_ref, *, options: Options):
+  attended = _dot(mixed_ref[...], w_proj_ref[...]) + b_proj_ref[...][None, :]
+  h = residual_ref[...] + attended
   dtype = h.dtype
   mean, variance = pallas_layer_norm.stats(h.astype(jnp.float32))
   rstd = jax.lax.rsqrt(variance + options.epsilon)
@@ -125,14 +126,15 @@ def _ffn_kernel(seed_ref, left_ref, right_ref, right_bias_ref, valid_ref, ln_sca
   f = _dot(u, w_out_ref[...]) + b_out_ref[...][None, :]
   f = _dropout(f, _keep(seed_ref, 1, f.shape, options), options)
   z_ref[...] = (y + f) * valid_ref[...].astype(dtype)[:, None]
+  h_ref[...] = h
   y_ref[...] = y
   u_ref[...] = u
   mean_ref[...] = mean
   rstd_ref[...] = rstd
 
 
-def _ffn_grad_kernel(seed_ref, left_ref, right_ref, right_bias_ref, valid_ref, ln_scale_ref,
-                     mean_ref, rstd_ref, u_ref, w_in_ref, w_out_ref, dz_ref, dh_ref, da_ref,
+def _ffn_grad_kernel(seed_ref, valid_ref, ln_scale_ref, mean_ref, rstd_ref, h_ref, u_ref,
+                     w_proj_ref, w_in_ref, w_out_ref, dz_ref, dh_ref, d_mixed_ref, da_ref,
                      df_ref, shares_ref, *, options: Options):
   f32 = jnp.float32
   dz = dz_ref[...]
@@ -145,12 +147,12 @@ def _ffn_grad_kernel(seed_ref, left_ref, right_ref, right_bias_ref, valid_ref, l
   da = jnp.where(u > 0, _dropout(du, True, options), jnp.zeros_like(du))
   dy = (_dot(da, w_in_ref[...].T) + d_sum).astype(f32)
   rstd = rstd_ref[...]
-  h = _residual(left_ref, right_ref, right_bias_ref).astype(f32)
-  x_hat = (h - mean_ref[...][:, None]) * rstd[:, None]
+  x_hat = (h_ref[...].astype(f32) - mean_ref[...][:, None]) * rstd[:, None]
   g = dy * ln_scale_ref[...][None, :]
-  dh = rstd[:, None] * (g - jnp.mean(g, axis=1)[:, None]
-                        - x_hat * jnp.mean(g * x_hat, axis=1)[:, None])
-  dh_ref[...] = dh.astype(dtype)
+  dh = (rstd[:, None] * (g - jnp.mean(g, axis=1)[:, None]
+                         - x_hat * jnp.mean(g * x_hat, axis=1)[:, None])).astype(dtype)
+  dh_ref[...] = dh
+  d_mixed_ref[...] = _dot(dh, w_proj_ref[...].T)
   da_ref[...] = da
   df_ref[...] = df
   shares_ref[0, :] = jnp.sum(dy * x_hat, axis=0)  # LayerNorm's scale's, then its bias's
@@ -177,45 +179,46 @@ def _call(kernel, rows_NxD, in_specs, out_specs, out_shape, options: Options):
       name=kernel.__name__.strip('_'))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(11,))
-def _feed_forward(left, right, right_bias, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out,
-                  seed, options):
-  return _forward(left, right, right_bias, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out,
-                  seed, options)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(12,))
+def _feed_forward(residual, mixed, w_proj, b_proj, valid, ln_scale, ln_bias, w_in, b_in, w_out,
+                  b_out, seed, options):
+  return _forward(residual, mixed, w_proj, b_proj, valid, ln_scale, ln_bias, w_in, b_in, w_out,
+                  b_out, seed, options)[0]
 
 
-def _forward(left, right, right_bias, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out, seed,
-             options):
-  spec = _specs(left, options)
-  rows = jax.ShapeDtypeStruct(left.shape, left.dtype)
-  per_row = jax.ShapeDtypeStruct(left.shape[:1], jnp.float32)
-  z, y, u, mean, rstd = _call(
-      _ffn_kernel, left,
-      [spec['seed'], spec['rows'], spec['rows'], spec['vector'], spec['per_row'],
-       spec['vector'], spec['vector'], spec['weight'], spec['vector'], spec['weight'],
-       spec['vector']],
-      (spec['rows'],) * 3 + (spec['per_row'],) * 2, (rows,) * 3 + (per_row,) * 2, options,
-  )(seed, left, right, right_bias, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out)
-  return z, (left, right, right_bias, valid, ln_scale, mean, rstd, y, u, w_in, w_out, seed)
+def _forward(residual, mixed, w_proj, b_proj, valid, ln_scale, ln_bias, w_in, b_in, w_out,
+             b_out, seed, options):
+  spec = _specs(residual, options)
+  rows = jax.ShapeDtypeStruct(residual.shape, residual.dtype)
+  per_row = jax.ShapeDtypeStruct(residual.shape[:1], jnp.float32)
+  z, h, y, u, mean, rstd = _call(
+      _ffn_kernel, residual,
+      [spec['seed'], spec['rows'], spec['rows'], spec['weight'], spec['vector'],
+       spec['per_row'], spec['vector'], spec['vector'], spec['weight'], spec['vector'],
+       spec['weight'], spec['vector']],
+      (spec['rows'],) * 4 + (spec['per_row'],) * 2, (rows,) * 4 + (per_row,) * 2, options,
+  )(seed, residual, mixed, w_proj, b_proj, valid, ln_scale, ln_bias, w_in, b_in, w_out, b_out)
+  return z, (mixed, valid, ln_scale, mean, rstd, h, y, u, w_proj, w_in, w_out, seed)
 
 
 def _backward(options, residuals, dz):
-  left, right, right_bias, valid, ln_scale, mean, rstd, y, u, w_in, w_out, seed = residuals
-  spec = _specs(left, options)
-  rows = jax.ShapeDtypeStruct(left.shape, left.dtype)
-  blocks = left.shape[0] // options.block_rows
-  dh, da, df, shares = _call(
-      _ffn_grad_kernel, left,
-      [spec['seed'], spec['rows'], spec['rows'], spec['vector'], spec['per_row'],
-       spec['vector'], spec['per_row'], spec['per_row'], spec['rows'], spec['weight'],
-       spec['weight'], spec['rows']],
-      (spec['rows'],) * 3 + (spec['shares'],),
-      (rows,) * 3 + (jax.ShapeDtypeStruct((blocks, 2, left.shape[1]), jnp.float32),), options,
-  )(seed, left, right, right_bias, valid, ln_scale, mean, rstd, u, w_in, w_out, dz)
+  mixed, valid, ln_scale, mean, rstd, h, y, u, w_proj, w_in, w_out, seed = residuals
+  spec = _specs(h, options)
+  rows = jax.ShapeDtypeStruct(h.shape, h.dtype)
+  blocks = h.shape[0] // options.block_rows
+  dh, d_mixed, da, df, shares = _call(
+      _ffn_grad_kernel, h,
+      [spec['seed'], spec['per_row'], spec['vector'], spec['per_row'], spec['per_row'],
+       spec['rows'], spec['rows'], spec['weight'], spec['weight'], spec['weight'],
+       spec['rows']],
+      (spec['rows'],) * 4 + (spec['shares'],),
+      (rows,) * 4 + (jax.ShapeDtypeStruct((blocks, 2, h.shape[1]), jnp.float32),), options,
+  )(seed, valid, ln_scale, mean, rstd, h, u, w_proj, w_in, w_out, dz)
   d_ln_scale, d_ln_bias = shares.sum(axis=0)
-  # As autodiff transposes `x W + b` in the activations' dtype.
-  return (dh, dh, dh.sum(axis=0), None, d_ln_scale, d_ln_bias, y.T @ da, da.sum(axis=0), u.T @ df,
-          df.sum(axis=0), None)
+  # The products' weights and biases as autodiff transposes `x W + b`, in the activations'
+  # dtype.
+  return (dh, d_mixed, mixed.T @ dh, dh.sum(axis=0), None, d_ln_scale, d_ln_bias, y.T @ da,
+          da.sum(axis=0), u.T @ df, df.sum(axis=0), None)
 
 
 _feed_forward.defvjp(_forward, _backward)

@@ -104,10 +104,12 @@ def test_only_training_on_whole_batches_runs_the_kernels():
   assert pallas_calls(config, inputs(), params, rows_B=jnp.arange(4) + 4) == 0
 
 
-@pytest.mark.parametrize('rows,width,fits', [(4096, 128, True), (64, 16, True), (64, 256, False),
-                                             (64, 96, False), (100, 128, False)])
-def test_tiles_that_fit(rows, width, fits):
-  assert pallas_ffn.supports(rows, width) is fits
+@pytest.mark.parametrize('rows,width,block', [(4096, 128, 32), (48, 16, 16), (64, 256, 0),
+                                              (64, 96, 0), (100, 128, 0), (8, 16, 0)])
+def test_tiles_that_fit(rows, width, block):
+  assert pallas_ffn.supports(rows, width) is (block > 0)
+  if block:
+    assert pallas_ffn.block_rows_for(rows) == block
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -116,16 +118,16 @@ def test_lowers_to_one_triton_kernel_each_way_for_a_gpu(dtype):
   rows = jax.ShapeDtypeStruct((256 * 128, 128), dtype)
   vector, weight = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((128,), (128, 128)))
   options = pallas_ffn.Options(epsilon=models.LN_EPSILON, rate=0.2, queries=128, full_q=128,
-                               block_rows=64)
+                               block_rows=pallas_ffn.block_rows_for(rows.shape[0]))
 
-  def total(left, right, right_bias, *params):
-    valid = jnp.ones(left.shape[:1], bool)
+  def total(residual, mixed, w_proj, b_proj, *params):
+    valid = jnp.ones(residual.shape[:1], bool)
     seeds = jnp.arange(4, dtype=jnp.uint32).reshape(2, 2)
-    return jnp.sum(pallas_ffn.feed_forward(left, right, right_bias, valid, *params, seeds,
-                                           options))
+    return jnp.sum(pallas_ffn.feed_forward(residual, mixed, w_proj, b_proj, valid, *params,
+                                           seeds, options))
 
-  grads = jax.grad(total, argnums=tuple(range(9)))
-  text = jax.jit(grads).trace(rows, rows, vector, vector, vector, weight, vector, weight,
-                              vector).lower(lowering_platforms=('cuda',)).as_text()
+  grads = jax.grad(total, argnums=tuple(range(10)))
+  text = jax.jit(grads).trace(rows, rows, weight, vector, vector, vector, weight, vector,
+                              weight, vector).lower(lowering_platforms=('cuda',)).as_text()
   assert text.count('custom_call @__gpu$xla.gpu.triton') == 2
 
