@@ -12,9 +12,9 @@ block of rows through all of it with its three weights on chip, in the activatio
 where the XLA path rounds to it, LayerNorm's statistics in float32 as flax computes them,
 and the very dropout masks of `dropout.Dropout` (each element's place in the step's batch).
 The backward kernel writes the gradients of `q_in` (`dh`) and of `o` (`dh Woᵀ`) and the
-products' output gradients `da`, `df`; the weights' gradients `oᵀ dh`, `yᵀ da`, `uᵀ df` and
-the biases' are products over all rows, which XLA computes off the chain. LayerNorm's scale
-and bias get per-block shares, which XLA adds.
+products' output gradients `da`, `df`; the weights' gradients `oᵀ dh`, `yᵀ da`, `uᵀ df` are
+products over all rows, which XLA computes off the chain; the biases and LayerNorm's scale and bias get per-block shares of
+their gradients, which XLA adds.
 
 Rows must come in blocks of 16 or 32 and the width must be a power of two from 16 to 128
 (`supports`). Off a GPU it runs in Pallas's interpreter, slowly, for checks.
@@ -34,6 +34,8 @@ from pka_jax import dropout as dropout_lib
 from pka_jax import pallas_layer_norm
 
 MAX_WIDTH = 128  # the three weights on chip
+SHARES = 5  # per-block gradient shares: LayerNorm's scale and bias, three projections' biases
+SHARE_ROWS = 8  # SHARES rounded up to Triton's power of two; the last rows are not written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +75,12 @@ def feed_forward(residual_NxD, mixed_NxD, w_proj_DxD, b_proj_D, valid_N, ln_scal
   seed = jnp.concatenate([seeds_2x2.reshape(4).astype(jnp.uint32),
                           jnp.asarray(first_row, jnp.uint32).reshape(1),
                           jnp.zeros((3,), jnp.uint32)])
+  # Biases go in as float32, rounded in the kernels (a cast kernel each fewer); weights in
+  # the activations' dtype, which every program reads.
   return _feed_forward(residual_NxD, mixed_NxD.astype(dtype), w_proj_DxD.astype(dtype),
-                       b_proj_D.astype(dtype), valid_N.astype(jnp.int32),
+                       b_proj_D.astype(f32), valid_N.astype(jnp.int32),
                        ln_scale_D.astype(f32), ln_bias_D.astype(f32), w_in_DxD.astype(dtype),
-                       b_in_D.astype(dtype), w_out_DxD.astype(dtype), b_out_D.astype(dtype),
+                       b_in_D.astype(f32), w_out_DxD.astype(dtype), b_out_D.astype(f32),
                        seed, options)
 
 
@@ -111,19 +115,24 @@ def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
+def _plus_bias(x, bias_ref):
+  """`x + b` as `Projection` adds it: the bias rounded to `x`'s dtype first."""
+  return x + bias_ref[...].astype(x.dtype)[None, :]
+
+
 def _ffn_kernel(seed_ref, residual_ref, mixed_ref, w_proj_ref, b_proj_ref, valid_ref,
                 ln_scale_ref, ln_bias_ref, w_in_ref, b_in_ref, w_out_ref, b_out_ref, z_ref, h_ref,
                 y_ref, u_ref, mean_ref, rstd_ref, *, options: Options):
-  attended = _dot(mixed_ref[...], w_proj_ref[...]) + b_proj_ref[...][None, :]
+  attended = _plus_bias(_dot(mixed_ref[...], w_proj_ref[...]), b_proj_ref)
   h = residual_ref[...] + attended
   dtype = h.dtype
   mean, variance = pallas_layer_norm.stats(h.astype(jnp.float32))
   rstd = jax.lax.rsqrt(variance + options.epsilon)
   y = ((h.astype(jnp.float32) - mean[:, None]) * (ln_scale_ref[...][None, :] * rstd[:, None])
        + ln_bias_ref[...][None, :]).astype(dtype)
-  a = _dot(y, w_in_ref[...]) + b_in_ref[...][None, :]
+  a = _plus_bias(_dot(y, w_in_ref[...]), b_in_ref)
   u = _dropout(jnp.maximum(a, jnp.zeros_like(a)), _keep(seed_ref, 0, a.shape, options), options)
-  f = _dot(u, w_out_ref[...]) + b_out_ref[...][None, :]
+  f = _plus_bias(_dot(u, w_out_ref[...]), b_out_ref)
   f = _dropout(f, _keep(seed_ref, 1, f.shape, options), options)
   z_ref[...] = (y + f) * valid_ref[...].astype(dtype)[:, None]
   h_ref[...] = h
@@ -155,8 +164,10 @@ def _ffn_grad_kernel(seed_ref, valid_ref, ln_scale_ref, mean_ref, rstd_ref, h_re
   d_mixed_ref[...] = _dot(dh, w_proj_ref[...].T)
   da_ref[...] = da
   df_ref[...] = df
-  shares_ref[0, :] = jnp.sum(dy * x_hat, axis=0)  # LayerNorm's scale's, then its bias's
-  shares_ref[1, :] = jnp.sum(dy, axis=0)
+  # This block's shares of the gradients of LayerNorm's scale and bias, then of the biases
+  # of the output projection, ffn_in and ffn_out (SHARES).
+  for row, share in enumerate((dy * x_hat, dy, dh, da, df)):
+    shares_ref[row, :] = jnp.sum(share.astype(f32), axis=0)
 
 
 def _specs(rows_NxD, options: Options):
@@ -166,7 +177,7 @@ def _specs(rows_NxD, options: Options):
           'rows': pl.BlockSpec((block, width), lambda i: (i, 0)),
           'per_row': pl.BlockSpec((block,), lambda i: (i,)),
           'vector': whole((width,)), 'weight': whole((width, width)),
-          'shares': pl.BlockSpec((None, 2, width), lambda i: (i, 0, 0))}
+          'shares': pl.BlockSpec((None, SHARE_ROWS, width), lambda i: (i, 0, 0))}
 
 
 def _call(kernel, rows_NxD, in_specs, out_specs, out_shape, options: Options):
@@ -212,13 +223,13 @@ def _backward(options, residuals, dz):
        spec['rows'], spec['rows'], spec['weight'], spec['weight'], spec['weight'],
        spec['rows']],
       (spec['rows'],) * 4 + (spec['shares'],),
-      (rows,) * 4 + (jax.ShapeDtypeStruct((blocks, 2, h.shape[1]), jnp.float32),), options,
+      (rows,) * 4 + (jax.ShapeDtypeStruct((blocks, SHARE_ROWS, h.shape[1]), jnp.float32),),
+      options,
   )(seed, valid, ln_scale, mean, rstd, h, u, w_proj, w_in, w_out, dz)
-  d_ln_scale, d_ln_bias = shares.sum(axis=0)
-  # The products' weights and biases as autodiff transposes `x W + b`, in the activations'
-  # dtype.
-  return (dh, d_mixed, mixed.T @ dh, dh.sum(axis=0), None, d_ln_scale, d_ln_bias, y.T @ da,
-          da.sum(axis=0), u.T @ df, df.sum(axis=0), None)
+  d_ln_scale, d_ln_bias, d_b_proj, d_b_in, d_b_out = shares[:, :SHARES].sum(axis=0)
+  # The weights' gradients as autodiff transposes `x W`, in the activations' dtype.
+  return (dh, d_mixed, mixed.T @ dh, d_b_proj, None, d_ln_scale, d_ln_bias, y.T @ da, d_b_in,
+          u.T @ df, d_b_out, None)
 
 
 _feed_forward.defvjp(_forward, _backward)
