@@ -218,7 +218,8 @@ def projection_specs(in_features: int, features: int) -> tuple:
 class Projection(nn.Module):
   """`x W + b` over `x`'s last axis, with flax `Dense`'s parameters (and init order), the
   bias optional per call: kernels on the logits add the key and value biases outside the
-  projection."""
+  projection. Returns the product and the bias as stored (float32), which the product adds
+  rounded to `dtype`."""
 
   features: int
   dtype: Any = jnp.float32
@@ -228,9 +229,9 @@ class Projection(nn.Module):
                ) -> tuple[jax.Array, jax.Array]:
     kernel = self.param('kernel', nn.initializers.xavier_uniform(),
                         (x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,))
     y = dot_rows(x.astype(self.dtype), kernel.astype(self.dtype))
-    return (y + bias[(None,) * (y.ndim - 1)] if with_bias else y), bias
+    return (y + bias.astype(self.dtype)[(None,) * (y.ndim - 1)] if with_bias else y), bias
 
 
 def stand_in_logit_bias(stand_ins: StandIns) -> jax.Array:
@@ -308,6 +309,9 @@ class CausalSelfAttention(nn.Module):
         x_BxTxD = apply_kernel(kernel_TxT, x_BxTxD)
       y, bias = Projection(d, self.dtype, name=name)(
           x_BxTxD, with_bias=not (kernel_on_logits or bias_outside))
+      # A bias added outside: by the plain path in the activations' dtype, or as stored by
+      # the Pallas kernel, which rounds it as Projection does.
+      bias = bias if bias_outside else bias.astype(self.dtype)
       return split_heads(y), bias.reshape(heads, head_dim)
 
     pallas = impl == 'pallas' and self._pallas_applies(window, padding, on_logits, num_queries,

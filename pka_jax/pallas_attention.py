@@ -13,7 +13,7 @@ with the same hashed dropout masks as `dropout.Dropout` (the element's place in 
 whole batch), so it trains exactly as the plain path does, to float rounding. The backward
 kernel recomputes the tiles, softmax included (a query with no visible key has uniform
 weights, which a saved log-sum-exp of `finfo.min` logits would lose). Each program writes
-its own share of the kernels' and the value bias's gradients, which XLA then adds.
+its own share of the kernels' and the biases' gradients, which XLA then adds.
 
 Needs query and key counts and the head size that Triton's tiles take: powers of two, at
 least 16 (`supports`). Off a GPU it runs in Pallas's interpreter, slowly, for checks.
@@ -61,7 +61,8 @@ def fused_attention(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, k_kernel_TxT, v_kernel_TxT,
                     query_bias_HxK=None):
   """`out_BxQxHxK` of the formula above. A kernel that is None is the identity; so is a
   value bias of None (the values' bias then sits in `V'`), and a query bias of None (as
-  `options.has_query_bias` says; added in the activations' dtype); `key_valid_BxT` None sees
+  `options.has_query_bias` says; rounded to the activations' dtype and added in it, as
+  `Projection` adds it); `key_valid_BxT` None sees
   every key; `seed_2` is `Dropout`'s two words; `first_row` is the step's batch row of this
   batch's first (a data shard's), for the dropout index."""
   dtype = q_BxQxHxK.dtype
@@ -72,8 +73,8 @@ def fused_attention(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, k_kernel_TxT, v_kernel_TxT,
   valid = (jnp.ones(k_BxTxHxK.shape[:2], jnp.int32) if key_valid_BxT is None
            else key_valid_BxT.astype(jnp.int32))
   return _attention(
-      q_BxQxHxK, (jnp.zeros((heads, head_dim), dtype) if query_bias_HxK is None
-                  else query_bias_HxK.astype(dtype)), k_BxTxHxK, v_BxTxHxK,
+      q_BxQxHxK, (jnp.zeros((heads, head_dim), jnp.float32) if query_bias_HxK is None
+                  else query_bias_HxK.astype(jnp.float32)), k_BxTxHxK, v_BxTxHxK,
       dummy if k_kernel_TxT is None else k_kernel_TxT.astype(dtype),
       dummy if v_kernel_TxT is None else v_kernel_TxT.astype(dtype),
       (jnp.zeros((heads, head_dim), jnp.float32) if value_bias_HxK is None
@@ -131,7 +132,7 @@ def _dropped(p, keep, options: Options, dtype):
 
 def _queries(q_ref, q_bias_ref, options: Options):
   q = q_ref[...]
-  return q + q_bias_ref[...][None, :] if options.has_query_bias else q
+  return q + q_bias_ref[...].astype(q.dtype)[None, :] if options.has_query_bias else q
 
 
 def _attention_kernel(seed_ref, q_ref, q_bias_ref, k_ref, v_ref, k_kernel_ref, v_kernel_ref,
@@ -174,11 +175,11 @@ def _attention_grad_kernel(seed_ref, q_ref, q_bias_ref, k_ref, v_ref, k_kernel_r
     bias = bias_ref[...]
     # out += rowsum(W) bv: each weight of row r gets d_out[r] · bv.
     d_weights += jnp.sum(d_out.astype(f32) * bias[None, :], axis=1)[:, None]
-    d_bias_ref[...] = jnp.sum(jnp.sum(weights.astype(f32), axis=1)[:, None]
-                              * d_out.astype(f32), axis=0)
+    d_bias_ref[0, :] = jnp.sum(jnp.sum(weights.astype(f32), axis=1)[:, None]
+                               * d_out.astype(f32), axis=0)
   else:  # nothing to learn: the dummy kernel and the zero bias stand in
     d_v_kernel_ref[...] = jnp.zeros(d_v_kernel_ref.shape, f32)
-    d_bias_ref[...] = jnp.zeros(d_bias_ref.shape, f32)
+    d_bias_ref[0, :] = jnp.zeros(d_bias_ref.shape[1:], f32)
   d_p = jnp.where(keep, d_weights / (1.0 - options.rate), 0.0)
   # Masked logits are constants: a query with no visible key has uniform weights, but no
   # gradient reaches its logits.
@@ -192,7 +193,11 @@ def _attention_grad_kernel(seed_ref, q_ref, q_bias_ref, k_ref, v_ref, k_kernel_r
     d_k_kernel_ref[...] = jnp.zeros(d_k_kernel_ref.shape, f32)
     d_s = d_logits
   d_s_c = d_s.astype(dtype)
-  dq_ref[...] = jnp.dot(d_s_c, k, preferred_element_type=f32).astype(dq_ref.dtype)
+  dq = jnp.dot(d_s_c, k, preferred_element_type=f32).astype(dq_ref.dtype)
+  dq_ref[...] = dq
+  # The query bias's share: the rows' sum of its gradient (zero where the kernel has none).
+  d_bias_ref[1, :] = (jnp.sum(dq.astype(f32), axis=0) if options.has_query_bias
+                      else jnp.zeros(d_bias_ref.shape[1:], f32))
   dk_ref[...] = jnp.dot(d_s_c.T, q, preferred_element_type=f32).astype(dk_ref.dtype)
 
 
@@ -251,14 +256,14 @@ def _attention_backward(options, residuals, d_out):
       [spec['seed'], spec['q'], spec['bias'], spec['k'], spec['k'], spec['k_kernel'],
        spec['v_kernel'], spec['bias'], spec['valid'], spec['q']],
       (spec['q'], spec['k'], spec['k'], per_program(k_kernel), per_program(v_kernel),
-       pl.BlockSpec((None, None, bias.shape[1]), lambda b, h: (b, h, 0))),
+       pl.BlockSpec((None, None, 2, bias.shape[1]), lambda b, h: (b, h, 0, 0))),
       (_like(q), _like(k), _like(v), _like(k_kernel, (batch, heads, *k_kernel.shape), f32),
        _like(v_kernel, (batch, heads, *v_kernel.shape), f32),
-       _like(bias, (batch, *bias.shape), f32)), options,
+       _like(bias, (batch, heads, 2, bias.shape[1]), f32)), options,
   )(seed, q, q_bias, k, v, k_kernel, v_kernel, bias, valid, d_out)
-  # The query bias's gradient as autodiff transposes `x W + b`: a sum in the activations' dtype.
-  return (dq, dq.sum(axis=(0, 1)), dk, dv, d_k_kernel.sum(axis=(0, 1)).astype(k_kernel.dtype),
-          d_v_kernel.sum(axis=(0, 1)).astype(v_kernel.dtype), d_bias.sum(axis=0), None, None)
+  d_value_bias, d_query_bias = d_bias.sum(axis=0).swapaxes(0, 1)  # each heads × head_dim
+  return (dq, d_query_bias, dk, dv, d_k_kernel.sum(axis=(0, 1)).astype(k_kernel.dtype),
+          d_v_kernel.sum(axis=(0, 1)).astype(v_kernel.dtype), d_value_bias, None, None)
 
 
 _attention.defvjp(_attention_forward, _attention_backward)
