@@ -228,8 +228,9 @@ class Block(nn.Module):
     query_BxQxD = q_in_BxQxD
     if 'q' in kernels:
       query_BxQxD = attention.apply_kernel(kernels['q'][-num_queries:], normed_BxTxD)
-    # The feed-forward kernel runs the attention's output projection itself (two kernels
-    # fewer in a row).
+    # The feed-forward kernels run the attention's output projection themselves (three
+    # kernels fewer in the longest chain: the product and its bias forward, the product
+    # backward).
     fused_ffn = self._pallas_ffn_applies(q_in_BxQxD.shape, window)
     attended = attention.CausalSelfAttention(
         num_heads=config.num_heads, dropout=config.dropout,
