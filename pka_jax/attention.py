@@ -321,7 +321,8 @@ class CausalSelfAttention(nn.Module):
     query_bias_inside = pallas and not self.rope
     q_BxQxHxK, query_bias_HxK = project('query', q_in_BxQxD, None, False, query_bias_inside)
     k_BxTxHxK, _ = project('key', k_in_BxTxD, k_kernel_TxT, k_on_logits)
-    v_BxTxHxK, value_bias_HxK = project('value', v_in_BxTxD, v_kernel_TxT, v_on_logits)
+    v_BxTxHxK, value_bias_HxK = project('value', v_in_BxTxD, v_kernel_TxT, v_on_logits,
+                                        pallas and v_on_logits)
     if self.rope:
       q_BxQxHxK = rotary(q_BxQxHxK, first_position=first_position + size - num_queries)
       k_BxTxHxK = rotary(k_BxTxHxK, first_position=first_position)

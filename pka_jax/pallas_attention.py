@@ -61,9 +61,9 @@ def fused_attention(q_BxQxHxK, k_BxTxHxK, v_BxTxHxK, k_kernel_TxT, v_kernel_TxT,
                     query_bias_HxK=None):
   """`out_BxQxHxK` of the formula above. A kernel that is None is the identity; so is a
   value bias of None (the values' bias then sits in `V'`), and a query bias of None (as
-  `options.has_query_bias` says; rounded to the activations' dtype and added in it, as
-  `Projection` adds it); `key_valid_BxT` None sees
-  every key; `seed_2` is `Dropout`'s two words; `first_row` is the step's batch row of this
+  `options.has_query_bias` says). Both biases come as stored and are rounded to the
+  activations' dtype inside, as the plain path rounds them. `key_valid_BxT` None sees every
+  key; `seed_2` is `Dropout`'s two words; `first_row` is the step's batch row of this
   batch's first (a data shard's), for the dropout index."""
   dtype = q_BxQxHxK.dtype
   heads, head_dim = k_BxTxHxK.shape[2:]
@@ -147,7 +147,8 @@ def _attention_kernel(seed_ref, q_ref, q_bias_ref, k_ref, v_ref, k_kernel_ref, v
                     ).astype(dtype)
   out = jnp.dot(mixed, v, preferred_element_type=jnp.float32)
   if options.has_v_kernel:
-    out += jnp.sum(weights.astype(jnp.float32), axis=1)[:, None] * bias_ref[...][None, :]
+    bias = bias_ref[...].astype(dtype).astype(jnp.float32)
+    out += jnp.sum(weights.astype(jnp.float32), axis=1)[:, None] * bias[None, :]
   out_ref[...] = out.astype(out_ref.dtype)
 
 
@@ -172,7 +173,7 @@ def _attention_grad_kernel(seed_ref, q_ref, q_bias_ref, k_ref, v_ref, k_kernel_r
   if options.has_v_kernel:
     d_weights = jnp.dot(d_mixed, v_kernel.T, preferred_element_type=f32)
     d_v_kernel_ref[...] = jnp.dot(weights.T, d_mixed, preferred_element_type=f32)
-    bias = bias_ref[...]
+    bias = bias_ref[...].astype(dtype).astype(f32)
     # out += rowsum(W) bv: each weight of row r gets d_out[r] · bv.
     d_weights += jnp.sum(d_out.astype(f32) * bias[None, :], axis=1)[:, None]
     d_bias_ref[0, :] = jnp.sum(jnp.sum(weights.astype(f32), axis=1)[:, None]
