@@ -18,7 +18,6 @@ The kernels can be applied on either side of the projections, with the same resu
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from pka_jax import pallas_attention
 from pka_jax import sharding
@@ -271,8 +269,8 @@ class CausalSelfAttention(nn.Module):
   dtype: Any = jnp.float32
   dropout_impl: str = 'hash'
   kernels_on_logits: bool | None = None  # None: wherever it costs no more FLOPs
-  # The step's mesh: the Pallas kernel runs on each 'data' shard's rows (shard_map), since
-  # jit would run a custom call on the whole batch on every device.
+  # The step's mesh: the Pallas kernel runs on each 'data' shard's rows
+  # (sharding.pallas_per_data_shard).
   mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
@@ -393,25 +391,12 @@ class CausalSelfAttention(nn.Module):
         has_v_kernel=v_kernel is not None, has_query_bias=query_bias is not None)
     # The plain path's Dropout_0 draws the same two words.
     seed_2 = Dropout(self.dropout, self.deterministic, self.dropout_impl).seed_words()
-    run = lambda interpret: (
-        lambda *args: pallas_attention.fused_attention(
-            *args[:-2], options=dataclasses.replace(options, interpret=interpret),
-            query_bias_HxK=args[-2], first_row=args[-1]))
 
-    def attend(*args, first_row=0):
-      # Triton where the program is compiled for a GPU, Pallas's interpreter elsewhere.
-      return jax.lax.platform_dependent(*args, first_row, cuda=run(False), default=run(True))
+    def attend(*args, first_row, options):
+      return pallas_attention.fused_attention(*args[:-1], options=options,
+                                              query_bias_HxK=args[-1], first_row=first_row)
 
-    args = (q, k, v, k_kernel, v_kernel, value_bias, key_valid_BxT, seed_2, query_bias)
-    if self.mesh is None or self.mesh.shape[sharding.DATA] == 1:
-      return attend(*args)
-
-    def per_shard(*args):
-      return attend(*args, first_row=jax.lax.axis_index(sharding.DATA) * args[0].shape[0])
-
-    rows, whole = P(sharding.DATA), P()
-    # Unchecked: Pallas's interpreter (the CPU's checks) loses the varying axes of its refs.
-    # The kernels' and bias's gradients, per shard, are summed by shard_map's transpose.
-    return jax.shard_map(
-        per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 3 + (rows, whole, whole),
-        out_specs=rows, check_vma=False)(*args)
+    return sharding.pallas_per_data_shard(
+        attend, options, self.mesh,
+        (q, k, v, k_kernel, v_kernel, value_bias, key_valid_BxT, seed_2, query_bias),
+        rows=(True,) * 3 + (False,) * 3 + (True, False, False))

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from pka_jax import attention
@@ -157,25 +155,20 @@ class PallasLayerNorm(nn.Module):
     width = x.shape[-1]
     params = {'scale': self.param('scale', nn.initializers.ones, (width,)),
               'bias': self.param('bias', nn.initializers.zeros, (width,))}
-    shards = self.mesh.shape[sharding.DATA] if self.mesh is not None else 1
+    shards = sharding.data_shards(self.mesh)
     rows = x.size // width // shards  # a device's
     if x.shape[0] % shards or not pallas_layer_norm.supports(rows, width):
       return nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype).apply({'params': params}, x)
     options = pallas_layer_norm.Options(LN_EPSILON, pallas_layer_norm.block_rows_for(rows))
 
-    def normalise(x, scale, bias):
-      run = lambda interpret: functools.partial(
-          pallas_layer_norm.layer_norm, options=dataclasses.replace(options, interpret=interpret))
-      return jax.lax.platform_dependent(x.reshape(-1, width), scale, bias, cuda=run(False),
-                                        default=run(True)).reshape(x.shape).astype(self.dtype)
+    def normalise(x, scale, bias, first_row, options):
+      del first_row  # rows are normalised alike wherever they sit
+      return pallas_layer_norm.layer_norm(x.reshape(-1, width), scale, bias, options
+                                          ).reshape(x.shape)
 
-    if shards == 1:
-      return normalise(x, params['scale'], params['bias'])
-    # Unchecked, as attention's: Pallas's interpreter loses its refs' varying axes. The
-    # scale's and bias's gradients, per shard, are summed by shard_map's transpose.
-    return jax.shard_map(normalise, mesh=self.mesh, in_specs=(P(sharding.DATA), P(), P()),
-                         out_specs=P(sharding.DATA), check_vma=False)(
-                             x, params['scale'], params['bias'])
+    return sharding.pallas_per_data_shard(
+        normalise, options, self.mesh, (x, params['scale'], params['bias']),
+        rows=(True, False, False)).astype(self.dtype)
 
 
 def _dense(features: int, name: str, dtype):
@@ -253,15 +246,12 @@ class Block(nn.Module):
     z_BxQxD = y_BxQxD + drop(_dense(config.hidden_units, 'ffn_out', dtype)(hidden), window)
     return z_BxQxD * valid_BxQ[..., None].astype(dtype)
 
-  def _data_shards(self) -> int:
-    return self.mesh.shape[sharding.DATA] if self.mesh is not None else 1
-
   def _pallas_ffn_applies(self, shape: tuple[int, ...], window: Window | None) -> bool:
     """Whether pallas_ffn's kernels compute what the XLA path would: in training, hashed
     masks of the whole batch's rows in order, each device's rows in blocks that fit."""
     config = self.config
     batch, queries, width = shape
-    shards = self._data_shards()
+    shards = sharding.data_shards(self.mesh)
     return (config.ffn_impl == 'pallas' and not config.deterministic
             and (config.dropout_impl == 'hash' or config.dropout == 0.0)
             and (window is None or window.rows_B is None) and batch % shards == 0
@@ -283,7 +273,7 @@ class Block(nn.Module):
     # The XLA path's two calls of `drop` draw these words, in this order.
     seeds_2x2 = (jnp.stack([drop.seed_words(), drop.seed_words()]) if config.dropout > 0
                  else jnp.zeros((2, 2), jnp.uint32))
-    shards = self._data_shards()
+    shards = sharding.data_shards(self.mesh)
     options = pallas_ffn.Options(
         epsilon=LN_EPSILON, rate=config.dropout, queries=queries,
         full_q=queries if window is None else window.maxlen,
@@ -291,30 +281,14 @@ class Block(nn.Module):
     params = (w_proj_DxD, b_proj_D, ln['scale'], ln['bias'], ffn_in['kernel'], ffn_in['bias'],
               ffn_out['kernel'], ffn_out['bias'], seeds_2x2)
 
-    def second_half(q_in, mixed, valid, *params, first_row=0):
-      run = lambda interpret: (lambda *args: pallas_ffn.feed_forward(
-          *args[:-1], options=dataclasses.replace(options, interpret=interpret),
-          first_row=args[-1]))
+    def second_half(q_in, mixed, valid, w_proj, b_proj, *params, first_row, options):
       rows = lambda x: x.reshape(-1, width)
-      # Triton where the program is compiled for a GPU, Pallas's interpreter elsewhere.
-      w_proj, b_proj, *params = params
-      z = jax.lax.platform_dependent(rows(q_in), rows(mixed), w_proj, b_proj, valid.reshape(-1),
-                                     *params, first_row, cuda=run(False), default=run(True))
-      return z.reshape(q_in.shape)
+      return pallas_ffn.feed_forward(rows(q_in), rows(mixed), w_proj, b_proj, valid.reshape(-1),
+                                     *params, options, first_row).reshape(q_in.shape)
 
-    if shards == 1:
-      return second_half(q_in_BxQxD, mixed_BxQxD, valid_BxQ, *params)
-
-    def per_shard(q_in, mixed, valid, *params):
-      first_row = jax.lax.axis_index(sharding.DATA) * q_in.shape[0]
-      return second_half(q_in, mixed, valid, *params, first_row=first_row)
-
-    # Unchecked, as attention's: Pallas's interpreter loses its refs' varying axes. The
-    # parameters' gradients, per shard, are summed by shard_map's transpose.
-    rows, whole = P(sharding.DATA), P()
-    return jax.shard_map(per_shard, mesh=self.mesh, in_specs=(rows,) * 3 + (whole,) * 9,
-                         out_specs=rows, check_vma=False)(
-                             q_in_BxQxD, mixed_BxQxD, valid_BxQ, *params)
+    return sharding.pallas_per_data_shard(
+        second_half, options, self.mesh, (q_in_BxQxD, mixed_BxQxD, valid_BxQ, *params),
+        rows=(True,) * 3 + (False,) * len(params))
 
 
 def _padding_stand_ins(valid_BxT: jax.Array, maxlen: int) -> StandIns:

@@ -11,6 +11,9 @@ With a single device (recommending, exporting) the same padded table is used uns
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -50,6 +53,43 @@ def state_shardings(state, mesh: Mesh):
     return NamedSharding(mesh, P())
 
   return jax.tree_util.tree_map_with_path(spec, state)
+
+
+def data_shards(mesh: Mesh | None) -> int:
+  """How many ways `mesh` splits a batch's rows (1 without a mesh)."""
+  return mesh.shape[DATA] if mesh is not None else 1
+
+
+def pallas_per_data_shard(kernel: Callable, options, mesh: Mesh | None, operands: Sequence,
+                          rows: Sequence[bool]) -> jax.Array:
+  """`kernel(*operands, first_row=..., options=...)` of a Pallas kernel: Triton where the
+  program is compiled for a GPU, Pallas's interpreter elsewhere (`options.interpret`).
+
+  On a mesh with several 'data' shards each device runs it on its own rows (jit would run a
+  custom call on the whole batch on every device): the operands marked in `rows` are split
+  by their first axis, the others whole, and `first_row` is the step's batch row of the
+  device's first (0 without shards). The whole operands' gradients, per shard, are summed
+  by shard_map's transpose.
+  """
+
+  def run(*operands, first_row):
+    def call(interpret):
+      return lambda *args: kernel(*args[:-1], first_row=args[-1],
+                                  options=dataclasses.replace(options, interpret=interpret))
+    return jax.lax.platform_dependent(*operands, first_row, cuda=call(False),
+                                      default=call(True))
+
+  if data_shards(mesh) == 1:
+    return run(*operands, first_row=0)
+
+  def per_shard(*operands):
+    local_rows = next(x for x, split in zip(operands, rows) if split).shape[0]
+    return run(*operands, first_row=jax.lax.axis_index(DATA) * local_rows)
+
+  # Unchecked: Pallas's interpreter (the CPU's checks) loses the varying axes of its refs.
+  return jax.shard_map(per_shard, mesh=mesh,
+                       in_specs=tuple(P(DATA) if split else P() for split in rows),
+                       out_specs=P(DATA), check_vma=False)(*operands)
 
 
 def shard_range(rows_per_shard: int) -> jax.Array:

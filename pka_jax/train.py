@@ -39,7 +39,7 @@ from pka_jax.models import Encoder, ModelConfig, create_model
 
 def create_train_state(model: Encoder, config: ml_collections.ConfigDict,
                        rng: jax.Array) -> train_state.TrainState:
-  rows = model.mesh.shape[sharding.DATA] if model.mesh is not None else 1  # one per shard
+  rows = sharding.data_shards(model.mesh)  # one per shard
   params = model.init(rng, jnp.zeros((rows, config.maxlen), jnp.int32))['params']
   # A step whose gradient is not finite leaves parameters and moments as they were; the loop
   # then stops the run (the run never goes on past one).
@@ -186,7 +186,7 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
           'num_items': num_items}
   if not microbatches:
     rows, width = batch['inputs'].shape
-    data_shards = mesh.shape[sharding.DATA] if mesh is not None else 1
+    data_shards = sharding.data_shards(mesh)
     microbatches = microbatches_for(rows // data_shards, width)
 
   if microbatches == 1:

@@ -109,42 +109,35 @@ def run_script(name, *flags):
                         capture_output=True, text=True, timeout=300)
 
 
-def test_attention_benchmark_times_both_paths_and_checks_the_kernel_against_plain(tmp_path):
-  out = tmp_path / 'attention.json'
-  result = run_script('attention_benchmark.py', '--batch=4', '--maxlen=16', '--width=32',
-                      '--heads=2', '--dtype=float32', '--steps=2', '--interpret',
-                      f'--json={out}')
+def pallas_figures(tmp_path, name, baseline, *flags):
+  """The Pallas kernels' figures from a kernel benchmark (`kernel_timing.against_pallas`)
+  run in the interpreter for 2 steps: it timed the baseline, then the kernels."""
+  out = tmp_path / 'report.json'
+  result = run_script(name, *flags, '--steps=2', '--interpret', f'--json={out}')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
-  assert list(report['implementations']) == ['plain', 'pallas']
+  assert list(report['implementations']) == [baseline, 'pallas']
   pallas = report['implementations']['pallas']
   assert pallas['back_to_back_seconds'] > 0
+  return pallas
+
+
+def test_attention_benchmark_times_both_paths_and_checks_the_kernel_against_plain(tmp_path):
+  pallas = pallas_figures(tmp_path, 'attention_benchmark.py', 'plain', '--batch=4',
+                          '--maxlen=16', '--width=32', '--heads=2', '--dtype=float32')
   assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
 
 
 def test_layer_norm_benchmark_times_both_and_checks_the_kernels_against_flax(tmp_path):
-  out = tmp_path / 'layer_norm.json'
-  result = run_script('layer_norm_benchmark.py', '--rows=96', '--width=32', '--dtype=float32',
-                      '--steps=2', '--interpret', f'--json={out}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(out.read_text())
-  assert list(report['implementations']) == ['xla', 'pallas']
-  pallas = report['implementations']['pallas']
-  assert pallas['back_to_back_seconds'] > 0
+  pallas = pallas_figures(tmp_path, 'layer_norm_benchmark.py', 'xla', '--rows=96',
+                          '--width=32', '--dtype=float32')
   assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
   assert set(pallas['difference']) == {'value', 'rows', 'scale', 'bias'}
 
 
 def test_ffn_benchmark_times_both_and_checks_the_kernels_against_xla(tmp_path):
-  out = tmp_path / 'ffn.json'
-  result = run_script('ffn_benchmark.py', '--batch=4', '--maxlen=16', '--width=16',
-                      '--blocks=2', '--items=30', '--dtype=float32', '--steps=2', '--interpret',
-                      f'--json={out}')
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(out.read_text())
-  assert list(report['implementations']) == ['xla', 'pallas']
-  pallas = report['implementations']['pallas']
-  assert pallas['back_to_back_seconds'] > 0
+  pallas = pallas_figures(tmp_path, 'ffn_benchmark.py', 'xla', '--batch=4', '--maxlen=16',
+                          '--width=16', '--blocks=2', '--items=30', '--dtype=float32')
   assert set(pallas['difference']) == {'outputs', 'gradients'}
   assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
 
