@@ -61,7 +61,8 @@ _SYNTHETIC_MAX_LENGTH = flags.DEFINE_integer(
 _EVAL_REPEATS = flags.DEFINE_integer('eval_repeats', 2, 'Timed validation passes.')
 _CPU_DEVICES = flags.DEFINE_integer(
     'cpu_devices', None, 'Split a CPU into this many XLA devices, as pka_jax.main does (0: one '
-    'per core).', lower_bound=0)
+    'per core), to train and evaluate on. Default: as pka_jax.main, one per core, evaluating '
+    'on all and training on one.', lower_bound=0)
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Scratch workdir (default: a temporary one).')
 _PROFILE_DIR = flags.DEFINE_string(
@@ -201,7 +202,7 @@ def time_eval(run: train.Run, probe: flops.MatmulProbe) -> dict:
     start = time.perf_counter()
     run.evaluate('valid')
     seconds.append(time.perf_counter() - start)
-  batch = steps.batch(0, run.config.eval_batch_size, shards=run.mesh.shape['data'])
+  batch = steps.batch(0, run.config.eval_batch_size, shards=run.eval_mesh.shape['data'])
   jax.block_until_ready(run.rank_batch(batch))
   device_seconds = []
   for _ in range(5):
@@ -210,8 +211,9 @@ def time_eval(run: train.Run, probe: flops.MatmulProbe) -> dict:
     device_seconds.append(time.perf_counter() - start)
   score = lambda params, inputs: run.eval_model.apply(
       {'params': params}, inputs, method=Encoder.score_last)
-  xla = xla_flops(score, run.state.params, run._sharded_rows(batch.inputs_BxT),
-                  devices=run.mesh.size)
+  xla = xla_flops(score, run.eval_params(),
+                  run._sharded_rows(batch.inputs_BxT, run.eval_batch_sharding),
+                  devices=run.eval_mesh.size)
   xla /= run.config.eval_batch_size
   pass_flops, pairs_at_width = eval_pass_flops(run)
   return {'pairs': len(steps), 'seconds': float(np.median(seconds)),
@@ -282,15 +284,15 @@ def main(argv):
   if _SYNTHETIC_ITEMS.value:
     use_synthetic_data(config, _SYNTHETIC_ITEMS.value, _SYNTHETIC_USERS.value,
                        _SYNTHETIC_MIN_LENGTH.value, _SYNTHETIC_MAX_LENGTH.value)
-  if _CPU_DEVICES.value is not None:
-    sharding.split_cpu(_CPU_DEVICES.value or config_check.cpu_devices_for([config]))
+  sharding.split_cpu(_CPU_DEVICES.value or config_check.cpu_devices_for([config]))
   device = jax.devices()[0]
   probes = {name: flops.MatmulProbe(jnp.dtype(name)) for name in ('float32', 'bfloat16')}
   peaks = {name: probe() for name, probe in probes.items()}
   peak, probe = peaks[config.dtype], probes[config.dtype]
 
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='pka_jax_benchmark_')
-  run = train.Run(config, workdir)
+  run = train.Run(config, workdir,
+                  train_devices=sharding.devices_to_train(_CPU_DEVICES.value))
   model_config = run.model.config
   logging.info('Timing the train step.')
   train_figures = time_train(run, probe)
@@ -308,6 +310,7 @@ def main(argv):
 
   report = {
       'device': f'{device.platform} {device.device_kind} x{jax.device_count()}',
+      'train_devices': run.mesh.size, 'eval_devices': run.eval_mesh.size,
       'jax': jax.__version__,
       'config': {'model': config.model, 'num_blocks': config.num_blocks,
                  'hidden_units': config.hidden_units, 'maxlen': config.maxlen,
@@ -370,7 +373,8 @@ def main(argv):
 def print_report(report: dict) -> None:
   c, t, e = report['config'], report['train'], report['eval']
   gflops = lambda x: f'{x / 1e9:,.1f} GFLOP'
-  print(f"device      {report['device']} (jax {report['jax']})")
+  print(f"device      {report['device']} (jax {report['jax']}); training on "
+        f"{report['train_devices']}, evaluating on {report['eval_devices']}")
   print(f"peak        float32 {report['peak_flops']['float32'] / 1e12:.3f} TFLOP/s, "
         f"bfloat16 {report['peak_flops']['bfloat16'] / 1e12:.3f} TFLOP/s (measured matmul)")
   print(f"model       {c['model']}: {c['num_blocks']} blocks, d {c['hidden_units']}, "

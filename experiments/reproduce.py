@@ -14,6 +14,7 @@ per run) and `<root>/table.md` (mean ± 95% interval over seeds, per dataset) ar
 after every run. Figures of the grid: `python -m pka_jax.figures --figure=all --root=<root>`.
 """
 
+import functools
 import shlex
 import sys
 
@@ -24,6 +25,7 @@ from pka_jax import checkpoint
 from pka_jax import config_check
 from pka_jax import grid
 from pka_jax import sharding
+from pka_jax import train
 
 flags.DEFINE_list('config', ['configs/synthetic.py'], 'Config files, one per dataset.')
 flags.DEFINE_list('models', ['pka', 'sasrec', 'nope'], 'Models (configs/default.py).')
@@ -33,7 +35,9 @@ flags.DEFINE_string('root', 'runs/paper', 'Directory of the grid.')
 flags.DEFINE_multi_string('override', [], 'FIELD=VALUE set in every config, as '
                           '--config.FIELD=VALUE would (e.g. max_epochs=1).')
 flags.DEFINE_integer('cpu_devices', None, 'Split a CPU into this many XLA devices (0: one per '
-                     'core, the most that divide every run\'s batch sizes).', lower_bound=0)
+                     'core, the most that divide every run\'s batch sizes), to train and '
+                     'evaluate on. Default: as pka_jax.main, one per core, evaluating on all '
+                     'and training on one.', lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -44,11 +48,12 @@ def main(argv):
   overrides = [grid.parse_override(text) for text in FLAGS.override]
   cells = grid.cells(FLAGS.config, FLAGS.models, FLAGS.kernels)
   specs = grid.specs(cells, range(FLAGS.seeds), FLAGS.root, overrides)
-  if FLAGS.cpu_devices is not None:
-    configs = [spec.config() for spec in specs]
-    sharding.split_cpu(FLAGS.cpu_devices or config_check.cpu_devices_for(configs))
+  configs = [spec.config() for spec in specs]
+  sharding.split_cpu(FLAGS.cpu_devices or config_check.cpu_devices_for(configs))
   command = ' '.join(['python', 'experiments/reproduce.py', *map(shlex.quote, sys.argv[1:])])
-  grid.run_grid(specs, FLAGS.root, command)
+  train_fn = functools.partial(train.train_and_evaluate,
+                               train_devices=sharding.devices_to_train(FLAGS.cpu_devices))
+  grid.run_grid(specs, FLAGS.root, command, train_fn)
   with open(f'{FLAGS.root}/table.md') as f:
     print(f.read())
 

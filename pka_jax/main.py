@@ -36,10 +36,10 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (implie
 flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.')
 flags.DEFINE_integer('cpu_devices', None, 'Split a CPU into this many XLA devices, data-'
-                     'parallel (0: one per core, the most that divide the batch sizes); '
-                     'faster evaluation, slower training for large models. Default: one '
-                     'device to train, one per core for --mode=eval on one host. No effect '
-                     'on an accelerator.', lower_bound=0)
+                     'parallel (0: one per core, the most that divide the batch sizes), to '
+                     'train and evaluate on. Default: one per core on one host, evaluating '
+                     'on all and training on one (faster). No effect on an accelerator.',
+                     lower_bound=0)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -54,19 +54,18 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   checkpoint.quiet_orbax_logging()
   distributed = FLAGS.distributed or FLAGS.coordinator_address
-  # Rankings do not depend on the split, and evaluation alone gains from it.
-  cpu_devices = FLAGS.cpu_devices
-  if cpu_devices is None and FLAGS.mode == 'eval' and not distributed:
-    cpu_devices = 0
-  if cpu_devices is not None:
-    sharding.split_cpu(cpu_devices or config_check.cpu_devices_for([FLAGS.config]))
+  # Rankings do not depend on the split, and evaluation gains from it; training by default
+  # keeps one device of it (sharding.devices_to_train).
+  if FLAGS.cpu_devices is not None or not distributed:
+    sharding.split_cpu(FLAGS.cpu_devices or config_check.cpu_devices_for([FLAGS.config]))
   if distributed:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
   logging.info('%s', sharding.describe_process())
   run = train.train_and_evaluate if FLAGS.mode == 'train' else train.evaluate_checkpoint
   try:
-    results = run(FLAGS.config, FLAGS.workdir)
+    results = run(FLAGS.config, FLAGS.workdir,
+                  train_devices=sharding.devices_to_train(FLAGS.cpu_devices))
   except (faults.Preempted, *USER_ERRORS) as error:
     if FLAGS.verbosity >= 1:
       raise

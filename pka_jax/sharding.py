@@ -140,11 +140,21 @@ def split_cpu(devices: int) -> None:
   with `config_check.cpu_devices_for`). Call it before any JAX operation.
 
   Measured on 2 cores (experiments/benchmark.py), 2 devices ran the validation pass
-  1.15-1.5x faster (ML-1M PKA, ML-100K SASRec) and the PKA train step the same, but the
-  SASRec d 256 train step 1.3x slower (its microbatches, grouped over both devices' rows, cut
-  fewer columns, and the devices' large products contend for the cores). So it pays where a
-  job only evaluates: `pka_jax.main --mode=eval` splits by default, training does not."""
+  1.15-1.5x faster (ML-1M PKA, ML-100K SASRec), but the train step 1.15x (PKA) and 1.3x
+  (SASRec d 256) slower: its microbatches, grouped over both devices' rows, cut fewer
+  columns, and the devices' large products contend for the cores. A program on one device
+  of the split still runs on every core, so `pka_jax.main` splits by default and trains on
+  one device (`devices_to_train`)."""
   jax.config.update('jax_num_cpu_devices', devices)
+
+
+def devices_to_train(cpu_devices: int | None) -> int | None:
+  """How many devices a job trains on (None: all) where `cpu_devices` is the split a user
+  asked for (None: the default one, see `split_cpu`): one on a CPU split by default, where a
+  single device trains fastest; all on accelerators, several hosts or a split asked for."""
+  if cpu_devices is None and jax.default_backend() == 'cpu' and jax.process_count() == 1:
+    return 1
+  return None
 
 
 def initialize_distributed(coordinator_address: str | None, num_processes: int | None,

@@ -417,8 +417,13 @@ def _plain(value):
 class Run:
   """One training run in a workdir: data, model, mesh, compiled functions and checkpoints."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    """Fills in `config.eval_batch_size` where it is 0 (the backend's choice)."""
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, *,
+               train_devices: int | None = None):
+    """Fills in `config.eval_batch_size` where it is 0 (the backend's choice).
+
+    Evaluation takes every device; training the first `train_devices` of them (on one
+    process; all by default): a CPU split into one device per core evaluates faster on all,
+    but trains faster on one (sharding.devices_to_train)."""
     devices, processes = jax.device_count(), jax.process_count()
     if config.get('eval_batch_size') == 0:
       config.eval_batch_size = config_check.eval_batch_size_for(
@@ -427,16 +432,26 @@ class Run:
     check_writable(workdir)
     self.config, self.workdir = config, workdir
     self.dataset: SplitDataset = load_dataset_once(config)
-    self.mesh = sharding.make_mesh(config.mesh_model)
+    self.eval_mesh = sharding.make_mesh(config.mesh_model)
+    self.mesh = self.eval_mesh  # training's
+    if train_devices is not None and train_devices < devices:
+      if processes > 1:
+        raise ValueError('train_devices: training on some devices only needs one process')
+      self.mesh = sharding.make_mesh(config.mesh_model, jax.devices()[:train_devices])
+      logging.info('Training on %d of the %d devices, evaluating on all.', train_devices,
+                   devices)
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(sharding.DATA))
+    self.eval_batch_sharding = NamedSharding(self.eval_mesh, P(sharding.DATA))
     num_items = self.dataset.num_items
     self.model = create_model(config, num_items, deterministic=False, mesh=self.mesh)
-    self.eval_model = create_model(config, num_items, deterministic=True, mesh=self.mesh)
+    self.eval_model = create_model(config, num_items, deterministic=True, mesh=self.eval_mesh)
     init_rng, self.dropout_rng = jax.random.split(
         jax.random.key(config.seed, impl=config.prng_impl))
     init = functools.partial(create_train_state, self.model, config)
-    self.state_shardings = sharding.state_shardings(jax.eval_shape(init, init_rng), self.mesh)
+    abstract_state = jax.eval_shape(init, init_rng)
+    self.state_shardings = sharding.state_shardings(abstract_state, self.mesh)
+    self.eval_param_shardings = sharding.state_shardings(abstract_state.params, self.eval_mesh)
     self.state = jax.jit(init, out_shardings=self.state_shardings)(init_rng)
     data_shards = self.mesh.shape[sharding.DATA]
     # Of a maxlen-wide batch; a trimmed one may be split in fewer (train_step).
@@ -457,8 +472,8 @@ class Run:
     # Evaluation scores, masks and ranks each device's rows; only the top-k leave it.
     self.rank_fn = jax.jit(
         self._rank_batch,
-        in_shardings=(self.state_shardings.params,) + (self.batch_sharding,) * 4,
-        out_shardings=self.replicated)
+        in_shardings=(self.eval_param_shardings,) + (self.eval_batch_sharding,) * 4,
+        out_shardings=NamedSharding(self.eval_mesh, P()))
     self.host_index, self.host_count = sharding.host_slice(self.mesh)
     self.inputs = TrainInput(
         self.dataset.train, maxlen=config.maxlen, batch_size=config.batch_size,
@@ -497,20 +512,20 @@ class Run:
   def _rank_batch(self, params, inputs_BxT, seen_rows_P, seen_items_P, targets_B):
     """Top-k lists and target ranks of a batch: the encoder over microbatches of each device's
     rows, then the scores of each 'model' shard's items, blockwise (evaluate.sharded_top_k)."""
-    config = self.config
-    data_shards = self.mesh.shape[sharding.DATA]
+    config, mesh = self.config, self.eval_mesh
+    data_shards = mesh.shape[sharding.DATA]
     rows_per_device = config.eval_batch_size // data_shards
     encode = functools.partial(self.eval_model.apply, {'params': params},
                                method=Encoder.encode_last)
     hidden_BxD = map_microbatches(
         encode, microbatches_for(rows_per_device, inputs_BxT.shape[1]), inputs_BxT)
     table_VxD = params['item_emb']['embedding']
-    rows_per_shard = table_VxD.shape[0] // self.mesh.shape[sharding.MODEL]
+    rows_per_shard = table_VxD.shape[0] // mesh.shape[sharding.MODEL]
     top_k = functools.partial(
         evaluate.sharded_top_k, num_items=self.dataset.num_items, top_k=config.top_k,
         block_size=losses.chunk_rows_for(rows_per_device, rows_per_shard))
     data, model = P(sharding.DATA), P(sharding.MODEL)
-    return jax.shard_map(top_k, mesh=self.mesh, in_specs=(data, model, data, data, data),
+    return jax.shard_map(top_k, mesh=mesh, in_specs=(data, model, data, data, data),
                          out_specs=(data, data))(
                              hidden_BxD, table_VxD, seen_rows_P, seen_items_P, targets_B)
 
@@ -545,7 +560,7 @@ class Run:
     `VALIDATION_BATCH_BYTES`: on an H200, building them took 56 of a pass's 94 ms (ML-1M)."""
     if part == 'valid' and self._validation_batches is not None:
       return self._validation_batches
-    data_shards = self.mesh.shape[sharding.DATA]
+    data_shards = self.eval_mesh.shape[sharding.DATA]
     per_host = data_shards // self.host_count
     batches = self.successive_steps(part).pass_batches(
         self.config.eval_batch_size, shards=data_shards,
@@ -567,13 +582,19 @@ class Run:
   def rank_batch(self, batch: evaluate.EvalBatch, params=None) -> tuple[jax.Array, jax.Array]:
     """Top-k lists and target ranks of one evaluation batch (this host's rows), dispatched."""
     arrays = (batch.inputs_BxT, batch.seen_rows_P, batch.seen_items_P, batch.targets_B)
-    return self.rank_fn(self.state.params if params is None else params,
-                        *map(self._sharded_rows, arrays))
+    return self.rank_fn(self.eval_params(params),
+                        *(self._sharded_rows(a, self.eval_batch_sharding) for a in arrays))
+
+  def eval_params(self, params=None):
+    """The parameters (the current ones by default) laid out for evaluation: a copy where
+    it runs on more devices than training."""
+    return jax.device_put(self.state.params if params is None else params,
+                          self.eval_param_shardings)
 
   def evaluate(self, part: str) -> dict[str, float]:
     """Metrics of the current parameters on `part`; a preemption signal interrupts it
     between batches (evaluate.Interrupted). Each host builds only its rows of a batch."""
-    params = self.state.params
+    params = self.eval_params()
 
     def rank(batch: evaluate.EvalBatch):
       faults.die_here('eval_batch')
@@ -605,9 +626,11 @@ class Run:
     validated = self.progress.history[-1]['epoch'] if self.progress.history else 0
     return self.progress.data_iterator is None and self.progress.epoch > validated
 
-  def _sharded_rows(self, local_rows: np.ndarray) -> jax.Array:
-    """An array sharded over 'data' from this host's rows of it."""
-    return jax.make_array_from_process_local_data(self.batch_sharding, local_rows)
+  def _sharded_rows(self, local_rows: np.ndarray, rows_sharding: NamedSharding | None = None
+                    ) -> jax.Array:
+    """An array sharded over 'data' (training's, by default) from this host's rows of it."""
+    return jax.make_array_from_process_local_data(rows_sharding or self.batch_sharding,
+                                                  local_rows)
 
   def _global_batch(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: self._sharded_rows(v) for k, v in local_batch.items()}
@@ -809,9 +832,11 @@ def test_best(run: Run) -> dict[str, dict[str, float]]:
   return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains until early stopping (resuming from the latest checkpoint), then tests the best."""
-  run = Run(config, workdir)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       train_devices: int | None = None) -> dict:
+  """Trains until early stopping (resuming from the latest checkpoint), then tests the best.
+  `train_devices`: as `Run`'s."""
+  run = Run(config, workdir, train_devices=train_devices)
   run.restore_latest()
   # Records past the restored step come from work the resumed run does again.
   writer = metric_writer.MetricWriter(workdir, after_step=int(run.state.step))
@@ -834,9 +859,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, *,
+                        train_devices: int | None = None) -> dict:
   """Restores the best checkpoint of `workdir` and evaluates it without training."""
-  run = Run(config, workdir)
+  run = Run(config, workdir, train_devices=train_devices)
   try:
     if not run.restore_latest():
       raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, "checkpoints")}')
