@@ -203,15 +203,16 @@ def time_eval(run: train.Run, probe: flops.MatmulProbe) -> dict:
     run.evaluate('valid')
     seconds.append(time.perf_counter() - start)
   batch = steps.batch(0, run.config.eval_batch_size, shards=run.eval_mesh.shape['data'])
-  jax.block_until_ready(run.rank_batch(batch))
+  params = run.eval_params()
+  jax.block_until_ready(run.rank_batch(batch, params))
   device_seconds = []
   for _ in range(5):
     start = time.perf_counter()
-    jax.block_until_ready(run.rank_batch(batch))
+    jax.block_until_ready(run.rank_batch(batch, params))
     device_seconds.append(time.perf_counter() - start)
   score = lambda params, inputs: run.eval_model.apply(
       {'params': params}, inputs, method=Encoder.score_last)
-  xla = xla_flops(score, run.eval_params(),
+  xla = xla_flops(score, params,
                   run._sharded_rows(batch.inputs_BxT, run.eval_batch_sharding),
                   devices=run.eval_mesh.size)
   xla /= run.config.eval_batch_size
@@ -239,8 +240,9 @@ def write_trace(run: train.Run, directory: str,
   def run_all():
     for batch in batches:
       jax.block_until_ready(run.train_on(batch))
+    params = run.eval_params()
     for batch in eval_batches:
-      jax.block_until_ready(run.rank_batch(batch))
+      jax.block_until_ready(run.rank_batch(batch, params))
 
   run_all()  # compiles every shape outside the trace
   # A segfault once ended this script in CI (Python 3.11), faulthandler cut off inside a

@@ -580,9 +580,10 @@ class Run:
     self._validation_batches = kept if size <= VALIDATION_BATCH_BYTES else None
 
   def rank_batch(self, batch: evaluate.EvalBatch, params=None) -> tuple[jax.Array, jax.Array]:
-    """Top-k lists and target ranks of one evaluation batch (this host's rows), dispatched."""
+    """Top-k lists and target ranks of one evaluation batch (this host's rows), dispatched;
+    `params` as `eval_params` lays them out (the current ones by default)."""
     arrays = (batch.inputs_BxT, batch.seen_rows_P, batch.seen_items_P, batch.targets_B)
-    return self.rank_fn(self.eval_params(params),
+    return self.rank_fn(self.eval_params() if params is None else params,
                         *(self._sharded_rows(a, self.eval_batch_sharding) for a in arrays))
 
   def eval_params(self, params=None):
