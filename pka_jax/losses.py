@@ -221,16 +221,19 @@ def _chunks(rows: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
 
 
 def _chunk_softmax(hidden_RxD, items_NxD, targets_R):
-  """Logits' exponentials (shifted by the row max), their row sums, the log-sum-exp, the
-  target logit and the target's one-hot mask of one chunk; all float32."""
+  """Logits' exponentials (shifted by the row max), their row sums, the log-sum-exp and the
+  target logit of one chunk; all float32."""
   logits_RxN = jnp.dot(hidden_RxD, items_NxD.T, preferred_element_type=jnp.float32)
   max_Rx1 = jnp.max(logits_RxN, axis=1, keepdims=True)
   exp_RxN = jnp.exp(logits_RxN - max_Rx1)
   sum_Rx1 = jnp.sum(exp_RxN, axis=1, keepdims=True)
   log_z_R = (max_Rx1 + jnp.log(sum_Rx1))[:, 0]
-  onehot_RxN = jnp.arange(items_NxD.shape[0])[None, :] == (targets_R - 1)[:, None]
-  target_logit_R = jnp.sum(jnp.where(onehot_RxN, logits_RxN, 0.0), axis=1)
-  return exp_RxN, sum_Rx1, log_z_R, target_logit_R, onehot_RxN
+  # From the targets' rows of the table, not picked out of the logits: one pass less over
+  # the chunk's `R×N` floats (padding rows, target 0, take item 1's row; their weight is 0).
+  target_rows_RxD = items_NxD[jnp.maximum(targets_R - 1, 0)]
+  target_logit_R = jnp.einsum('rd,rd->r', hidden_RxD, target_rows_RxD,
+                              preferred_element_type=jnp.float32)
+  return exp_RxN, sum_Rx1, log_z_R, target_logit_R
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -239,7 +242,7 @@ def _chunked_nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
 
   def nll(chunk):
     hidden_RxD, targets_R, weight_R = chunk
-    _, _, log_z_R, target_logit_R, _ = _chunk_softmax(hidden_RxD, items_NxD, targets_R)
+    _, _, log_z_R, target_logit_R = _chunk_softmax(hidden_RxD, items_NxD, targets_R)
     return jnp.sum((log_z_R - target_logit_R) * weight_R)
 
   def chunk_nll(_, chunk):
@@ -255,8 +258,9 @@ def _chunked_forward(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
 
   def chunk_grads(chunk):
     hidden_RxD, targets_R, weight_R = chunk
-    exp_RxN, sum_Rx1, log_z_R, target_logit_R, onehot_RxN = _chunk_softmax(
-        hidden_RxD, items_NxD, targets_R)
+    exp_RxN, sum_Rx1, log_z_R, target_logit_R = _chunk_softmax(hidden_RxD, items_NxD,
+                                                               targets_R)
+    onehot_RxN = jnp.arange(items_NxD.shape[0])[None, :] == (targets_R - 1)[:, None]
     nll = jnp.sum((log_z_R - target_logit_R) * weight_R)
     # d nll / d logits = (softmax - onehot) * weight
     grad_RxN = (exp_RxN * (weight_R[:, None] / sum_Rx1)
