@@ -28,11 +28,7 @@ _MAXLEN = flags.DEFINE_integer('maxlen', 128, 'Positions a sequence (queries and
 _WIDTH = flags.DEFINE_integer('width', 128, 'Hidden width d.')
 _HEADS = flags.DEFINE_integer('heads', 1, 'Attention heads.')
 _DROPOUT = flags.DEFINE_float('dropout', 0.3, 'Dropout rate on the attention weights.')
-_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'Activations.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed calls of each implementation.')
-_INTERPRET = flags.DEFINE_bool('interpret', False, "Off a GPU, run the Pallas kernel in "
-                               "Pallas's interpreter (slow: small shapes only).")
-_JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+_FLAGS = kernel_timing.define_flags()
 
 
 def layer_gradients(impl: str, dtype):
@@ -79,11 +75,10 @@ def differences(out, reference) -> dict:
 
 def main(argv):
   del argv
-  build = lambda impl: layer_gradients(impl, jnp.dtype(_DTYPE.value))
+  build = lambda impl: layer_gradients(impl, jnp.dtype(_FLAGS.dtype.value))
   shape = {'batch': _BATCH.value, 'maxlen': _MAXLEN.value, 'width': _WIDTH.value,
-           'heads': _HEADS.value, 'dropout': _DROPOUT.value, 'dtype': _DTYPE.value}
-  kernel_timing.against_pallas('plain', shape, build, differences, steps=_STEPS.value,
-                               interpret=_INTERPRET.value, json_path=_JSON.value)
+           'heads': _HEADS.value, 'dropout': _DROPOUT.value, 'dtype': _FLAGS.dtype.value}
+  kernel_timing.against_pallas('plain', shape, build, differences, _FLAGS)
 
 
 if __name__ == '__main__':

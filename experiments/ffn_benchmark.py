@@ -30,11 +30,7 @@ _MAXLEN = flags.DEFINE_integer('maxlen', 128, 'Positions a sequence.')
 _WIDTH = flags.DEFINE_integer('width', 128, 'Hidden width d.')
 _BLOCKS = flags.DEFINE_integer('blocks', 3, 'Blocks.')
 _ITEMS = flags.DEFINE_integer('items', 3416, 'Items in the catalog.')
-_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'Activations.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed calls of each implementation.')
-_INTERPRET = flags.DEFINE_bool('interpret', False, "Off a GPU, run the Pallas kernels in "
-                               "Pallas's interpreter (slow: small shapes only).")
-_JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+_FLAGS = kernel_timing.define_flags()
 
 
 def model_config() -> models.ModelConfig:
@@ -42,7 +38,7 @@ def model_config() -> models.ModelConfig:
   return models.ModelConfig(
       num_items=_ITEMS.value, maxlen=_MAXLEN.value, num_blocks=_BLOCKS.value,
       hidden_units=_WIDTH.value, num_heads=1, dropout=0.2, position_mode='kernel',
-      dtype=_DTYPE.value)
+      dtype=_FLAGS.dtype.value)
 
 
 def inputs() -> jax.Array:
@@ -92,9 +88,8 @@ def differences(out, reference) -> dict:
 def main(argv):
   del argv
   shape = {'batch': _BATCH.value, 'maxlen': _MAXLEN.value, 'width': _WIDTH.value,
-           'blocks': _BLOCKS.value, 'items': _ITEMS.value, 'dtype': _DTYPE.value}
-  kernel_timing.against_pallas('xla', shape, gradients, differences, steps=_STEPS.value,
-                               interpret=_INTERPRET.value, json_path=_JSON.value)
+           'blocks': _BLOCKS.value, 'items': _ITEMS.value, 'dtype': _FLAGS.dtype.value}
+  kernel_timing.against_pallas('xla', shape, gradients, differences, _FLAGS)
 
 
 if __name__ == '__main__':

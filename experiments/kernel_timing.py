@@ -1,12 +1,35 @@
 """What the kernel benchmarks share: timing a jitted function, comparing a Pallas kernel with
 its XLA path, writing figures."""
 
+import dataclasses
 import json
 import os
 import statistics
 import time
 
+from absl import flags
 import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelFlags:
+  dtype: flags.FlagHolder
+  steps: flags.FlagHolder
+  interpret: flags.FlagHolder
+  json: flags.FlagHolder
+
+
+def define_flags(dtype_help: str = 'Activations.', timed: str = 'implementation'
+                 ) -> KernelFlags:
+  """The flags every kernel benchmark takes: `--dtype`, `--steps`, `--interpret`, `--json`.
+  A function, not flags defined on import: gpu_kernels.py imports this module and has its
+  own `--json`."""
+  return KernelFlags(
+      dtype=flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], dtype_help),
+      steps=flags.DEFINE_integer('steps', 20, f'Timed calls of each {timed}.'),
+      interpret=flags.DEFINE_bool('interpret', False, "Off a GPU, run the Pallas kernels in "
+                                  "Pallas's interpreter (slow: small shapes only)."),
+      json=flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.'))
 
 
 def timed(fn, args, steps: int) -> tuple[dict, object]:
@@ -36,18 +59,21 @@ def write_json(report: dict, path: str) -> None:
   os.replace(temporary, path)
 
 
-def against_pallas(baseline: str, shape: dict, build, differences, *, steps: int,
-                   interpret: bool, json_path: str | None) -> dict:
+def against_pallas(baseline: str, shape: dict, build, differences, kernel_flags: KernelFlags
+                   ) -> dict:
   """A Pallas kernel's benchmark against its XLA path on the default device: `build(impl)`
   gives the jitted function of `baseline` or 'pallas' and its arguments; each is timed, and
   its output compared with the baseline's (`differences(out, reference)`, a dict of
-  relative differences). Off a GPU the kernel runs only with `interpret`. Prints a line
-  each, writes the report to `json_path` if given, and returns it."""
+  relative differences), `--steps` times over. Off a GPU the kernel runs only with
+  `--interpret`. Prints a line each, writes the report to `--json` if given, and returns
+  it."""
+  steps, json_path = kernel_flags.steps.value, kernel_flags.json.value
   device = jax.devices()[0]
   report = {'device': f'{device.platform} {device.device_kind}', 'jax': jax.__version__,
             'shape': shape, 'implementations': {}}
   print(f"device  {report['device']} (jax {jax.__version__}); {shape}")
-  impls = [baseline] + (['pallas'] if jax.default_backend() == 'gpu' or interpret else [])
+  impls = [baseline] + (['pallas'] if jax.default_backend() == 'gpu'
+                        or kernel_flags.interpret.value else [])
   if 'pallas' not in impls:
     print('pallas  skipped: Triton kernels need a GPU (--interpret runs them interpreted)')
   reference = None

@@ -25,11 +25,7 @@ from pka_jax import pallas_layer_norm
 
 _ROWS = flags.DEFINE_integer('rows', 256 * 128, 'Rows (batch × maxlen).')
 _WIDTH = flags.DEFINE_integer('width', 128, 'Hidden width d.')
-_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'Activations.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed calls of each implementation.')
-_INTERPRET = flags.DEFINE_bool('interpret', False, "Off a GPU, run the Pallas kernels in "
-                               "Pallas's interpreter (slow: small shapes only).")
-_JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+_FLAGS = kernel_timing.define_flags()
 
 
 def normalise(impl: str):
@@ -78,10 +74,9 @@ def differences(out, reference) -> dict:
 
 def main(argv):
   del argv
-  build = lambda impl: gradients(impl, jnp.dtype(_DTYPE.value))
-  shape = {'rows': _ROWS.value, 'width': _WIDTH.value, 'dtype': _DTYPE.value}
-  kernel_timing.against_pallas('xla', shape, build, differences, steps=_STEPS.value,
-                               interpret=_INTERPRET.value, json_path=_JSON.value)
+  build = lambda impl: gradients(impl, jnp.dtype(_FLAGS.dtype.value))
+  shape = {'rows': _ROWS.value, 'width': _WIDTH.value, 'dtype': _FLAGS.dtype.value}
+  kernel_timing.against_pallas('xla', shape, build, differences, _FLAGS)
 
 
 if __name__ == '__main__':

@@ -29,14 +29,10 @@ from pka_jax import pallas_loss
 _ROWS = flags.DEFINE_integer('rows', 256 * 128, 'Positions in the batch (batch × maxlen).')
 _ITEMS = flags.DEFINE_integer('items', 3416, 'Items in the catalog.')
 _WIDTH = flags.DEFINE_integer('width', 128, 'Hidden width d.')
-_DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'], 'Hidden states.')
 _TILINGS = flags.DEFINE_list(
     'tilings', ['64x128x4x2', '64x64x4x3', '128x64x8x2', '128x128x8x2', '32x128x4x2'],
     'Pallas tilings as block_rows x block_items x num_warps x num_stages.')
-_STEPS = flags.DEFINE_integer('steps', 20, 'Timed calls of each variant.')
-_INTERPRET = flags.DEFINE_bool('interpret', False, "Off a GPU, run the Pallas variants in "
-                               "Pallas's interpreter (slow: small shapes only).")
-_JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
+_FLAGS = kernel_timing.define_flags('Hidden states.', timed='variant')
 
 
 def parse_tiling(text: str) -> pallas_loss.Tiling:
@@ -82,18 +78,18 @@ def differences(out, reference) -> dict:
 def main(argv):
   del argv
   on_gpu = jax.default_backend() == 'gpu'
-  interpret = None if on_gpu else _INTERPRET.value
+  interpret = None if on_gpu else _FLAGS.interpret.value
   functions = variants(interpret)  # bad tilings stop here, before any work
-  dtype = jnp.dtype(_DTYPE.value)
+  dtype = jnp.dtype(_FLAGS.dtype.value)
   rows, items, width = _ROWS.value, _ITEMS.value, _WIDTH.value
   hidden, table, targets = inputs(rows, items, width, dtype)
   peak = flops.MatmulProbe(dtype)()
   model_flops = 3 * 2 * rows * items * width
   device = jax.devices()[0]
   report = {'device': f'{device.platform} {device.device_kind}', 'jax': jax.__version__,
-            'shape': {'rows': rows, 'items': items, 'width': width, 'dtype': _DTYPE.value},
+            'shape': {'rows': rows, 'items': items, 'width': width, 'dtype': _FLAGS.dtype.value},
             'peak_flops': peak, 'model_flops': model_flops, 'variants': {}}
-  print(f"device  {report['device']} (jax {jax.__version__}); {_DTYPE.value} matmul peak "
+  print(f"device  {report['device']} (jax {jax.__version__}); {_FLAGS.dtype.value} matmul peak "
         f'{peak / 1e12:.3f} TFLOP/s')
   print(f'loss    {rows:,} rows x {items:,} items x d {width}: '
         f'{model_flops / 1e9:,.1f} GFLOP of model work (forward and backward)')
@@ -104,7 +100,7 @@ def main(argv):
     fn = jax.jit(jax.value_and_grad(lambda h, e, loss=loss: loss(h, e, targets)[0],
                                     argnums=(0, 1)))
     try:
-      figures, out = kernel_timing.timed(fn, (hidden, table), _STEPS.value)
+      figures, out = kernel_timing.timed(fn, (hidden, table), _FLAGS.steps.value)
     except Exception as error:  # noqa: BLE001 (a tiling Triton cannot build: say so, go on)
       print(f'{name:22s} failed: {type(error).__name__}: {str(error)[:300]}')
       report['variants'][name] = {'error': f'{type(error).__name__}: {str(error)[:2000]}'}
@@ -119,8 +115,8 @@ def main(argv):
           f"MFU {figures['mfu']:6.1%}; compile {figures['compile_seconds']:5.1f} s; "
           f"vs chunked: loss {d['loss']:.1e}, grads {d['grad_hidden']:.1e} / "
           f"{d['grad_table']:.1e}")
-  if _JSON.value:
-    kernel_timing.write_json(report, _JSON.value)
+  if _FLAGS.json.value:
+    kernel_timing.write_json(report, _FLAGS.json.value)
 
 
 if __name__ == '__main__':
