@@ -26,8 +26,6 @@ no data is read.
 """
 
 import collections
-import contextlib
-import functools
 import glob
 import importlib.util
 import os
@@ -35,20 +33,13 @@ import re
 import shutil
 import subprocess
 import tempfile
-from unittest import mock
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 
-from pka_jax import config_check
-from pka_jax import sharding
-from pka_jax import train
-from pka_jax.models import create_model
+import deviceless
 import hlo_kernels
 import kernel_timing
 import trace_breakdown
@@ -111,34 +102,6 @@ def gpu_devices(gpu: str) -> list:
     raise SystemExit(f'compiling for a GPU needs jax\'s CUDA plugin ({error}): pip install '
                      f'jax-cuda12-plugin=={version} jax-cuda12-pjrt=={version}') from None
   return list(topology.devices)
-
-
-@contextlib.contextmanager
-def choices_for_gpu():
-  """Every `jax.default_backend()` the program asks while tracing answers 'gpu'."""
-  with mock.patch.object(jax, 'default_backend', return_value='gpu'):
-    yield
-
-
-def compile_train_step(config, num_items: int, devices: list):
-  """The config's train step, compiled for `devices` from shapes alone."""
-  with choices_for_gpu():
-    config_check.check(config, devices=len(devices))
-    mesh = sharding.make_mesh(config.mesh_model, devices)
-    model = create_model(config, num_items, deterministic=False, mesh=mesh)
-    key = jax.random.key(config.seed, impl=config.prng_impl)
-    state = jax.eval_shape(functools.partial(train.create_train_state, model, config), key)
-    shardings = sharding.state_shardings(state, mesh)
-    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                         state, shardings)
-    rows = NamedSharding(mesh, P(sharding.DATA))
-    batch = {name: jax.ShapeDtypeStruct((config.batch_size, config.maxlen), jnp.int32,
-                                        sharding=rows) for name in ('inputs', 'targets')}
-    rng = jax.ShapeDtypeStruct((), key.dtype, sharding=NamedSharding(mesh, P()))
-    step = jax.jit(functools.partial(train.train_step, microbatches=config.microbatches,
-                                     mesh=mesh, **train.loss_options(config, num_items)),
-                   donate_argnums=0)
-    return step.trace(state, batch, rng).lower(lowering_platforms=('cuda',)).compile()
 
 
 def find_ptxas() -> str | None:
@@ -230,7 +193,8 @@ def main(argv):
   with tempfile.TemporaryDirectory() as dump:
     if ptxas:  # before XLA reads its flags: the PTX of every kernel it compiles
       os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}"
-    compiled = compile_train_step(config, _NUM_ITEMS.value, gpu_devices(_GPU.value))
+    compiled = deviceless.compile_train_step(config, _NUM_ITEMS.value,
+                                              gpu_devices(_GPU.value), 'gpu')
     result = hlo_kernels.census(compiled.as_text())
     figures = report(result, _GPU.value, config)
     if ptxas:

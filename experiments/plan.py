@@ -4,41 +4,48 @@
       --devices=8 --config.mesh_model=8
   python experiments/plan.py --config=configs/yambda_listens.py --num_items=10_000_000 \
       --devices=1
+  python experiments/plan.py --config=configs/ml1m.py --num_items=3416 \
+      --config.dtype=bfloat16 --tpu=v5p:2x2x2  # pip install 'libtpu==0.0.42.*' first
 
-Simulates `--devices` CPU devices, builds the (data, model) mesh of `config.mesh_model`, and
-compiles the real train step on abstract inputs (no data, no parameters in memory). Prints,
-per device: the parameters and optimiser state (the item table's share apart), XLA's plan
-for the compiled step (arguments, outputs, temporaries) and the largest array in the
-optimised program; and the model FLOPs of a step (pka_jax/flops.py). Temporaries depend on
-the loss's block of items (`ce_block_size`) and the backend's defaults: compiled for CPU here.
+Builds the (data, model) mesh of `config.mesh_model` over `--devices` simulated CPU devices,
+or over the chips of a Cloud TPU slice (`--tpu`, libtpu's topology names: `v5e:2x2` is four
+v5e chips on one host, `v5p:2x2x2` eight v5p chips on two), and compiles the real train step
+on abstract inputs (no data, no parameters in memory, no TPU: libtpu compiles without one,
+every host of the slice included). Prints, per device: the parameters and optimiser state
+(the item table's share apart), XLA's plan for the compiled step (arguments, outputs,
+temporaries) and the largest array in the optimised program; and the model FLOPs of a step
+(pka_jax/flops.py). Temporaries depend on the loss's block of items (`ce_block_size`) and
+on the backend, whose defaults the step takes (a CPU splits the batch in microbatches, an
+accelerator does not). `--json` writes the figures.
 """
 
-import functools
 import re
 
 from absl import app
 from absl import flags
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
+import deviceless
+import kernel_timing
 from pka_jax import flops
-from pka_jax import models
 from pka_jax import sharding
-from pka_jax import train
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Config file.')
 _NUM_ITEMS = flags.DEFINE_integer('num_items', 10_000_000, 'Catalog size.')
 _DEVICES = flags.DEFINE_integer('devices', 8, 'Simulated CPU devices (all in the mesh).')
+_TPU = flags.DEFINE_string('tpu', None, 'Compile for this Cloud TPU slice instead (libtpu '
+                           "topology names: v5e:2x2, v5p:2x2x2, v6e:4x4, ...).")
+_JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 FLAGS = flags.FLAGS
 
 _DTYPE_BYTES = {'f32': 4, 'bf16': 2, 's32': 4, 'u32': 4, 'f16': 2, 'pred': 1, 's8': 1, 'u8': 1}
 
 
-def per_device_bytes(shapes, shardings) -> float:
+def per_device_bytes(shapes, shardings) -> int:
   """Bytes one device holds of arrays `shapes` placed by `shardings`."""
-  return sum(np.prod(placement.shard_shape(shape.shape)) * shape.dtype.itemsize
+  return sum(int(np.prod(placement.shard_shape(shape.shape))) * shape.dtype.itemsize
              for shape, placement in zip(jax.tree.leaves(shapes), jax.tree.leaves(shardings)))
 
 
@@ -52,49 +59,59 @@ def largest_array(hlo_text: str) -> tuple[str, int]:
   return best
 
 
+def figures(config, num_items: int, devices: list, backend: str) -> dict:
+  """Per-device bytes of the state and of XLA's plan for the compiled step; model FLOPs."""
+  plan = deviceless.abstract_train_step(config, num_items, devices, backend)
+  compiled = plan.compile()
+  memory = compiled.memory_analysis()
+  state, placement = plan.state, plan.state_shardings
+  shape, size = largest_array(compiled.as_text())
+  return {
+      'backend': backend, 'device_kind': devices[0].device_kind, 'devices': len(devices),
+      'hosts': len({device.process_index for device in devices}),
+      'mesh': {'data': plan.mesh.shape[sharding.DATA], 'model': plan.mesh.shape[sharding.MODEL]},
+      'num_items': num_items, 'microbatches': plan.microbatches,
+      'per_device_bytes': {
+          'parameters': per_device_bytes(state.params, placement.params),
+          'item_table': per_device_bytes(state.params['item_emb'], placement.params['item_emb']),
+          'optimizer': per_device_bytes(state.opt_state, placement.opt_state),
+          'arguments': memory.argument_size_in_bytes, 'outputs': memory.output_size_in_bytes,
+          'temporaries': memory.temp_size_in_bytes, 'aliased': memory.alias_size_in_bytes,
+          'largest_array': size},
+      'largest_array': shape,
+      'model_flops': flops.train_step_flops(plan.model.config, config.batch_size, config.loss)}
+
+
+def print_figures(f: dict, config) -> None:
+  b = f['per_device_bytes']
+  gib = lambda x: f'{x / 2**30:,.2f} GiB' if x >= 2**30 else f'{x / 2**20:,.1f} MiB'
+  where = (f"{f['devices']} simulated devices" if f['backend'] == 'cpu' else
+           f"{f['devices']} x {f['device_kind']} on {f['hosts']} host(s)")
+  print(f"mesh        data {f['mesh']['data']} x model {f['mesh']['model']} ({where}); "
+        f"{f['num_items']:,} items, d {config.hidden_units}, batch {config.batch_size} x "
+        f"{config.maxlen}, {config.dtype}, ce_block_size {config.ce_block_size}, "
+        f"{f['microbatches']} microbatch(es)")
+  print(f"per device  parameters {gib(b['parameters'])} (item table {gib(b['item_table'])}), "
+        f"optimiser state {gib(b['optimizer'])}")
+  print(f"compiled    arguments {gib(b['arguments'])}, outputs {gib(b['outputs'])}, "
+        f"temporaries {gib(b['temporaries'])} (aliased {gib(b['aliased'])})")
+  print(f"largest     {f['largest_array']}: {gib(b['largest_array'])}")
+  print(f"FLOPs       {f['model_flops']:,} a step (model FLOPs, all devices)")
+
+
 def main(argv):
   del argv
-  jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   config = FLAGS.config
-  mesh = sharding.make_mesh(config.mesh_model, jax.devices()[:_DEVICES.value])
-  model = models.create_model(config, _NUM_ITEMS.value, deterministic=False, mesh=mesh)
-  init = functools.partial(train.create_train_state, model, config)
-  state = jax.eval_shape(init, jax.random.key(0, impl=config.prng_impl))
-  state_shardings = sharding.state_shardings(state, mesh)
-  batch_sharding = NamedSharding(mesh, P(sharding.DATA))
-  batch = {name: jax.ShapeDtypeStruct((config.batch_size, config.maxlen), np.int32,
-                                      sharding=batch_sharding) for name in ('inputs', 'targets')}
-  data_shards = mesh.shape[sharding.DATA]
-  microbatches = config.microbatches or train.microbatches_for(
-      config.batch_size // data_shards, config.maxlen)
-  step = functools.partial(train.train_step, microbatches=microbatches, mesh=mesh,
-                           **train.loss_options(config, _NUM_ITEMS.value))
-  abstract_state = jax.tree.map(
-      lambda s, placement: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placement),
-      state, state_shardings)
-  rng = jax.random.key(0, impl=config.prng_impl)
-  compiled = jax.jit(step, out_shardings=(state_shardings, NamedSharding(mesh, P())),
-                     donate_argnums=0).lower(abstract_state, batch, rng).compile()
-  memory = compiled.memory_analysis()
-
-  table = per_device_bytes(state.params['item_emb'], state_shardings.params['item_emb'])
-  params = per_device_bytes(state.params, state_shardings.params)
-  optimizer = per_device_bytes(state.opt_state, state_shardings.opt_state)
-  shape, size = largest_array(compiled.as_text())
-  gib = lambda x: f'{x / 2**30:,.2f} GiB' if x >= 2**30 else f'{x / 2**20:,.1f} MiB'
-  print(f'mesh        data {mesh.shape[sharding.DATA]} x model {mesh.shape[sharding.MODEL]} '
-        f'({_DEVICES.value} simulated devices); {_NUM_ITEMS.value:,} items, d '
-        f'{config.hidden_units}, batch {config.batch_size} x {config.maxlen}, '
-        f'ce_block_size {config.ce_block_size}, {microbatches} microbatch(es)')
-  print(f'per device  parameters {gib(params)} (item table {gib(table)}), optimiser state '
-        f'{gib(optimizer)}')
-  print(f'compiled    arguments {gib(memory.argument_size_in_bytes)}, outputs '
-        f'{gib(memory.output_size_in_bytes)}, temporaries {gib(memory.temp_size_in_bytes)} '
-        f'(aliased {gib(memory.alias_size_in_bytes)})')
-  print(f'largest     {shape}: {gib(size)}')
-  model_config = model.config
-  print(f'FLOPs       {flops.train_step_flops(model_config, config.batch_size, config.loss):,} '
-        'a step (model FLOPs, all devices)')
+  if _TPU.value:
+    jax.config.update('jax_platforms', 'cpu')  # compiling only: never look for a TPU
+    devices, backend = deviceless.tpu_devices(_TPU.value), 'tpu'
+  else:
+    jax.config.update('jax_num_cpu_devices', _DEVICES.value)
+    devices, backend = jax.devices()[:_DEVICES.value], 'cpu'
+  found = figures(config, _NUM_ITEMS.value, devices, backend)
+  print_figures(found, config)
+  if _JSON.value:
+    kernel_timing.write_json(found, _JSON.value)
 
 
 if __name__ == '__main__':
