@@ -293,8 +293,11 @@ def main(argv):
   peak, probe = peaks[config.dtype], probes[config.dtype]
 
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='pka_jax_benchmark_')
-  run = train.Run(config, workdir,
-                  train_devices=sharding.devices_to_train(_CPU_DEVICES.value))
+  try:
+    run = train.Run(config, workdir,
+                    train_devices=sharding.devices_to_train(_CPU_DEVICES.value))
+  except config_check.ConfigError as error:
+    raise SystemExit(str(error)) from None  # a user's mistake: one line, no traceback
   model_config = run.model.config
   logging.info('Timing the train step.')
   train_figures = time_train(run, probe)

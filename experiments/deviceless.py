@@ -76,7 +76,10 @@ class AbstractStep:
 def abstract_train_step(config, num_items: int, devices: list, backend: str) -> AbstractStep:
   processes = len({device.process_index for device in devices})
   with backend_answers(backend):
-    config_check.check(config, devices=len(devices), processes=processes)
+    try:
+      config_check.check(config, devices=len(devices), processes=processes)
+    except config_check.ConfigError as error:
+      raise SystemExit(str(error)) from None  # a user's mistake: one line, no traceback
     mesh = sharding.make_mesh(config.mesh_model, devices)
     model = create_model(config, num_items, deterministic=False, mesh=mesh)
     key = jax.random.key(config.seed, impl=config.prng_impl)

@@ -103,6 +103,15 @@ def loss_benchmark(*flags):
                     '--dtype=float32', '--steps=2', '--interpret', *flags)
 
 
+def test_benchmark_refuses_a_config_this_backend_cannot_run_in_one_line(tmp_path):
+  result = run_script('benchmark.py', '--config=configs/test.py', '--config.ce_impl=pallas',
+                      f'--config.data_dir={tmp_path / "data"}', f'--workdir={tmp_path}')
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('invalid configuration (1 problem): ce_impl:'), last
+
+
 def run_script(name, *flags):
   """experiments/`name` with `flags`, in a process of its own."""
   return subprocess.run([sys.executable, f'experiments/{name}', *flags], cwd=ROOT,

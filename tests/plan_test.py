@@ -44,6 +44,15 @@ def test_splitting_the_item_table_over_the_model_axis_halves_each_devices_share(
           == 30 * row)
 
 
+def test_a_mesh_that_does_not_divide_the_devices_is_refused_in_one_line():
+  result = run_plan('--config=configs/test.py', '--num_items=60', '--devices=3',
+                    '--config.mesh_model=2')
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('invalid configuration') and 'mesh_model: expected a divisor' in last
+
+
 @pytest.mark.skipif(HAS_LIBTPU, reason='libtpu is installed')
 def test_without_libtpu_a_tpu_plan_names_the_package_to_install_in_one_line():
   result = run_plan('--config=configs/test.py', '--num_items=60', '--tpu=v5e:2x2')
