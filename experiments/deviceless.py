@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from pka_jax import config_check
 from pka_jax import sharding
 from pka_jax import train
+from pka_jax.data.sequences import power_of_two_at_least
 from pka_jax.models import Encoder, create_model
 
 # What jax.jit lowers for, by the name `jax.default_backend()` would give there.
@@ -73,22 +74,30 @@ class AbstractStep:
       return lowered.compile()
 
 
-def abstract_train_step(config, num_items: int, devices: list, backend: str) -> AbstractStep:
+def checked(config, devices: list, backend: str):
+  """A copy of `config` with the backend's evaluation batch where it leaves it (0), checked
+  for `devices`: a problem ends the program in one line, as a user's mistake does."""
+  config = config.copy_and_resolve_references()
   processes = len({device.process_index for device in devices})
   with backend_answers(backend):
+    if config.get('eval_batch_size') == 0:
+      config.eval_batch_size = config_check.eval_batch_size_for(
+          config, devices=len(devices), processes=processes)
     try:
       config_check.check(config, devices=len(devices), processes=processes)
     except config_check.ConfigError as error:
-      raise SystemExit(str(error)) from None  # a user's mistake: one line, no traceback
+      raise SystemExit(str(error)) from None
+  return config
+
+
+def abstract_train_step(config, num_items: int, devices: list, backend: str) -> AbstractStep:
+  config = checked(config, devices, backend)
+  with backend_answers(backend):
     mesh = sharding.make_mesh(config.mesh_model, devices)
     model = create_model(config, num_items, deterministic=False, mesh=mesh)
-    key = jax.random.key(config.seed, impl=config.prng_impl)
-    state = jax.eval_shape(functools.partial(train.create_train_state, model, config), key)
-    state_shardings = sharding.state_shardings(state, mesh)
+    state, state_shardings, key = _abstract_state(config, model, mesh)
     microbatches = config.microbatches or train.microbatches_for(
         config.batch_size // mesh.shape[sharding.DATA], config.maxlen)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                       state, state_shardings)
   rows = NamedSharding(mesh, P(sharding.DATA))
   batch = {name: jax.ShapeDtypeStruct((config.batch_size, config.maxlen), jnp.int32,
                                       sharding=rows) for name in ('inputs', 'targets')}
@@ -99,6 +108,40 @@ def abstract_train_step(config, num_items: int, devices: list, backend: str) -> 
                       (state, batch, rng))
 
 
+def _abstract_state(config, model: Encoder, mesh: jax.sharding.Mesh):
+  """The train state's shapes placed on `mesh` as training places them, their shardings,
+  and the initialising key."""
+  key = jax.random.key(config.seed, impl=config.prng_impl)
+  state = jax.eval_shape(functools.partial(train.create_train_state, model, config), key)
+  state_shardings = sharding.state_shardings(state, mesh)
+  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, state_shardings)
+  return placed, state_shardings, key
+
+
 def compile_train_step(config, num_items: int, devices: list, backend: str):
   """The config's train step for `devices` (of `backend`), compiled from shapes alone."""
   return abstract_train_step(config, num_items, devices, backend).compile()
+
+
+def compile_eval_step(config, num_items: int, devices: list, backend: str):
+  """The config's evaluation step (`train.rank_on_mesh`: the newest position's hidden state,
+  then each 'model' shard's top-k) for `devices`, compiled from shapes alone, on a batch of
+  full windows; and the batch's size."""
+  config = checked(config, devices, backend)
+  with backend_answers(backend):
+    mesh = sharding.make_mesh(config.mesh_model, devices)
+    model = create_model(config, num_items, deterministic=True, mesh=mesh)
+    params = _abstract_state(config, model, mesh)[0].params
+    rows = NamedSharding(mesh, P(sharding.DATA))
+    batch, shards = config.eval_batch_size, mesh.shape[sharding.DATA]
+    # Each data shard's seen (row, item) pairs, as many as full windows hold (EvalBatch).
+    pairs = shards * power_of_two_at_least(batch // shards * config.maxlen)
+    arrays = [((batch, config.maxlen), rows), ((pairs,), rows), ((pairs,), rows),
+              ((batch,), rows)]
+    args = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for shape, s in arrays]
+    rank = functools.partial(train.rank_on_mesh, config=config, mesh=mesh, model=model,
+                             num_items=num_items)
+    lowered = jax.jit(rank, out_shardings=NamedSharding(mesh, P())).trace(
+        params, *args).lower(lowering_platforms=(LOWERING_PLATFORMS[backend],))
+    return lowered.compile(), batch

@@ -13,10 +13,12 @@ v5e chips on one host, `v5p:2x2x2` eight v5p chips on two), and compiles the rea
 on abstract inputs (no data, no parameters in memory, no TPU: libtpu compiles without one,
 every host of the slice included). Prints, per device: the parameters and optimiser state
 (the item table's share apart), XLA's plan for the compiled step (arguments, outputs,
-temporaries) and the largest array in the optimised program; and the model FLOPs of a step
-(pka_jax/flops.py). Temporaries depend on the loss's block of items (`ce_block_size`) and
-on the backend, whose defaults the step takes (a CPU splits the batch in microbatches, an
-accelerator does not). `--json` writes the figures.
+temporaries) and the largest array in the optimised program, XLA's plan for the evaluation
+step (a batch of full windows), and the model FLOPs of a step (pka_jax/flops.py).
+Temporaries depend on the loss's block of items (`ce_block_size`) and on the backend, whose
+defaults the steps take (a CPU splits the batch in microbatches, an accelerator does not;
+evaluation batches are 512 sequences on a CPU, 4,096 elsewhere). `--json` writes the
+figures.
 """
 
 import re
@@ -79,7 +81,17 @@ def figures(config, num_items: int, devices: list, backend: str) -> dict:
           'temporaries': memory.temp_size_in_bytes, 'aliased': memory.alias_size_in_bytes,
           'largest_array': size},
       'largest_array': shape,
-      'model_flops': flops.train_step_flops(plan.model.config, config.batch_size, config.loss)}
+      'model_flops': flops.train_step_flops(plan.model.config, config.batch_size, config.loss),
+      'eval': eval_figures(config, num_items, devices, backend)}
+
+
+def eval_figures(config, num_items: int, devices: list, backend: str) -> dict:
+  """XLA's plan for the evaluation step, per device, on a batch of full windows."""
+  compiled, batch = deviceless.compile_eval_step(config, num_items, devices, backend)
+  memory = compiled.memory_analysis()
+  return {'batch_size': batch, 'per_device_bytes': {
+      'arguments': memory.argument_size_in_bytes, 'outputs': memory.output_size_in_bytes,
+      'temporaries': memory.temp_size_in_bytes}}
 
 
 def print_figures(f: dict, config) -> None:
@@ -96,6 +108,9 @@ def print_figures(f: dict, config) -> None:
   print(f"compiled    arguments {gib(b['arguments'])}, outputs {gib(b['outputs'])}, "
         f"temporaries {gib(b['temporaries'])} (aliased {gib(b['aliased'])})")
   print(f"largest     {f['largest_array']}: {gib(b['largest_array'])}")
+  e = f['eval']['per_device_bytes']
+  print(f"evaluation  batches of {f['eval']['batch_size']:,}: arguments {gib(e['arguments'])}, "
+        f"temporaries {gib(e['temporaries'])}")
   print(f"FLOPs       {f['model_flops']:,} a step (model FLOPs, all devices)")
 
 

@@ -256,6 +256,27 @@ def _sorted_sums(params, apply_fn, microbatches: dict[int, dict], step_rng: jax.
   return sums
 
 
+def rank_on_mesh(params, inputs_BxT, seen_rows_P, seen_items_P, targets_B, *, config,
+                 mesh: jax.sharding.Mesh, model: Encoder, num_items: int):
+  """Top-k lists and target ranks of an evaluation batch (`Run.rank_fn`): `model` (the
+  deterministic encoder) over microbatches of each device's rows, then the scores of each
+  'model' shard's items, blockwise (evaluate.sharded_top_k)."""
+  data_shards = mesh.shape[sharding.DATA]
+  rows_per_device = config.eval_batch_size // data_shards
+  encode = functools.partial(model.apply, {'params': params}, method=Encoder.encode_last)
+  hidden_BxD = map_microbatches(
+      encode, microbatches_for(rows_per_device, inputs_BxT.shape[1]), inputs_BxT)
+  table_VxD = params['item_emb']['embedding']
+  rows_per_shard = table_VxD.shape[0] // mesh.shape[sharding.MODEL]
+  top_k = functools.partial(
+      evaluate.sharded_top_k, num_items=num_items, top_k=config.top_k,
+      block_size=losses.chunk_rows_for(rows_per_device, rows_per_shard))
+  data, model_rows = P(sharding.DATA), P(sharding.MODEL)
+  return jax.shard_map(top_k, mesh=mesh, in_specs=(data, model_rows, data, data, data),
+                       out_specs=(data, data))(
+                           hidden_BxD, table_VxD, seen_rows_P, seen_items_P, targets_B)
+
+
 def microbatch_rows(width: int, *, positions: int, data_shards: int) -> int:
   """Rows of a length-sorted microbatch `width` wide: `positions` per data shard."""
   return max(1, positions // width) * data_shards
@@ -471,7 +492,8 @@ class Run:
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     # Evaluation scores, masks and ranks each device's rows; only the top-k leave it.
     self.rank_fn = jax.jit(
-        self._rank_batch,
+        functools.partial(rank_on_mesh, config=config, mesh=self.eval_mesh,
+                          model=self.eval_model, num_items=num_items),
         in_shardings=(self.eval_param_shardings,) + (self.eval_batch_sharding,) * 4,
         out_shardings=NamedSharding(self.eval_mesh, P()))
     self.host_index, self.host_count = sharding.host_slice(self.mesh)
@@ -508,26 +530,6 @@ class Run:
     if self.progress.best_step < 0:
       raise FileNotFoundError(f'No validated checkpoint in {self.workdir}')
     self.state, _ = checkpoint.restore(self.checkpoints, self.progress.best_step, self.state)
-
-  def _rank_batch(self, params, inputs_BxT, seen_rows_P, seen_items_P, targets_B):
-    """Top-k lists and target ranks of a batch: the encoder over microbatches of each device's
-    rows, then the scores of each 'model' shard's items, blockwise (evaluate.sharded_top_k)."""
-    config, mesh = self.config, self.eval_mesh
-    data_shards = mesh.shape[sharding.DATA]
-    rows_per_device = config.eval_batch_size // data_shards
-    encode = functools.partial(self.eval_model.apply, {'params': params},
-                               method=Encoder.encode_last)
-    hidden_BxD = map_microbatches(
-        encode, microbatches_for(rows_per_device, inputs_BxT.shape[1]), inputs_BxT)
-    table_VxD = params['item_emb']['embedding']
-    rows_per_shard = table_VxD.shape[0] // mesh.shape[sharding.MODEL]
-    top_k = functools.partial(
-        evaluate.sharded_top_k, num_items=self.dataset.num_items, top_k=config.top_k,
-        block_size=losses.chunk_rows_for(rows_per_device, rows_per_shard))
-    data, model = P(sharding.DATA), P(sharding.MODEL)
-    return jax.shard_map(top_k, mesh=mesh, in_specs=(data, model, data, data, data),
-                         out_specs=(data, data))(
-                             hidden_BxD, table_VxD, seen_rows_P, seen_items_P, targets_B)
 
   @property
   def trims_windows(self) -> bool:

@@ -42,6 +42,12 @@ def test_splitting_the_item_table_over_the_model_axis_halves_each_devices_share(
     assert bytes_['arguments'] >= bytes_['parameters'] + bytes_['optimizer']
   assert (whole['per_device_bytes']['parameters'] - split['per_device_bytes']['parameters']
           == 30 * row)
+  # Evaluation holds the parameters (and a batch), not the optimizer's state.
+  for figures in (whole, split):
+    held = figures['eval']['per_device_bytes']['arguments']
+    assert figures['per_device_bytes']['parameters'] <= held
+    assert held < figures['per_device_bytes']['parameters'] + figures['per_device_bytes'][
+        'optimizer']
 
 
 def test_a_mesh_that_does_not_divide_the_devices_is_refused_in_one_line():
@@ -74,3 +80,5 @@ def test_ml1m_step_compiles_for_a_two_host_tpu_slice_with_the_table_split_or_not
   saved = (whole['per_device_bytes']['arguments']
            - split['per_device_bytes']['arguments'])
   assert saved == pytest.approx(3 * 3417 * 128 * 4 / 2, rel=0.02)
+  # The evaluation step compiles there too, in an accelerator's batches.
+  assert whole['eval']['batch_size'] == split['eval']['batch_size'] == 4096
