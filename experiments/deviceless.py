@@ -1,7 +1,7 @@
-"""The train step compiled from shapes alone, for devices this machine may not have: a GPU
-(jax's CUDA plugin), a Cloud TPU slice (libtpu's topologies) or simulated CPU devices. The
-program is the one XLA would run there; gpu_kernels.py counts a GPU's kernels, plan.py sizes
-a mesh's memory."""
+"""The train and evaluation steps compiled from shapes alone, for devices this machine may
+not have: a GPU (jax's CUDA plugin), a Cloud TPU slice (libtpu's topologies) or simulated
+CPU devices. The program is the one XLA would run there, laid out as `train.Run` lays it
+out; gpu_kernels.py counts a GPU's kernels, plan.py sizes a mesh's memory."""
 
 import contextlib
 import dataclasses
@@ -69,7 +69,10 @@ class AbstractStep:
 
   def compile(self):
     with backend_answers(self.backend):
-      lowered = jax.jit(self.step, donate_argnums=0).trace(*self.args).lower(
+      step = jax.jit(self.step, out_shardings=(self.state_shardings,
+                                               NamedSharding(self.mesh, P())),
+                     donate_argnums=0)
+      lowered = step.trace(*self.args).lower(
           lowering_platforms=(LOWERING_PLATFORMS[self.backend],))
       return lowered.compile()
 
