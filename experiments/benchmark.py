@@ -425,10 +425,14 @@ def print_report(report: dict) -> None:
     steps = report['epochs']['steps_per_epoch']
     steps_alone = report['epochs']['steps_seconds'][i]
     outside = total - steps_alone - epoch['time/valid_s']
+    # Two parts: what the loop spends beside its steps (input, dispatch), which a machine
+    # whose speed drifts between the two timings can make negative, and the rest of the
+    # epoch (checkpoint, logging), timed by the loop itself.
     print(f"epoch {i + 1}     {total:.2f} s: train loop {epoch['time/train_s']:.2f} s "
           f"(its {steps} steps alone {steps_alone:.2f} s), validation "
           f"{epoch['time/valid_s']:.2f} s, outside both {outside:.2f} s "
-          f"({100 * outside / total:.1f}%)")
+          f"({100 * outside / total:.1f}%: {epoch['time/train_s'] - steps_alone:+.2f} s in "
+          f"the train loop, {epoch['time/other_s']:.2f} s after it)")
 
 
 FLAGS = flags.FLAGS
