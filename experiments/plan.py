@@ -61,11 +61,18 @@ def largest_array(hlo_text: str) -> tuple[str, int]:
   return best
 
 
+def compiled_bytes(compiled) -> dict[str, int]:
+  """XLA's plan for a compiled program, per device."""
+  memory = compiled.memory_analysis()
+  return {'arguments': memory.argument_size_in_bytes, 'outputs': memory.output_size_in_bytes,
+          'temporaries': memory.temp_size_in_bytes, 'aliased': memory.alias_size_in_bytes}
+
+
 def figures(config, num_items: int, devices: list, backend: str) -> dict:
-  """Per-device bytes of the state and of XLA's plan for the compiled step; model FLOPs."""
+  """Per-device bytes of the state and of XLA's plans for the compiled train and evaluation
+  steps; the train step's model FLOPs."""
   plan = deviceless.abstract_train_step(config, num_items, devices, backend)
   compiled = plan.compile()
-  memory = compiled.memory_analysis()
   state, placement = plan.state, plan.state_shardings
   shape, size = largest_array(compiled.as_text())
   return {
@@ -77,9 +84,7 @@ def figures(config, num_items: int, devices: list, backend: str) -> dict:
           'parameters': per_device_bytes(state.params, placement.params),
           'item_table': per_device_bytes(state.params['item_emb'], placement.params['item_emb']),
           'optimizer': per_device_bytes(state.opt_state, placement.opt_state),
-          'arguments': memory.argument_size_in_bytes, 'outputs': memory.output_size_in_bytes,
-          'temporaries': memory.temp_size_in_bytes, 'aliased': memory.alias_size_in_bytes,
-          'largest_array': size},
+          **compiled_bytes(compiled), 'largest_array': size},
       'largest_array': shape,
       'model_flops': flops.train_step_flops(plan.model.config, config.batch_size, config.loss),
       'eval': eval_figures(config, num_items, devices, backend)}
@@ -88,10 +93,7 @@ def figures(config, num_items: int, devices: list, backend: str) -> dict:
 def eval_figures(config, num_items: int, devices: list, backend: str) -> dict:
   """XLA's plan for the evaluation step, per device, on a batch of full windows."""
   compiled, batch = deviceless.compile_eval_step(config, num_items, devices, backend)
-  memory = compiled.memory_analysis()
-  return {'batch_size': batch, 'per_device_bytes': {
-      'arguments': memory.argument_size_in_bytes, 'outputs': memory.output_size_in_bytes,
-      'temporaries': memory.temp_size_in_bytes}}
+  return {'batch_size': batch, 'per_device_bytes': compiled_bytes(compiled)}
 
 
 def print_figures(f: dict, config) -> None:
