@@ -83,11 +83,8 @@ def checked(config, devices: list, backend: str):
   config = config.copy_and_resolve_references()
   processes = len({device.process_index for device in devices})
   with backend_answers(backend):
-    if config.get('eval_batch_size') == 0:
-      config.eval_batch_size = config_check.eval_batch_size_for(
-          config, devices=len(devices), processes=processes)
     try:
-      config_check.check(config, devices=len(devices), processes=processes)
+      config_check.settle(config, devices=len(devices), processes=processes)
     except config_check.ConfigError as error:
       raise SystemExit(str(error)) from None
   return config

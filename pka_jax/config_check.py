@@ -233,3 +233,12 @@ def check(config: ml_collections.ConfigDict, *, devices: int = 1, processes: int
   if found:
     raise ConfigError(f'invalid configuration ({len(found)} problem'
                       f'{"s" if len(found) > 1 else ""}): ' + '; '.join(found))
+
+
+def settle(config: ml_collections.ConfigDict, *, devices: int = 1, processes: int = 1
+           ) -> None:
+  """Fills in what `config` leaves to the machine (`eval_batch_size` 0: the backend's, as
+  `eval_batch_size_for` gives it), then `check`s it for `devices` of `processes`."""
+  if config.get('eval_batch_size') == 0:
+    config.eval_batch_size = eval_batch_size_for(config, devices=devices, processes=processes)
+  check(config, devices=devices, processes=processes)

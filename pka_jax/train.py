@@ -446,10 +446,7 @@ class Run:
     process; all by default): a CPU split into one device per core evaluates faster on all,
     but trains faster on one (sharding.devices_to_train)."""
     devices, processes = jax.device_count(), jax.process_count()
-    if config.get('eval_batch_size') == 0:
-      config.eval_batch_size = config_check.eval_batch_size_for(
-          config, devices=devices, processes=processes)
-    config_check.check(config, devices=devices, processes=processes)
+    config_check.settle(config, devices=devices, processes=processes)
     check_writable(workdir)
     self.config, self.workdir = config, workdir
     self.dataset: SplitDataset = load_dataset_once(config)
