@@ -269,8 +269,8 @@ class CausalSelfAttention(nn.Module):
   dtype: Any = jnp.float32
   dropout_impl: str = 'hash'
   kernels_on_logits: bool | None = None  # None: wherever it costs no more FLOPs
-  # The step's mesh: the Pallas kernel runs on each 'data' shard's rows
-  # (sharding.pallas_per_data_shard).
+  # The step's mesh: the Pallas kernel runs on each device's share of the rows
+  # (sharding.pallas_per_row_shard).
   mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
@@ -400,7 +400,7 @@ class CausalSelfAttention(nn.Module):
       return pallas_attention.fused_attention(*args[:-1], options=options,
                                               query_bias_HxK=args[-1], first_row=first_row)
 
-    return sharding.pallas_per_data_shard(
+    return sharding.pallas_per_row_shard(
         attend, options, self.mesh,
         (q, k, v, k_kernel, v_kernel, value_bias, key_valid_BxT, seed_2, query_bias),
         rows=(True,) * 3 + (False,) * 3 + (True, False, False))

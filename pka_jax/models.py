@@ -155,7 +155,7 @@ class PallasLayerNorm(nn.Module):
     width = x.shape[-1]
     params = {'scale': self.param('scale', nn.initializers.ones, (width,)),
               'bias': self.param('bias', nn.initializers.zeros, (width,))}
-    shards = sharding.data_shards(self.mesh)
+    shards = sharding.row_shards(self.mesh, x.shape[0])
     rows = x.size // width // shards  # a device's
     if x.shape[0] % shards or not pallas_layer_norm.supports(rows, width):
       return nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype).apply({'params': params}, x)
@@ -166,7 +166,7 @@ class PallasLayerNorm(nn.Module):
       return pallas_layer_norm.layer_norm(x.reshape(-1, width), scale, bias, options
                                           ).reshape(x.shape)
 
-    return sharding.pallas_per_data_shard(
+    return sharding.pallas_per_row_shard(
         normalise, options, self.mesh, (x, params['scale'], params['bias']),
         rows=(True, False, False)).astype(self.dtype)
 
@@ -195,7 +195,7 @@ class Block(nn.Module):
   """
 
   config: ModelConfig
-  mesh: jax.sharding.Mesh | None = None  # the step's, for a kernel that runs per data shard
+  mesh: jax.sharding.Mesh | None = None  # the step's, for a kernel that runs per row shard
 
   @nn.compact
   def __call__(self, x_BxTxD, valid_BxT, shared_kernels: dict[str, jax.Array], *,
@@ -251,7 +251,7 @@ class Block(nn.Module):
     masks of the whole batch's rows in order, each device's rows in blocks that fit."""
     config = self.config
     batch, queries, width = shape
-    shards = sharding.data_shards(self.mesh)
+    shards = sharding.row_shards(self.mesh, batch)
     return (config.ffn_impl == 'pallas' and not config.deterministic
             and (config.dropout_impl == 'hash' or config.dropout == 0.0)
             and (window is None or window.rows_B is None) and batch % shards == 0
@@ -273,7 +273,7 @@ class Block(nn.Module):
     # The XLA path's two calls of `drop` draw these words, in this order.
     seeds_2x2 = (jnp.stack([drop.seed_words(), drop.seed_words()]) if config.dropout > 0
                  else jnp.zeros((2, 2), jnp.uint32))
-    shards = sharding.data_shards(self.mesh)
+    shards = sharding.row_shards(self.mesh, batch)
     options = pallas_ffn.Options(
         epsilon=LN_EPSILON, rate=config.dropout, queries=queries,
         full_q=queries if window is None else window.maxlen,
@@ -286,7 +286,7 @@ class Block(nn.Module):
       return pallas_ffn.feed_forward(rows(q_in), rows(mixed), w_proj, b_proj, valid.reshape(-1),
                                      *params, options, first_row).reshape(q_in.shape)
 
-    return sharding.pallas_per_data_shard(
+    return sharding.pallas_per_row_shard(
         second_half, options, self.mesh, (q_in_BxQxD, mixed_BxQxD, valid_BxQ, *params),
         rows=(True,) * 3 + (False,) * len(params))
 
@@ -344,7 +344,8 @@ class Encoder(nn.Module):
     if width > config.maxlen:
       raise ValueError(f'inputs have {width} positions; the model takes at most maxlen = '
                        f'{config.maxlen}')
-    valid_BxT = inputs_BxT != 0
+    # With the table split, each device encodes its share of the rows (sharding.row_axes).
+    valid_BxT = sharding.split_rows(inputs_BxT != 0, self.mesh)
     if self.mesh is not None and self.mesh.shape[sharding.MODEL] > 1:
       x_BxTxD = sharding.lookup(self.item_emb.embedding, inputs_BxT, self.mesh)
     else:

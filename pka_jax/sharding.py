@@ -2,10 +2,14 @@
 
 The item table (and its optimiser state) is the one array that outgrows a device: at 10M
 items and d 128 it holds 5 GB in float32, 20 GB with Adam's moments and its gradient. Its rows
-are sharded over the `config.mesh_model` devices of the 'model' axis; the encoder is small,
-replicated over 'model' and data-parallel over 'data'. Whatever touches the table goes
-through shard_map: the input lookup here, the loss (losses.sharded_cross_entropy) and the
-scores (evaluate.sharded_top_k), each combining shards with collectives over 'model'.
+are sharded over the `config.mesh_model` devices of the 'model' axis. The encoder is small:
+its parameters are replicated, and a batch's rows go through it split over every device of
+the mesh ('data' and 'model', wherever they divide: `row_axes`), so no 'model' shard repeats
+another's work.
+Whatever touches the table goes through shard_map: the input lookup here (which leaves each
+device its share of rows), the loss (losses.sharded_cross_entropy) and the scores
+(evaluate.sharded_top_k), which take every row of their 'data' shard (jit gathers them over
+'model') and combine the table's shards with collectives over 'model'.
 With a single device (recommending, exporting) the same padded table is used unsharded.
 """
 
@@ -60,16 +64,42 @@ def data_shards(mesh: Mesh | None) -> int:
   return mesh.shape[DATA] if mesh is not None else 1
 
 
-def pallas_per_data_shard(kernel: Callable, options, mesh: Mesh | None, operands: Sequence,
-                          rows: Sequence[bool]) -> jax.Array:
+def row_axes(mesh: Mesh | None, rows: int) -> str | tuple[str, str]:
+  """The mesh axes the encoder splits a batch of `rows` rows over: 'data' and 'model' where
+  the table is split and the rows divide over every device (the encoder's parameters are
+  replicated, so 'model' shards holding the same rows would repeat each other's work);
+  'data' alone otherwise."""
+  if mesh is not None and mesh.shape[MODEL] > 1 and rows % mesh.size == 0:
+    return (DATA, MODEL)
+  return DATA
+
+
+def row_shards(mesh: Mesh | None, rows: int) -> int:
+  """How many ways the encoder splits a batch of `rows` rows (`row_axes`; 1 without a mesh)."""
+  if mesh is None:
+    return 1
+  axes = row_axes(mesh, rows)
+  return mesh.size if axes == (DATA, MODEL) else mesh.shape[DATA]
+
+
+def split_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:
+  """`x` (rows first) laid out as the encoder splits its rows (`row_axes`)."""
+  if mesh is None or mesh.shape[MODEL] == 1:
+    return x
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, P(row_axes(mesh, x.shape[0]))))
+
+
+def pallas_per_row_shard(kernel: Callable, options, mesh: Mesh | None, operands: Sequence,
+                         rows: Sequence[bool]) -> jax.Array:
   """`kernel(*operands, first_row=..., options=...)` of a Pallas kernel: Triton where the
   program is compiled for a GPU, Pallas's interpreter elsewhere (`options.interpret`).
 
-  On a mesh with several 'data' shards each device runs it on its own rows (jit would run a
-  custom call on the whole batch on every device): the operands marked in `rows` are split
-  by their first axis, the others whole, and `first_row` is the step's batch row of the
-  device's first (0 without shards). The whole operands' gradients, per shard, are summed
-  by shard_map's transpose.
+  On a mesh that splits the rows (`row_axes`) each device runs it on its own rows (jit would
+  run a custom call on the whole batch on every device): the operands marked in `rows` are
+  split by their first axis, the others whole, and `first_row` is the step's batch row of
+  the device's first (0 without shards). The whole operands' gradients, per shard, are
+  summed by shard_map's transpose.
   """
 
   def run(*operands, first_row):
@@ -79,17 +109,19 @@ def pallas_per_data_shard(kernel: Callable, options, mesh: Mesh | None, operands
     return jax.lax.platform_dependent(*operands, first_row, cuda=call(False),
                                       default=call(True))
 
-  if data_shards(mesh) == 1:
+  batch = next(x for x, split in zip(operands, rows) if split).shape[0]
+  if row_shards(mesh, batch) == 1:
     return run(*operands, first_row=0)
+  axes = row_axes(mesh, batch)
 
   def per_shard(*operands):
     local_rows = next(x for x, split in zip(operands, rows) if split).shape[0]
-    return run(*operands, first_row=jax.lax.axis_index(DATA) * local_rows)
+    return run(*operands, first_row=jax.lax.axis_index(axes) * local_rows)
 
   # Unchecked: Pallas's interpreter (the CPU's checks) loses the varying axes of its refs.
   return jax.shard_map(per_shard, mesh=mesh,
-                       in_specs=tuple(P(DATA) if split else P() for split in rows),
-                       out_specs=P(DATA), check_vma=False)(*operands)
+                       in_specs=tuple(P(axes) if split else P() for split in rows),
+                       out_specs=P(axes), check_vma=False)(*operands)
 
 
 def shard_range(rows_per_shard: int) -> jax.Array:
@@ -110,17 +142,21 @@ def varying_like(x: jax.Array, shape, dtype) -> jax.ShapeDtypeStruct:
 
 def lookup(table_RxD: jax.Array, ids_BxT: jax.Array, mesh: Mesh) -> jax.Array:
   """`table[ids]` with the table's rows sharded over `mesh`'s 'model' axis: each shard
-  gathers the rows it holds, zeros elsewhere, and a sum over 'model' joins them; only
-  `B·T × D` activations cross devices, never the table."""
+  gathers the rows it holds, zeros elsewhere, and a sum over 'model' joins them, each device
+  keeping its share of the rows (`row_axes`); only `B·T × D` activations cross devices,
+  never the table."""
+  axes = row_axes(mesh, ids_BxT.shape[0])
 
   def local(table_rxD, ids):
     rows = table_rxD.shape[0]
     row = ids - shard_range(rows)
     held = (row >= 0) & (row < rows)
     x = jnp.where(held[..., None], table_rxD[jnp.clip(row, 0, rows - 1)], 0.0)
-    return jax.lax.psum(x, MODEL)
+    if axes == DATA:
+      return jax.lax.psum(x, MODEL)
+    return jax.lax.psum_scatter(x, MODEL, scatter_dimension=0, tiled=True)
 
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(MODEL), P(DATA)), out_specs=P(DATA))(
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(MODEL), P(DATA)), out_specs=P(axes))(
       table_RxD, ids_BxT)
 
 

@@ -12,8 +12,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
+from configs import test as test_config
 from pka_jax import evaluate
 from pka_jax import losses
+from pka_jax import models
 from pka_jax import sharding
 
 SCRIPT = r'''
@@ -171,3 +173,48 @@ def test_sharded_top_k_equals_the_dense_top_k(block_size, top_k):
   want = evaluate.top_k_ranks(hidden @ table[:N + 1].T, seen_BxS, targets, top_k=top_k)
   np.testing.assert_array_equal(got[0], want[0])  # top_k 12 > 4 items left in row 2: zeros
   np.testing.assert_array_equal(got[1], want[1])
+
+
+def encoder_sum_and_grads(mesh, rows: int):
+  """A training encoder's (dropout on) weighted sum of hidden states over `rows` sequences
+  and its gradients, jitted with the table split over `mesh` (or on one device, None); and
+  XLA's FLOPs per device for it."""
+  config = test_config.get_config()
+  config.mesh_model = 4  # the same padded table either way
+  model = models.create_model(config, N, deterministic=False, mesh=mesh)
+  keys = jax.random.split(jax.random.key(2), 4)
+  inputs = jax.random.randint(keys[0], (rows, config.maxlen), 1, N + 1)
+  inputs = inputs * (jnp.arange(config.maxlen)[None] >= jnp.arange(rows)[:, None] % 5)  # left pad
+  unsplit = models.create_model(config, N, deterministic=True)
+  params = unsplit.init(keys[1], inputs[:1])['params']
+  weights = jax.random.normal(keys[2], (rows, config.maxlen, config.hidden_units))
+
+  def total(params, inputs):
+    hidden = model.apply({'params': params}, inputs, rngs={'dropout': keys[3]})
+    return jnp.sum(hidden * weights)
+
+  step = jax.jit(jax.value_and_grad(total))
+  if mesh is not None:
+    params = jax.device_put(params, sharding.state_shardings(params, mesh))
+    inputs = jax.device_put(inputs, NamedSharding(mesh, P('data')))
+  compiled = step.lower(params, inputs).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return compiled(params, inputs), cost['flops']
+
+
+@pytest.mark.parametrize('rows', [16, 6])
+def test_the_encoder_splits_its_rows_over_both_axes(rows):
+  # 16 sequences: two on each of the eight devices; were each 'model' shard to encode its
+  # whole 'data' shard, every device would do a quarter of the work, not an eighth. 6 do not
+  # divide over 8 devices: each 'data' shard encodes its 3 on all four of its devices.
+  (value, grads), flops = encoder_sum_and_grads(MESH, rows)
+  (want_value, want_grads), one_device_flops = encoder_sum_and_grads(None, rows)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(want_grads)[0],
+                               jax.tree.leaves(grads)):
+    if "['key']['bias']" not in jax.tree_util.keystr(path):  # true gradient zero: noise only
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5,
+                                 err_msg=jax.tree_util.keystr(path))
+  devices_sharing_rows = 8 if rows % 8 == 0 else 2
+  assert flops * devices_sharing_rows == pytest.approx(one_device_flops, rel=0.2)

@@ -397,47 +397,70 @@ def test_the_data_parallel_pallas_step_lowers_to_its_kernels_for_a_gpu(tmp_path)
   assert text.count('custom_call @__gpu$xla.gpu.triton') == 3
 
 
-@pytest.mark.parametrize('data_parallel', [False, True])
-def test_pallas_attention_trains_like_the_plain_one(tmp_path, data_parallel):
+# One device; the tests' eight, data-parallel; and data 2 x model 4, the item table split,
+# where each of the eight still encodes its own rows (sharding.row_axes).
+MESHES = [pytest.param(None, id='one_device'), pytest.param(1, id='data_8'),
+          pytest.param(4, id='data_2_model_4')]
+
+
+def run_on(tmp_path, mesh_model: int | None, **overrides) -> train.Run:
+  run = train.Run(config(mesh_model=mesh_model or 1, **overrides), str(tmp_path))
+  if mesh_model is not None:
+    assert dict(run.mesh.shape) == {'data': 8 // mesh_model, 'model': mesh_model}
+  return run
+
+
+def per_device_rows(run: train.Run, batch, mesh_model: int | None) -> int:
+  """Positions each device's kernels take: a share of every device's, on any mesh."""
+  return batch['inputs'].size // (1 if mesh_model is None else run.mesh.size)
+
+
+@pytest.mark.parametrize('mesh_model', MESHES)
+def test_pallas_attention_trains_like_the_plain_one(tmp_path, mesh_model):
   # Head size 16 (Triton's smallest tile) and windows of 16: the kernel runs in every block
   # (Pallas's interpreter), with the test config's dropout on the weights; on one device, or
-  # on each of the tests' eight devices' rows (its dropout masks those of the batch's rows).
-  run = train.Run(config(hidden_units=32, attention_impl='plain'), str(tmp_path))
+  # on each device's rows (its dropout masks those of the batch's rows).
+  run = run_on(tmp_path, mesh_model, hidden_units=32, attention_impl='plain')
   batch = first_batch(run)
   assert batch['inputs'].shape[1] == 16
-  plain, pallas, calls = three_steps_each_way(run, batch, data_parallel, attention_impl='pallas')
+  plain, pallas, calls = three_steps_each_way(run, batch, mesh_model is not None,
+                                              attention_impl='pallas')
   assert_same_params(pallas, plain)
   assert len(calls) == 2 * run.config.num_blocks
+  sequences = per_device_rows(run, batch, mesh_model) // 16
+  # The queries, keys and values: a device's sequences x 16 positions x 2 heads x 16.
+  assert set(re.findall(r'tensor<(\d+)x16x2x16xf32>', ' '.join(calls))) == {str(sequences)}
 
 
-@pytest.mark.parametrize('data_parallel', [False, True])
-def test_pallas_layer_norm_trains_like_flax_s(tmp_path, data_parallel):
+@pytest.mark.parametrize('mesh_model', MESHES)
+def test_pallas_layer_norm_trains_like_flax_s(tmp_path, mesh_model):
   # Width 16 and 512 rows a step (64 a device on the tests' eight): every LayerNorm runs the
-  # kernels (Pallas's interpreter), on each device's own rows when data-parallel.
-  run = train.Run(config(), str(tmp_path))
+  # kernels (Pallas's interpreter), on each device's own rows on a mesh.
+  run = run_on(tmp_path, mesh_model)
   batch = first_batch(run)
-  flax_s, pallas, calls = three_steps_each_way(run, batch, data_parallel,
+  flax_s, pallas, calls = three_steps_each_way(run, batch, mesh_model is not None,
                                                layer_norm_impl='pallas')
   assert_same_params(pallas, flax_s)
   layer_norms = 2 * run.config.num_blocks + 1
   assert len(calls) == 2 * layer_norms
-  rows, width = batch['inputs'].size // (run.mesh.size if data_parallel else 1), 16
+  rows, width = per_device_rows(run, batch, mesh_model), 16
   # Each device's own rows: the step's whole batch would be every device's under GSPMD.
   assert set(re.findall(r': \(tensor<(\d+x\d+)x', ' '.join(calls))) == {f'{rows}x{width}'}
 
 
-@pytest.mark.parametrize('data_parallel', [False, True])
-def test_pallas_feed_forward_trains_like_the_xla_one(tmp_path, data_parallel):
+@pytest.mark.parametrize('mesh_model', MESHES)
+def test_pallas_feed_forward_trains_like_the_xla_one(tmp_path, mesh_model):
   # Width 16 and 512 rows a step (64 a device on the tests' eight), with the test config's
   # dropout: every block's second half runs the kernels (Pallas's interpreter), on each
-  # device's own rows, and their dropout masks, when data-parallel.
-  run = train.Run(config(), str(tmp_path))
+  # device's own rows, and their dropout masks, on a mesh.
+  run = run_on(tmp_path, mesh_model)
   batch = first_batch(run)
   assert run.config.dropout > 0
-  xla, pallas, calls = three_steps_each_way(run, batch, data_parallel, ffn_impl='pallas')
+  xla, pallas, calls = three_steps_each_way(run, batch, mesh_model is not None,
+                                            ffn_impl='pallas')
   assert_same_params(pallas, xla)
   assert len(calls) == 2 * run.config.num_blocks
-  rows = batch['inputs'].size // (run.mesh.size if data_parallel else 1)
+  rows = per_device_rows(run, batch, mesh_model)
   # Each call's operands: the dropout seeds, then the rows.
   assert set(re.findall(r': \(tensor<8xui32>, tensor<(\d+x\d+)x', ' '.join(calls))) == {
       f'{rows}x16'}
