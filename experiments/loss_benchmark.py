@@ -4,6 +4,8 @@ kernels (pka_jax/pallas_loss.py) in several tilings, on the default device.
   python experiments/loss_benchmark.py                       # ML-1M's PKA shape, bfloat16
   python experiments/loss_benchmark.py --dtype=float32 --json=/tmp/loss.json
   python experiments/loss_benchmark.py --tilings=64x128x4x2,128x64x8x3
+  python experiments/loss_benchmark.py --dtype=float32 --rows=4096 --items=64367 \
+      --block_sizes=16384  # Yelp's shape: the blockwise loss (config.ce_block_size)
 
 Each variant is the jitted value and gradients (hidden states and item table) of one batch's
 loss sum. For each it prints the time (median of single calls, and back to back), its model
@@ -32,6 +34,9 @@ _WIDTH = flags.DEFINE_integer('width', 128, 'Hidden width d.')
 _TILINGS = flags.DEFINE_list(
     'tilings', ['64x128x4x2', '64x64x4x3', '128x64x8x2', '128x128x8x2', '32x128x4x2'],
     'Pallas tilings as block_rows x block_items x num_warps x num_stages.')
+_BLOCK_SIZES = flags.DEFINE_list(
+    'block_sizes', [], 'Also the blockwise loss with items in blocks of these sizes '
+    '(config.ce_block_size).')
 _FLAGS = kernel_timing.define_flags('Hidden states.', timed='variant')
 
 
@@ -48,6 +53,9 @@ def parse_tiling(text: str) -> pallas_loss.Tiling:
 def variants(interpret: bool | None) -> dict:
   """Name → loss function `(hidden, table, targets) -> (sum, count)`."""
   found = {'chunked': losses.chunked_cross_entropy, 'full': losses.full_cross_entropy}
+  for size in _BLOCK_SIZES.value:
+    found[f'blockwise {size}'] = (
+        lambda h, e, t, size=int(size): losses.blockwise_cross_entropy(h, e, t, size))
   tilings = {text: parse_tiling(text) for text in _TILINGS.value}
   if interpret is not False:
     for text, tiling in tilings.items():

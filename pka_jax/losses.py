@@ -6,15 +6,18 @@ Three exact implementations of the full-catalog cross-entropy, one definition:
 * `chunked_cross_entropy` (the default): rows in chunks whose logits fit in cache, the
   gradients computed in the same pass as the loss, so no logits are ever stored or recomputed;
 * `blockwise_cross_entropy`: items in blocks, for catalogs whose logits for even a few rows
-  would not fit (memory of one block, about 2x the FLOPs).
+  would not fit (memory of one tile of logits; a third more FLOPs, the logits recomputed
+  backward). `sharded_cross_entropy` is the same loop on each device's rows of a table
+  split over devices.
 
-These two, and `sharded_cross_entropy` (the table split over devices), sort the real targets
-first and skip the chunks of rows that hold none: a batch costs the catalog products of its
-real positions, however much of its windows is padding.
+All but the first sort the real targets first and skip the chunks of rows that hold none: a
+batch costs the catalog products of its real positions, however much of its windows is
+padding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -65,103 +68,179 @@ def blockwise_cross_entropy(
 ) -> tuple[jax.Array, jax.Array]:
   """`full_cross_entropy` without the `B×T×N` logits: items are scored `block_size` at a time.
 
-  Exact. The forward pass keeps a running log-sum-exp per position; the backward pass
-  recomputes each block's softmax, so memory holds one `rows × block_size` block at a time.
-  Rows go in chunks of `chunk_rows` (0: `chunk_rows_for` the block), real targets first; a
-  chunk without one is skipped, so padding costs no catalog products.
+  Exact. Each block of the table is read once forward and once backward, and its gradient
+  written once, in place: the loops run over the blocks, and within a block over chunks of
+  `chunk_rows` rows (0: `chunk_rows_for` the block), real targets first, up to the last
+  chunk holding one, so padding costs no catalog products. Forward keeps a running
+  log-sum-exp per position; backward recomputes each block's softmax, so memory holds one
+  `rows × block_size` tile of logits at a time.
   """
+  return _blockwise(hidden_BxTxD, item_emb_VxD, targets_BxT, block_size=block_size,
+                    chunk_rows=chunk_rows, num_items=item_emb_VxD.shape[0] - 1, axis=None)
+
+
+def sharded_cross_entropy(
+    hidden_BxTxD: jax.Array, table_RxD: jax.Array, targets_BxT: jax.Array, *,
+    num_items: int, block_size: int, chunk_rows: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """`blockwise_cross_entropy` inside shard_map over ('data', 'model'), the item table's rows
+  split over 'model' (sharding.py).
+
+  Each shard scores its rows `[first, first + R)` of the table; the shards' log-sum-exps
+  meet in a `pmax` and a `psum` of one number per position, the target logit in a `psum`
+  from the shard that holds it. The table's gradient stays on its shard, the hidden states'
+  gradient is summed over 'model'. Rows outside `1..num_items` never score. Every 'model'
+  shard holds the same positions, so their loops run alike and the collectives, outside
+  them, line up.
+  """
+  return _blockwise(hidden_BxTxD, table_RxD, targets_BxT, block_size=block_size,
+                    chunk_rows=chunk_rows, num_items=num_items, axis=sharding.MODEL)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How `_blockwise_nll_sum` walks the table: blocks of `block_size` rows (the last one
+  moved back to end with the table), chunks of `rows` positions; ids `1..num_items` score;
+  `axis`, if any, is the mesh axis the table's rows are split over."""
+  block_size: int
+  rows: int
+  num_items: int
+  axis: str | None
+
+
+def _blockwise(hidden_BxTxD, table_VxD, targets_BxT, *, block_size, chunk_rows, num_items,
+               axis):
   rows = chunk_rows or chunk_rows_for(block_size, targets_BxT.size)
-  hidden_MxD, targets_M, weight_M = _real_rows_first(hidden_BxTxD, targets_BxT, rows,
-                                                     hidden_BxTxD.dtype)
-  total = _blockwise_nll_sum(hidden_MxD, item_emb_VxD[1:], targets_M, weight_M, block_size,
-                             rows)
+  hidden_MxD, targets_M, weight_M = _real_rows_first(hidden_BxTxD, targets_BxT, rows)
+  if axis is not None:  # a varying copy: its gradient, per shard, is summed over `axis`
+    hidden_MxD = jax.lax.pcast(hidden_MxD, axis, to='varying')
+  plan = _Plan(min(block_size, table_VxD.shape[0]), rows, num_items, axis)
+  total = _blockwise_nll_sum(hidden_MxD, table_VxD, targets_M, weight_M, plan)
   return total, jnp.sum(weight_M)
 
 
-def _item_blocks(items_NxD: jax.Array, block_size: int) -> tuple[jax.Array, jax.Array]:
-  """Items as `num_blocks × block_size × D` (zero-padded) and a mask of the real ones."""
-  n, d = items_NxD.shape
-  num_blocks = -(-n // block_size)
-  padded = jnp.pad(items_NxD, ((0, num_blocks * block_size - n), (0, 0)))
-  real = jnp.arange(num_blocks * block_size) < n
-  return padded.reshape(num_blocks, block_size, d), real.reshape(num_blocks, block_size)
+def _first_item(table_VxD, plan: _Plan):
+  """The item id of this device's first row of the table."""
+  return 0 if plan.axis is None else sharding.shard_range(table_VxD.shape[0])
 
 
-def _block_logits(hidden_MxD, block_KxD, real_K):
-  logits_MxK = jnp.dot(hidden_MxD, block_KxD.T, preferred_element_type=jnp.float32)
-  return jnp.where(real_K[None, :], logits_MxK, -jnp.inf)
+def _table_block(table_VxD, index, plan: _Plan, dtype):
+  """Block `index` of the table, `(start, rows_KxD, scores_K)`: the last block ends with the
+  table, and its rows that the block before holds do not score in it, nor rows that are
+  no item."""
+  size = plan.block_size
+  start = jnp.minimum(index * size, table_VxD.shape[0] - size)
+  row_K = start + jnp.arange(size)
+  item_K = _first_item(table_VxD, plan) + row_K
+  scores_K = (row_K >= index * size) & (item_K >= 1) & (item_K <= plan.num_items)
+  block_KxD = jax.lax.dynamic_slice_in_dim(table_VxD, start, size).astype(dtype)
+  return start, block_KxD, scores_K
 
 
-def _log_sum_exp_over_blocks(hidden_MxD, items_NxD, block_size):
-  blocks, real = _item_blocks(items_NxD, block_size)
+def _block_logits(hidden_RxD, block_KxD, scores_K):
+  logits_RxK = jnp.dot(hidden_RxD, block_KxD.T, preferred_element_type=jnp.float32)
+  return jnp.where(scores_K[None, :], logits_RxK, -jnp.inf)
 
-  def add_block(carry, block):
+
+def _walk(table_VxD, weight_M, plan: _Plan, dtype, carry, chunk_step):
+  """`carry` through `chunk_step(carry, block, chunk_start)` for every block (`_table_block`,
+  in `dtype`) and every chunk of rows up to the last with a real target (sorted first),
+  blocks outermost."""
+  chunks = (jnp.sum(weight_M > 0).astype(jnp.int32) + plan.rows - 1) // plan.rows
+  blocks = -(-table_VxD.shape[0] // plan.block_size)
+
+  def over_block(index, carry):
+    block = _table_block(table_VxD, index, plan, dtype)
+    return jax.lax.fori_loop(
+        0, chunks, lambda c, carry: chunk_step(carry, block, c * plan.rows), carry)
+
+  return jax.lax.fori_loop(0, blocks, over_block, carry)
+
+
+def _held_targets(table_VxD, targets_M, plan: _Plan):
+  """Each target's row on this device, and whether it holds it."""
+  rows = table_VxD.shape[0]
+  row_M = targets_M - _first_item(table_VxD, plan)
+  held_M = (targets_M > 0) & (row_M >= 0) & (row_M < rows)
+  return jnp.clip(row_M, 0, rows - 1), held_M
+
+
+def _sum_over(x, plan: _Plan):
+  return x if plan.axis is None else jax.lax.psum(x, plan.axis)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blockwise_nll_sum(hidden_MxD, table_VxD, targets_M, weight_M, plan: _Plan):
+  return _blockwise_forward(hidden_MxD, table_VxD, targets_M, weight_M, plan)[0]
+
+
+def _blockwise_forward(hidden_MxD, table_VxD, targets_M, weight_M, plan: _Plan):
+  rows = plan.rows
+
+  def chunk_step(carry, block, at):
     max_M, sum_M = carry
-    logits_MxK = _block_logits(hidden_MxD, *block)
-    new_max_M = jnp.maximum(max_M, logits_MxK.max(axis=1))
-    sum_M = sum_M * jnp.exp(max_M - new_max_M) + jnp.exp(
-        logits_MxK - new_max_M[:, None]).sum(axis=1)
-    return (new_max_M, sum_M), None
+    _, block_KxD, scores_K = block
+    logits_RxK = _block_logits(jax.lax.dynamic_slice_in_dim(hidden_MxD, at, rows), block_KxD,
+                               scores_K)
+    old_max_R = jax.lax.dynamic_slice_in_dim(max_M, at, rows)
+    new_max_R = jnp.maximum(old_max_R, logits_RxK.max(axis=1))
+    shift_R = jnp.where(jnp.isfinite(new_max_R), new_max_R, 0.0)  # nothing scored yet
+    sum_R = (jax.lax.dynamic_slice_in_dim(sum_M, at, rows) * jnp.exp(old_max_R - shift_R)
+             + jnp.exp(logits_RxK - shift_R[:, None]).sum(axis=1))
+    return (jax.lax.dynamic_update_slice_in_dim(max_M, new_max_R, at, 0),
+            jax.lax.dynamic_update_slice_in_dim(sum_M, sum_R, at, 0))
 
-  # Shaped like the rows (full_like): under shard_map the carry varies per device as they do.
-  start = (jnp.full_like(hidden_MxD[:, 0], -jnp.inf), jnp.zeros_like(hidden_MxD[:, 0]))
-  (max_M, sum_M), _ = jax.lax.scan(add_block, start, (blocks, real))
-  return max_M + jnp.log(sum_M)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blockwise_nll_sum(hidden_MxD, items_NxD, targets_M, weight_M, block_size, rows):
-  return _blockwise_forward(hidden_MxD, items_NxD, targets_M, weight_M, block_size, rows)[0]
-
-
-def _blockwise_forward(hidden_MxD, items_NxD, targets_M, weight_M, block_size, rows):
-  def chunk_log_z(chunk):
-    return _log_sum_exp_over_blocks(chunk[0], items_NxD, block_size)
-
-  chunks = _chunks(rows, hidden_MxD, targets_M, weight_M)
-  _, log_z_CxR = jax.lax.scan(lambda _, c: (None, _unless_empty(chunk_log_z, c)), None, chunks)
-  log_z_M = log_z_CxR.reshape(-1)
-  target_emb_MxD = items_NxD[jnp.maximum(targets_M - 1, 0)]
-  target_logit_M = jnp.einsum('md,md->m', hidden_MxD, target_emb_MxD)
+  # Shaped like the rows (full_like): under shard_map the carries vary as they do.
+  start = (jnp.full_like(hidden_MxD[:, 0], -jnp.inf, jnp.float32),
+           jnp.zeros_like(hidden_MxD[:, 0], jnp.float32))
+  max_M, sum_M = _walk(table_VxD, weight_M, plan, hidden_MxD.dtype, start, chunk_step)
+  if plan.axis is not None:
+    global_max_M = jax.lax.pmax(max_M, plan.axis)
+    shift_M = jnp.where(jnp.isfinite(global_max_M), global_max_M, 0.0)
+    sum_M = jax.lax.psum(sum_M * jnp.exp(max_M - shift_M), plan.axis)
+    max_M = shift_M
+  log_z_M = max_M + jnp.log(sum_M)
+  row_M, held_M = _held_targets(table_VxD, targets_M, plan)
+  target_logit_M = _sum_over(jnp.where(held_M, jnp.einsum(
+      'md,md->m', hidden_MxD, table_VxD[row_M].astype(hidden_MxD.dtype),
+      preferred_element_type=jnp.float32), 0.0), plan)
   # Rows without a target add nothing (where, not a product: nothing of theirs is read).
   total = jnp.sum(jnp.where(weight_M > 0, log_z_M - target_logit_M, 0.0))
-  return total, (hidden_MxD, items_NxD, targets_M, weight_M, log_z_M)
+  return total, (hidden_MxD, table_VxD, targets_M, weight_M, log_z_M)
 
 
-def _blockwise_backward(block_size, rows, residuals, grad_total):
-  hidden_MxD, items_NxD, targets_M, weight_M, log_z_M = residuals
-  blocks, real = _item_blocks(items_NxD, block_size)
+def _blockwise_backward(plan: _Plan, residuals, grad_total):
+  hidden_MxD, table_VxD, targets_M, weight_M, log_z_M = residuals
+  dtype, rows = hidden_MxD.dtype, plan.rows
   scale_M = grad_total * weight_M
 
-  def chunk_grads(chunk):
-    hidden_RxD, _, _, log_z_R, scale_R = chunk
+  def chunk_step(carry, block, at):
+    grad_hidden_MxD, grad_table_VxD = carry
+    start, block_KxD, scores_K = block
+    hidden_RxD = jax.lax.dynamic_slice_in_dim(hidden_MxD, at, rows)
+    # d(loss)/d(logits) = softmax - onehot; the softmax part here, the onehot part below.
+    probs_RxK = jnp.exp(_block_logits(hidden_RxD, block_KxD, scores_K)
+                        - jax.lax.dynamic_slice_in_dim(log_z_M, at, rows)[:, None])
+    probs_RxK = (probs_RxK * jax.lax.dynamic_slice_in_dim(scale_M, at, rows)[:, None]
+                 ).astype(dtype)
+    grad_hidden_RxD = (jax.lax.dynamic_slice_in_dim(grad_hidden_MxD, at, rows)
+                       + jnp.dot(probs_RxK, block_KxD, preferred_element_type=jnp.float32))
+    # Rows the block does not score get zeros: adding them keeps what the block before put.
+    grad_block_KxD = (jax.lax.dynamic_slice_in_dim(grad_table_VxD, start, plan.block_size)
+                      + jnp.einsum('rk,rd->kd', probs_RxK, hidden_RxD,
+                                   preferred_element_type=jnp.float32))
+    return (jax.lax.dynamic_update_slice_in_dim(grad_hidden_MxD, grad_hidden_RxD, at, 0),
+            jax.lax.dynamic_update_slice_in_dim(grad_table_VxD, grad_block_KxD, start, 0))
 
-    def block_grads(grad_hidden_RxD, block):
-      block_KxD, real_K = block
-      # d(loss)/d(logits) = softmax - onehot; the softmax part here, the onehot part below.
-      probs_RxK = jnp.exp(_block_logits(hidden_RxD, block_KxD, real_K) - log_z_R[:, None])
-      probs_RxK = probs_RxK * scale_R[:, None]
-      return grad_hidden_RxD + probs_RxK @ block_KxD, probs_RxK.T @ hidden_RxD
-
-    grad_hidden_RxD, grad_blocks = jax.lax.scan(
-        block_grads, jnp.zeros_like(hidden_RxD), (blocks, real))
-    return grad_hidden_RxD, grad_blocks
-
-  def add_chunk(grad_blocks, chunk):
-    grad_hidden_RxD, chunk_blocks = _unless_empty(chunk_grads, chunk)
-    return grad_blocks + chunk_blocks, grad_hidden_RxD
-
-  chunks = _chunks(rows, hidden_MxD, targets_M, weight_M, log_z_M, scale_M)
-  grad_blocks, grad_hidden_CxRxD = jax.lax.scan(
-      add_chunk, jnp.zeros_like(blocks, hidden_MxD.dtype), chunks)
-  grad_hidden_MxD = grad_hidden_CxRxD.reshape(hidden_MxD.shape)
-  n = items_NxD.shape[0]
-  grad_items_NxD = grad_blocks.reshape(-1, items_NxD.shape[1])[:n]
-  target_M = jnp.maximum(targets_M - 1, 0)
-  grad_hidden_MxD = grad_hidden_MxD - scale_M[:, None] * items_NxD[target_M]
-  grad_items_NxD = grad_items_NxD.at[target_M].add(
-      jnp.where(weight_M[:, None] > 0, -scale_M[:, None] * hidden_MxD, 0.0))
-  return grad_hidden_MxD, grad_items_NxD, None, None
+  # Shaped like the rows and the table: under shard_map they vary as those do.
+  start = (jnp.zeros_like(hidden_MxD, jnp.float32), jnp.zeros_like(table_VxD, jnp.float32))
+  grad_hidden_MxD, grad_table_VxD = _walk(table_VxD, weight_M, plan, dtype, start, chunk_step)
+  row_M, held_M = _held_targets(table_VxD, targets_M, plan)
+  target_scale_M = jnp.where(held_M, scale_M, 0.0)
+  grad_hidden_MxD = grad_hidden_MxD - target_scale_M[:, None] * table_VxD[row_M]
+  grad_table_VxD = grad_table_VxD.at[row_M].add(jnp.where(
+      held_M[:, None], -target_scale_M[:, None] * hidden_MxD.astype(jnp.float32), 0.0))
+  return grad_hidden_MxD.astype(dtype), grad_table_VxD.astype(table_VxD.dtype), None, None
 
 
 _blockwise_nll_sum.defvjp(_blockwise_forward, _blockwise_backward)
@@ -296,139 +375,3 @@ def _chunked_backward(rows, residuals, grad_total):
 _chunked_nll_sum.defvjp(_chunked_forward, _chunked_backward)
 
 
-def sharded_cross_entropy(
-    hidden_BxTxD: jax.Array, table_RxD: jax.Array, targets_BxT: jax.Array, *,
-    num_items: int, block_size: int, chunk_rows: int = 0,
-) -> tuple[jax.Array, jax.Array]:
-  """`full_cross_entropy` inside shard_map over ('data', 'model'), the item table's rows split
-  over 'model' (sharding.py).
-
-  Each shard scores its rows `[first, first + R)` of the table `block_size` at a time; the
-  shards' log-sum-exps meet in a `pmax` and a `psum` of one number per position, the target
-  logit in a `psum` from the shard that holds it. The backward pass recomputes each block's
-  softmax with the global log-sum-exp: the table's gradient stays on its shard, the hidden
-  states' gradient is summed over 'model'. Rows outside `1..num_items` never score. Positions
-  go in chunks of `chunk_rows` (0: `chunk_rows_for` the block), real targets first, and a
-  chunk without one is skipped; every 'model' shard holds the same positions, so they skip
-  alike and the collectives, outside the chunk loops, line up.
-  """
-  rows = chunk_rows or chunk_rows_for(block_size, targets_BxT.size)
-  hidden_MxD, targets_M, weight_M = _real_rows_first(hidden_BxTxD, targets_BxT, rows)
-  total = _sharded_nll_sum(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items,
-                           rows)
-  return total, jnp.sum(weight_M)
-
-
-def _shard_blocks(table_RxD, block_size, num_items):
-  """This shard's rows in blocks, with a mask of the rows that are items (1..num_items)."""
-  rows = table_RxD.shape[0]
-  item_R = sharding.shard_range(rows) + jnp.arange(rows)
-  blocks, real = _item_blocks(table_RxD, block_size)
-  in_catalog = jnp.pad((item_R >= 1) & (item_R <= num_items), (0, real.size - rows))
-  return blocks, real & in_catalog.reshape(real.shape)
-
-
-def _held_targets(table_RxD, targets_M):
-  """Each target's row on this shard, and whether this shard holds it."""
-  rows = table_RxD.shape[0]
-  row_M = targets_M - sharding.shard_range(rows)
-  held_M = (targets_M > 0) & (row_M >= 0) & (row_M < rows)
-  return jnp.clip(row_M, 0, rows - 1), held_M
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _sharded_nll_sum(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items, rows):
-  return _sharded_forward(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items,
-                          rows)[0]
-
-
-def _shard_max_sum(hidden_RxD, blocks, real):
-  """Per row: the max of this shard's logits and the sum of their exponentials below it."""
-
-  def block_max_sum(block):
-    logits_RxK = _block_logits(hidden_RxD, *block)
-    max_R = logits_RxK.max(axis=1)
-    shift_R = jnp.where(jnp.isfinite(max_R), max_R, 0.0)  # a block of unused rows only
-    return max_R, jnp.exp(logits_RxK - shift_R[:, None]).sum(axis=1)
-
-  def add_block(carry, block):
-    max_R, sum_R = carry
-    block_max_R, block_sum_R = block_max_sum(block)
-    new_max_R = jnp.maximum(max_R, block_max_R)
-    shift_R = jnp.where(jnp.isfinite(new_max_R), new_max_R, 0.0)
-    rescale = lambda m: jnp.exp(jnp.where(jnp.isfinite(m), m, -jnp.inf) - shift_R)
-    return (new_max_R, sum_R * rescale(max_R) + block_sum_R * rescale(block_max_R)), None
-
-  # The first block seeds the carry: under shard_map it has the per-shard type the scan needs.
-  start = block_max_sum((blocks[0], real[0]))
-  (max_R, sum_R), _ = jax.lax.scan(add_block, start, (blocks[1:], real[1:]))
-  return max_R, sum_R
-
-
-def _sharded_forward(hidden_MxD, table_RxD, targets_M, weight_M, block_size, num_items, rows):
-  blocks, real = _shard_blocks(table_RxD.astype(hidden_MxD.dtype), block_size, num_items)
-  chunk_max_sum = lambda chunk: _shard_max_sum(chunk[0], blocks, real)
-  # A skipped chunk gets max 0 and sum 0: its log-sum-exp is -inf, and its rows no weight.
-  _, (max_CxR, sum_CxR) = jax.lax.scan(
-      lambda _, chunk: (None, _unless_empty(chunk_max_sum, chunk)), None,
-      _chunks(rows, hidden_MxD, targets_M, weight_M))
-  max_M, sum_M = max_CxR.reshape(-1), sum_CxR.reshape(-1)
-  global_max_M = jax.lax.pmax(max_M, sharding.MODEL)
-  log_z_M = global_max_M + jnp.log(
-      jax.lax.psum(sum_M * jnp.exp(max_M - global_max_M), sharding.MODEL))
-  row_M, held_M = _held_targets(table_RxD, targets_M)
-  target_logit_M = jax.lax.psum(jnp.where(held_M, jnp.einsum(
-      'md,md->m', hidden_MxD, table_RxD[row_M].astype(hidden_MxD.dtype),
-      preferred_element_type=jnp.float32), 0.0), sharding.MODEL)
-  total = jnp.sum(jnp.where(weight_M > 0, log_z_M - target_logit_M, 0.0))
-  return total, (hidden_MxD, table_RxD, targets_M, weight_M, log_z_M)
-
-
-def _sharded_backward(block_size, num_items, rows, residuals, grad_total):
-  hidden_MxD, table_RxD, targets_M, weight_M, log_z_M = residuals
-  dtype = hidden_MxD.dtype
-  blocks, real = _shard_blocks(table_RxD.astype(dtype), block_size, num_items)
-  scale_M = grad_total * weight_M
-
-  def chunk_grads(chunk):
-    hidden_RxD, _, _, log_z_R, scale_R = chunk
-
-    def block_grads(block):
-      block_KxD, real_K = block
-      probs_RxK = jnp.exp(_block_logits(hidden_RxD, block_KxD, real_K) - log_z_R[:, None])
-      probs_RxK = (probs_RxK * scale_R[:, None]).astype(dtype)
-      return (jnp.dot(probs_RxK, block_KxD, preferred_element_type=jnp.float32),
-              jnp.dot(probs_RxK.T, hidden_RxD, preferred_element_type=jnp.float32))
-
-    def add_block(grad_hidden_RxD, block):
-      grad_hidden, grad_block = block_grads(block)
-      return grad_hidden_RxD + grad_hidden, grad_block
-
-    first_hidden_RxD, first_block_KxD = block_grads((blocks[0], real[0]))
-    grad_hidden_RxD, grad_blocks = jax.lax.scan(add_block, first_hidden_RxD,
-                                                (blocks[1:], real[1:]))
-    return grad_hidden_RxD, jnp.concatenate([first_block_KxD[None], grad_blocks])
-
-  def add_chunk(grad_blocks, chunk):
-    grad_hidden_RxD, chunk_blocks = _unless_empty(chunk_grads, chunk)
-    return grad_blocks + chunk_blocks, grad_hidden_RxD
-
-  chunks = _chunks(rows, hidden_MxD, targets_M, weight_M, log_z_M, scale_M)
-  # The first chunk (real targets come first) seeds the table's gradient, with its type.
-  first_hidden_RxD, first_blocks = chunk_grads(jax.tree.map(lambda c: c[0], chunks))
-  grad_blocks, grad_hidden_CxRxD = jax.lax.scan(
-      add_chunk, first_blocks, jax.tree.map(lambda c: c[1:], chunks))
-  grad_hidden_MxD = jnp.concatenate([first_hidden_RxD[None], grad_hidden_CxRxD]).reshape(
-      hidden_MxD.shape)
-  table_rows = table_RxD.shape[0]
-  grad_table_RxD = grad_blocks.reshape(-1, table_RxD.shape[1])[:table_rows]
-  row_M, held_M = _held_targets(table_RxD, targets_M)
-  target_scale_M = jnp.where(held_M, scale_M, 0.0)
-  grad_hidden_MxD = grad_hidden_MxD - target_scale_M[:, None] * table_RxD[row_M]
-  grad_table_RxD = grad_table_RxD.at[row_M].add(jnp.where(
-      held_M[:, None], -target_scale_M[:, None] * hidden_MxD.astype(jnp.float32), 0.0))
-  grad_hidden_MxD = jax.lax.psum(grad_hidden_MxD, sharding.MODEL)
-  return grad_hidden_MxD.astype(dtype), grad_table_RxD.astype(table_RxD.dtype), None, None
-
-
-_sharded_nll_sum.defvjp(_sharded_forward, _sharded_backward)
