@@ -92,8 +92,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # ---- training ----
   config.loss = 'ce'  # ce: full-catalog softmax cross-entropy; bce: sampled negatives
-  # ce over items in blocks of this size (exact; memory of one B·T × block slab instead of the
-  # B·T × N logits, about 2x the loss FLOPs); 0 computes all logits at once.
+  # ce over items in blocks of this size (exact; memory of one chunk of rows' logits over a
+  # block instead of all B·T × N, a third more loss FLOPs: the logits recomputed backward);
+  # 0: chunks of rows over the whole catalog at once (ce_chunk_rows).
   config.ce_block_size = 0
   # With ce_block_size 0: rows per chunk of the fused loss (0: chunk logits of ~8 MB on CPU,
   # ~1 GB on accelerators). Exact whatever the value; a speed and memory setting.
