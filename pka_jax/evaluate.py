@@ -249,39 +249,41 @@ def block_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Ar
   `B × block_size` scores exist at once. Item 0, rows past `num_items` and the (row, item)
   pairs seen are masked; `adjust` may change a block's scores first.
   """
-  rows, dim = table_RxD.shape
-  blocks = -(-rows // block_size)
-  table_NxBxD = jnp.pad(table_RxD, ((0, blocks * block_size - rows), (0, 0))).reshape(
-      blocks, block_size, dim).astype(hidden_BxD.dtype)
-  keep = min(top_k, block_size)
+  rows = table_RxD.shape[0]
+  size = min(block_size, rows)
+  blocks = -(-rows // size)
+  keep = min(top_k, size)
 
-  def block_top(block_KxD, index):
-    start = first + index * block_size
-    item_K = start + jnp.arange(block_size)
+  def block_top(index):
+    # Sliced where it is scored, the last block moved back to end with the table (its rows
+    # that the block before holds do not score again): no padded copy of the table a batch.
+    at = jnp.minimum(index * size, rows - size)
+    row_K = at + jnp.arange(size)
+    item_K = first + row_K
+    block_KxD = jax.lax.dynamic_slice_in_dim(table_RxD, at, size).astype(hidden_BxD.dtype)
     scores_BxK = jnp.dot(hidden_BxD, block_KxD.T, preferred_element_type=jnp.float32)
     if adjust is not None:
       scores_BxK = adjust(scores_BxK, item_K)
-    real_K = (item_K >= 1) & (item_K <= num_items) & (item_K < first + rows)
+    real_K = (row_K >= index * size) & (item_K >= 1) & (item_K <= num_items)
     scores_BxK = jnp.where(real_K[None, :], scores_BxK, -jnp.inf)
-    column_P = seen_items_P - start
-    in_block_P = (seen_items_P > 0) & (column_P >= 0) & (column_P < block_size)
-    scores_BxK = scores_BxK.at[seen_rows_P, jnp.where(in_block_P, column_P, block_size)].set(
+    column_P = seen_items_P - (first + at)
+    in_block_P = (seen_items_P > 0) & (column_P >= 0) & (column_P < size)
+    scores_BxK = scores_BxK.at[seen_rows_P, jnp.where(in_block_P, column_P, size)].set(
         -jnp.inf, mode='drop')
     block_scores, block_columns = grouped_top_k(scores_BxK, keep)
     return block_scores, item_K[block_columns].astype(jnp.int32)
 
-  def add_block(best, block):
+  def add_block(best, index):
     merged_scores, merged_items = (jnp.concatenate([a, b], axis=1)
-                                   for a, b in zip(best, block_top(*block)))
+                                   for a, b in zip(best, block_top(index)))
     top_scores, top_index = jax.lax.top_k(merged_scores, top_k)
     return (top_scores, jnp.take_along_axis(merged_items, top_index, axis=1)), None
 
   # The first block seeds the running list (under shard_map it carries the right type).
-  first_scores, first_items = block_top(table_NxBxD[0], 0)
+  first_scores, first_items = block_top(0)
   start = (jnp.pad(first_scores, ((0, 0), (0, top_k - keep)), constant_values=-jnp.inf),
            jnp.pad(first_items, ((0, 0), (0, top_k - keep))))
-  (scores_BxK, items_BxK), _ = jax.lax.scan(
-      add_block, start, (table_NxBxD[1:], jnp.arange(1, blocks)))
+  (scores_BxK, items_BxK), _ = jax.lax.scan(add_block, start, jnp.arange(1, blocks))
   return scores_BxK, items_BxK
 
 
