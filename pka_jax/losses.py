@@ -146,7 +146,7 @@ def _walk(table_VxD, weight_M, plan: _Plan, dtype, carry, chunk_step):
   """`carry` through `chunk_step(carry, block, chunk_start)` for every block (`_table_block`,
   in `dtype`) and every chunk of rows up to the last with a real target (sorted first),
   blocks outermost."""
-  chunks = (jnp.sum(weight_M > 0).astype(jnp.int32) + plan.rows - 1) // plan.rows
+  chunks = _chunks_with_targets(weight_M, plan.rows)
   blocks = -(-table_VxD.shape[0] // plan.block_size)
 
   def over_block(index, carry):
@@ -272,13 +272,14 @@ def chunked_cross_entropy(
   return total, jnp.sum(weight_M)
 
 
-def _real_rows_first(hidden_BxTxD: jax.Array, targets_BxT: jax.Array, rows: int,
-                     weight_dtype=jnp.float32) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _real_rows_first(hidden_BxTxD: jax.Array, targets_BxT: jax.Array, rows: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Positions as rows `(hidden_MxD, targets_M, weight_M)`, real targets first (a stable
   sort) and padded to whole chunks of `rows`: the chunks after the real rows hold none, and
-  `_unless_empty` skips them, so padding costs no catalog products. Rows that fit one chunk
-  (an accelerator's whole batch) keep their order: there is no chunk to skip, and the sort
-  and gather took ~60 µs of a 2.5 ms step on an H200 (the gather's gradient is a scatter)."""
+  the losses' loops stop before them (`_chunks_with_targets`), so padding costs no catalog
+  products. Rows that fit one chunk (an accelerator's whole batch) keep their order: there
+  is no chunk to skip, and the sort and gather took ~60 µs of a 2.5 ms step on an H200 (the
+  gather's gradient is a scatter)."""
   hidden_MxD = hidden_BxTxD.reshape(-1, hidden_BxTxD.shape[-1])
   targets_M = targets_BxT.reshape(-1)
   if targets_M.shape[0] > rows:
@@ -286,17 +287,12 @@ def _real_rows_first(hidden_BxTxD: jax.Array, targets_BxT: jax.Array, rows: int,
     hidden_MxD, targets_M = hidden_MxD[order_M], targets_M[order_M]
   pad = -targets_M.shape[0] % rows
   hidden_MxD, targets_M = jnp.pad(hidden_MxD, ((0, pad), (0, 0))), jnp.pad(targets_M, (0, pad))
-  return hidden_MxD, targets_M, (targets_M > 0).astype(weight_dtype)
+  return hidden_MxD, targets_M, (targets_M > 0).astype(jnp.float32)
 
 
-def _unless_empty(fn, chunk):
-  """`fn(chunk)`, or its zeros without computing it when the chunk has no real target."""
-  zeros = lambda chunk: jax.tree.map(jnp.zeros_like, jax.eval_shape(fn, chunk))
-  return jax.lax.cond(jnp.any(chunk[2] > 0), fn, zeros, chunk)
-
-
-def _chunks(rows: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
-  return tuple(a.reshape(a.shape[0] // rows, rows, *a.shape[1:]) for a in arrays)
+def _chunks_with_targets(weight_M: jax.Array, rows: int) -> jax.Array:
+  """How many chunks of `rows` rows reach the last real target (real targets come first)."""
+  return (jnp.sum(weight_M > 0).astype(jnp.int32) + rows - 1) // rows
 
 
 def _chunk_softmax(hidden_RxD, items_NxD, targets_R):
@@ -319,50 +315,49 @@ def _chunk_softmax(hidden_RxD, items_NxD, targets_R):
 def _chunked_nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
   items_NxD = item_emb_VxD[1:].astype(hidden_MxD.dtype)
 
-  def nll(chunk):
-    hidden_RxD, targets_R, weight_R = chunk
+  def add_chunk(index, total):
+    at = index * rows
+    hidden_RxD, targets_R, weight_R = (jax.lax.dynamic_slice_in_dim(x, at, rows)
+                                       for x in (hidden_MxD, targets_M, weight_M))
     _, _, log_z_R, target_logit_R = _chunk_softmax(hidden_RxD, items_NxD, targets_R)
-    return jnp.sum((log_z_R - target_logit_R) * weight_R)
+    return total + jnp.sum((log_z_R - target_logit_R) * weight_R)
 
-  def chunk_nll(_, chunk):
-    return None, _unless_empty(nll, chunk)
-
-  _, nll_C = jax.lax.scan(chunk_nll, None, _chunks(rows, hidden_MxD, targets_M, weight_M))
-  return jnp.sum(nll_C)
+  # Shaped like the rows (zeros_like): under shard_map the carry varies as they do.
+  return jax.lax.fori_loop(0, _chunks_with_targets(weight_M, rows), add_chunk,
+                           jnp.zeros_like(weight_M[0]))
 
 
 def _chunked_forward(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
   dtype = hidden_MxD.dtype
   items_NxD = item_emb_VxD[1:].astype(dtype)
 
-  def chunk_grads(chunk):
-    hidden_RxD, targets_R, weight_R = chunk
+  def add_chunk(index, carry):
+    grad_items_DxN, total, grad_hidden_MxD = carry
+    at = index * rows
+    hidden_RxD, targets_R, weight_R = (jax.lax.dynamic_slice_in_dim(x, at, rows)
+                                       for x in (hidden_MxD, targets_M, weight_M))
     exp_RxN, sum_Rx1, log_z_R, target_logit_R = _chunk_softmax(hidden_RxD, items_NxD,
                                                                targets_R)
     onehot_RxN = jnp.arange(items_NxD.shape[0])[None, :] == (targets_R - 1)[:, None]
-    nll = jnp.sum((log_z_R - target_logit_R) * weight_R)
     # d nll / d logits = (softmax - onehot) * weight
     grad_RxN = (exp_RxN * (weight_R[:, None] / sum_Rx1)
                 - jnp.where(onehot_RxN, weight_R[:, None], 0.0)).astype(dtype)
     grad_hidden_RxD = jnp.dot(grad_RxN, items_NxD, preferred_element_type=jnp.float32)
     # hᵀ g, not gᵀ h: the contraction runs over the chunk's rows without transposing g.
-    grad_items_DxN = jnp.einsum('rd,rn->dn', hidden_RxD, grad_RxN,
-                                preferred_element_type=jnp.float32)
-    return grad_items_DxN, nll, grad_hidden_RxD.astype(dtype)
+    grad_items_DxN += jnp.einsum('rd,rn->dn', hidden_RxD, grad_RxN,
+                                 preferred_element_type=jnp.float32)
+    total += jnp.sum((log_z_R - target_logit_R) * weight_R)
+    return (grad_items_DxN, total, jax.lax.dynamic_update_slice_in_dim(
+        grad_hidden_MxD, grad_hidden_RxD.astype(dtype), at, 0))
 
-  def add_chunk(grad_items_DxN, chunk):
-    grads_DxN, nll, grad_hidden_RxD = _unless_empty(chunk_grads, chunk)
-    return grad_items_DxN + grads_DxN, (nll, grad_hidden_RxD)
-
-  chunks = _chunks(rows, hidden_MxD, targets_M, weight_M)
-  # The first chunk seeds the running sum: under shard_map it carries the right sharding type.
-  first_DxN, first_nll, first_hidden_RxD = chunk_grads(jax.tree.map(lambda c: c[0], chunks))
-  grad_items_DxN, (nll_C, grad_hidden_CxRxD) = jax.lax.scan(
-      add_chunk, first_DxN, jax.tree.map(lambda c: c[1:], chunks))
-  grad_hidden_MxD = jnp.concatenate([first_hidden_RxD[None], grad_hidden_CxRxD]).reshape(
-      hidden_MxD.shape)
+  # The chunks after the last real target are never visited: their rows' gradient stays 0.
+  # Shaped like the table and the rows (zeros_like): under shard_map they vary as those do.
+  start = (jnp.zeros_like(items_NxD, jnp.float32).T, jnp.zeros_like(weight_M[0]),
+           jnp.zeros_like(hidden_MxD))
+  grad_items_DxN, total, grad_hidden_MxD = jax.lax.fori_loop(
+      0, _chunks_with_targets(weight_M, rows), add_chunk, start)
   grad_item_emb_VxD = jnp.pad(grad_items_DxN.T, ((1, 0), (0, 0))).astype(item_emb_VxD.dtype)
-  return first_nll + jnp.sum(nll_C), (grad_hidden_MxD, grad_item_emb_VxD)
+  return total, (grad_hidden_MxD, grad_item_emb_VxD)
 
 
 def _chunked_backward(rows, residuals, grad_total):
