@@ -18,6 +18,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
+from pka_jax import losses
 from pka_jax import metrics
 from pka_jax import sharding
 from pka_jax.data.sequences import (Events, SequenceStore, SplitDataset, power_of_two_at_least,
@@ -250,7 +251,7 @@ def block_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Ar
   pairs seen are masked; `adjust` may change a block's scores first.
   """
   rows = table_RxD.shape[0]
-  size = min(block_size, rows)
+  size = losses.even_blocks(rows, block_size)
   blocks = -(-rows // size)
   keep = min(top_k, size)
 
