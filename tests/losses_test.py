@@ -94,6 +94,35 @@ def test_chunked_in_bfloat16_follows_float32():
     np.testing.assert_allclose(np.asarray(g, np.float32), e, atol=0.05 * float(jnp.abs(e).max()))
 
 
+@pytest.mark.parametrize('loss', [
+    lambda h, e, t: losses.chunked_cross_entropy(h, e, t, 4),
+    lambda h, e, t: losses.blockwise_cross_entropy(h, e, t, 5, chunk_rows=4)])
+def test_accelerators_loop_over_every_chunk_a_known_number_of_times(loss, monkeypatch):
+  # A GPU reads a loop's trip count back to the host every trip: off the CPU the chunk loops
+  # visit every chunk (a scan), padding ones included, and still give the full loss.
+  hidden, table, targets = inputs()
+
+  def full(h, e):
+    return losses.full_cross_entropy(h, e, targets)[0]
+
+  def traced(h, e):
+    return loss(h, e, targets)[0]
+
+  def loops():
+    grad = jax.grad(traced, argnums=(0, 1))
+    return {eqn.primitive.name for eqn in jaxprs.equations(
+        jax.make_jaxpr(grad)(hidden, table).jaxpr)} & {'while', 'scan'}
+
+  assert 'while' in loops()  # the CPU's: up to the last chunk with a real target
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert loops() == {'scan'}
+  value, grads = jax.jit(jax.value_and_grad(traced, argnums=(0, 1)))(hidden, table)
+  want_value, want = jax.value_and_grad(full, argnums=(0, 1))(hidden, table)
+  np.testing.assert_allclose(value, want_value, rtol=1e-5)
+  for g, e in zip(grads, want):
+    np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-5)
+
+
 def test_chunk_rows_fit_the_backend_budget():
   # CPU: 8 MiB of float32 logits a chunk; 3,416 items -> 614 rows -> 512 (a power of 2).
   assert losses.chunk_rows_for(3416, 32768, 'cpu') == 512
