@@ -256,16 +256,12 @@ def block_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Ar
   keep = min(top_k, size)
 
   def block_top(index):
-    # Sliced where it is scored, the last block moved back to end with the table (its rows
-    # that the block before holds do not score again): no padded copy of the table a batch.
-    at = jnp.minimum(index * size, rows - size)
-    row_K = at + jnp.arange(size)
-    item_K = first + row_K
-    block_KxD = jax.lax.dynamic_slice_in_dim(table_RxD, at, size).astype(hidden_BxD.dtype)
+    # Sliced where it is scored: no padded copy of the table a batch.
+    at, block_KxD, item_K, real_K = losses.item_block(table_RxD, index, size, first,
+                                                      num_items, hidden_BxD.dtype)
     scores_BxK = jnp.dot(hidden_BxD, block_KxD.T, preferred_element_type=jnp.float32)
     if adjust is not None:
       scores_BxK = adjust(scores_BxK, item_K)
-    real_K = (row_K >= index * size) & (item_K >= 1) & (item_K <= num_items)
     scores_BxK = jnp.where(real_K[None, :], scores_BxK, -jnp.inf)
     column_P = seen_items_P - (first + at)
     in_block_P = (seen_items_P > 0) & (column_P >= 0) & (column_P < size)

@@ -133,17 +133,17 @@ def _first_item(table_VxD, plan: _Plan):
   return 0 if plan.axis is None else sharding.shard_range(table_VxD.shape[0])
 
 
-def _table_block(table_VxD, index, plan: _Plan, dtype):
-  """Block `index` of the table, `(start, rows_KxD, scores_K)`: the last block ends with the
-  table, and its rows that the block before holds do not score in it, nor rows that are
-  no item."""
-  size = plan.block_size
-  start = jnp.minimum(index * size, table_VxD.shape[0] - size)
+def item_block(table_RxD, index, size: int, first, num_items: int, dtype):
+  """Block `index` of a table walked in blocks of `size` rows (`even_blocks`), whose first row
+  is item `first`: `(start, rows_KxD, items_K, scores_K)`, the rows in `dtype`. The last
+  block ends with the table; its rows that the block before holds do not score in it, nor
+  rows that are no item (`1..num_items`)."""
+  start = jnp.minimum(index * size, table_RxD.shape[0] - size)
   row_K = start + jnp.arange(size)
-  item_K = _first_item(table_VxD, plan) + row_K
-  scores_K = (row_K >= index * size) & (item_K >= 1) & (item_K <= plan.num_items)
-  block_KxD = jax.lax.dynamic_slice_in_dim(table_VxD, start, size).astype(dtype)
-  return start, block_KxD, scores_K
+  item_K = first + row_K
+  scores_K = (row_K >= index * size) & (item_K >= 1) & (item_K <= num_items)
+  block_KxD = jax.lax.dynamic_slice_in_dim(table_RxD, start, size).astype(dtype)
+  return start, block_KxD, item_K, scores_K
 
 
 def _block_logits(hidden_RxD, block_KxD, scores_K):
@@ -152,14 +152,17 @@ def _block_logits(hidden_RxD, block_KxD, scores_K):
 
 
 def _walk(table_VxD, weight_M, plan: _Plan, dtype, carry, chunk_step):
-  """`carry` through `chunk_step(carry, block, chunk_start)` for every block (`_table_block`,
-  in `dtype`) and every chunk of rows up to the last with a real target (sorted first),
+  """`carry` through `chunk_step(carry, block, chunk_start)` for every block (`item_block`'s
+  start, rows in `dtype` and scores) and every chunk of rows up to the last with a real target (sorted first),
   blocks outermost."""
   chunks = _chunks_with_targets(weight_M, plan.rows)
   blocks = -(-table_VxD.shape[0] // plan.block_size)
 
   def over_block(index, carry):
-    block = _table_block(table_VxD, index, plan, dtype)
+    start, block_KxD, _, scores_K = item_block(table_VxD, index, plan.block_size,
+                                               _first_item(table_VxD, plan), plan.num_items,
+                                               dtype)
+    block = start, block_KxD, scores_K
     return jax.lax.fori_loop(
         0, chunks, lambda c, carry: chunk_step(carry, block, c * plan.rows), carry)
 
