@@ -153,15 +153,15 @@ def _block_logits(hidden_RxD, block_KxD, scores_K):
 
 def _walk(table_VxD, weight_M, plan: _Plan, dtype, carry, chunk_step):
   """`carry` through `chunk_step(carry, block, chunk_start)` for every block (`item_block`'s
-  start, rows in `dtype` and scores) and every chunk of rows up to the last with a real target (sorted first),
+  start, rows in `dtype` and scores) and every chunk of rows `_chunks_with_targets` visits,
   blocks outermost."""
   chunks = _chunks_with_targets(weight_M, plan.rows)
   blocks = -(-table_VxD.shape[0] // plan.block_size)
+  first = _first_item(table_VxD, plan)
 
   def over_block(index, carry):
-    start, block_KxD, _, scores_K = item_block(table_VxD, index, plan.block_size,
-                                               _first_item(table_VxD, plan), plan.num_items,
-                                               dtype)
+    start, block_KxD, _, scores_K = item_block(table_VxD, index, plan.block_size, first,
+                                               plan.num_items, dtype)
     block = start, block_KxD, scores_K
     return jax.lax.fori_loop(
         0, chunks, lambda c, carry: chunk_step(carry, block, c * plan.rows), carry)
@@ -192,12 +192,11 @@ def _blockwise_forward(hidden_MxD, table_VxD, targets_M, weight_M, plan: _Plan):
   def chunk_step(carry, block, at):
     max_M, sum_M = carry
     _, block_KxD, scores_K = block
-    logits_RxK = _block_logits(jax.lax.dynamic_slice_in_dim(hidden_MxD, at, rows), block_KxD,
-                               scores_K)
-    old_max_R = jax.lax.dynamic_slice_in_dim(max_M, at, rows)
+    hidden_RxD, old_max_R, old_sum_R = _rows_at(at, rows, hidden_MxD, max_M, sum_M)
+    logits_RxK = _block_logits(hidden_RxD, block_KxD, scores_K)
     new_max_R = jnp.maximum(old_max_R, logits_RxK.max(axis=1))
     shift_R = jnp.where(jnp.isfinite(new_max_R), new_max_R, 0.0)  # nothing scored yet
-    sum_R = (jax.lax.dynamic_slice_in_dim(sum_M, at, rows) * jnp.exp(old_max_R - shift_R)
+    sum_R = (old_sum_R * jnp.exp(old_max_R - shift_R)
              + jnp.exp(logits_RxK - shift_R[:, None]).sum(axis=1))
     return (jax.lax.dynamic_update_slice_in_dim(max_M, new_max_R, at, 0),
             jax.lax.dynamic_update_slice_in_dim(sum_M, sum_R, at, 0))
@@ -229,14 +228,12 @@ def _blockwise_backward(plan: _Plan, residuals, grad_total):
   def chunk_step(carry, block, at):
     grad_hidden_MxD, grad_table_VxD = carry
     start, block_KxD, scores_K = block
-    hidden_RxD = jax.lax.dynamic_slice_in_dim(hidden_MxD, at, rows)
+    hidden_RxD, log_z_R, scale_R, grad_hidden_RxD = _rows_at(
+        at, rows, hidden_MxD, log_z_M, scale_M, grad_hidden_MxD)
     # d(loss)/d(logits) = softmax - onehot; the softmax part here, the onehot part below.
-    probs_RxK = jnp.exp(_block_logits(hidden_RxD, block_KxD, scores_K)
-                        - jax.lax.dynamic_slice_in_dim(log_z_M, at, rows)[:, None])
-    probs_RxK = (probs_RxK * jax.lax.dynamic_slice_in_dim(scale_M, at, rows)[:, None]
-                 ).astype(dtype)
-    grad_hidden_RxD = (jax.lax.dynamic_slice_in_dim(grad_hidden_MxD, at, rows)
-                       + jnp.dot(probs_RxK, block_KxD, preferred_element_type=jnp.float32))
+    probs_RxK = jnp.exp(_block_logits(hidden_RxD, block_KxD, scores_K) - log_z_R[:, None])
+    probs_RxK = (probs_RxK * scale_R[:, None]).astype(dtype)
+    grad_hidden_RxD += jnp.dot(probs_RxK, block_KxD, preferred_element_type=jnp.float32)
     # Rows the block does not score get zeros: adding them keeps what the block before put.
     grad_block_KxD = (jax.lax.dynamic_slice_in_dim(grad_table_VxD, start, plan.block_size)
                       + jnp.einsum('rk,rd->kd', probs_RxK, hidden_RxD,
@@ -302,6 +299,11 @@ def _real_rows_first(hidden_BxTxD: jax.Array, targets_BxT: jax.Array, rows: int
   return hidden_MxD, targets_M, (targets_M > 0).astype(jnp.float32)
 
 
+def _rows_at(at, rows: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
+  """Rows `[at, at + rows)` of each of `arrays` (a chunk of positions)."""
+  return tuple(jax.lax.dynamic_slice_in_dim(x, at, rows) for x in arrays)
+
+
 def _chunks_with_targets(weight_M: jax.Array, rows: int) -> int | jax.Array:
   """How many chunks of `rows` rows the losses' loops visit: on CPU those up to the last real
   target (real targets come first), a count the loop reads on the device; elsewhere every
@@ -336,8 +338,7 @@ def _chunked_nll_sum(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
 
   def add_chunk(index, total):
     at = index * rows
-    hidden_RxD, targets_R, weight_R = (jax.lax.dynamic_slice_in_dim(x, at, rows)
-                                       for x in (hidden_MxD, targets_M, weight_M))
+    hidden_RxD, targets_R, weight_R = _rows_at(at, rows, hidden_MxD, targets_M, weight_M)
     _, _, log_z_R, target_logit_R = _chunk_softmax(hidden_RxD, items_NxD, targets_R)
     return total + jnp.sum((log_z_R - target_logit_R) * weight_R)
 
@@ -353,8 +354,7 @@ def _chunked_forward(hidden_MxD, item_emb_VxD, targets_M, weight_M, rows):
   def add_chunk(index, carry):
     grad_items_DxN, total, grad_hidden_MxD = carry
     at = index * rows
-    hidden_RxD, targets_R, weight_R = (jax.lax.dynamic_slice_in_dim(x, at, rows)
-                                       for x in (hidden_MxD, targets_M, weight_M))
+    hidden_RxD, targets_R, weight_R = _rows_at(at, rows, hidden_MxD, targets_M, weight_M)
     exp_RxN, sum_Rx1, log_z_R, target_logit_R = _chunk_softmax(hidden_RxD, items_NxD,
                                                                targets_R)
     onehot_RxN = jnp.arange(items_NxD.shape[0])[None, :] == (targets_R - 1)[:, None]

@@ -110,13 +110,13 @@ def pallas_per_row_shard(kernel: Callable, options, mesh: Mesh | None, operands:
                                       default=call(True))
 
   batch = next(x for x, split in zip(operands, rows) if split).shape[0]
-  if row_shards(mesh, batch) == 1:
+  shards = row_shards(mesh, batch)
+  if shards == 1:
     return run(*operands, first_row=0)
   axes = row_axes(mesh, batch)
 
   def per_shard(*operands):
-    local_rows = next(x for x, split in zip(operands, rows) if split).shape[0]
-    return run(*operands, first_row=jax.lax.axis_index(axes) * local_rows)
+    return run(*operands, first_row=jax.lax.axis_index(axes) * (batch // shards))
 
   # Unchecked: Pallas's interpreter (the CPU's checks) loses the varying axes of its refs.
   return jax.shard_map(per_shard, mesh=mesh,
