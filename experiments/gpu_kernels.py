@@ -153,6 +153,8 @@ def report(result: hlo_kernels.Census, gpu: str, config) -> dict:
                      'layer_norm_impl': config.get('layer_norm_impl', 'xla'),
                      'ffn_impl': config.get('ffn_impl', 'xla')},
           'kernels': result.launches, 'longest_chain': len(result.longest_chain),
+          'bytes': result.bytes, 'memory_seconds': result.bytes / GPUS[gpu]['bandwidth'],
+          'bytes_by_part': dict(result.by(part, lambda k: k.bytes * k.launches).most_common()),
           'longest_chain_by_part': dict(collections.Counter(
               part(k) for k in result.longest_chain).most_common()),
           'longest_chain_in_order': [f'{k.kind} {k.name}: {part(k)}'
@@ -168,11 +170,13 @@ def print_report(figures: dict) -> None:
         f"{config['dtype']}, batch {config['batch_size']} x {config['maxlen']}, attention "
         f"{config['attention_impl']}, loss {config['ce_impl']}, LayerNorm "
         f"{config['layer_norm_impl']}, feed-forward {config['ffn_impl']}")
-  print(f"train step: {figures['kernels']} kernels; longest chain {figures['longest_chain']}")
+  print(f"train step: {figures['kernels']} kernels; longest chain {figures['longest_chain']}; "
+        f"about {figures['bytes'] / 1e9:.2f} GB through memory, "
+        f"{figures['memory_seconds'] * 1e3:.2f} ms at the GPU's bandwidth")
   print('by kind:   ' + ', '.join(f'{k} {n}' for k, n in figures['by_kind'].items()))
-  print('by part of the model (pass):')
+  print('by part of the model (pass): kernels, MB moved')
   for where, count in figures['by_part'].items():
-    print(f'  {count:5d}  {where}')
+    print(f"  {count:5d}  {figures['bytes_by_part'][where] / 1e6:8.1f}  {where}")
   for name, usage in figures.get('registers', {}).items():
     print(f"{name}: {usage['registers']} registers a thread, spills "
           f"{usage['spill_store_bytes']} bytes stored, {usage['spill_load_bytes']} loaded")

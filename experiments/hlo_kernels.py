@@ -7,10 +7,16 @@ independent kernels side by side, but never two that feed one another: the longe
 kernels, each consuming the one before, bounds the step's time from below whatever the
 concurrency. experiments/gpu_kernels.py counts them in a program compiled without a GPU;
 trace_breakdown.py times the chain of a profiled one.
+
+Each kernel also carries the bytes one launch reads and writes: its results and each of its
+operands once, whole. A kernel that reads only a slice of an operand is over-counted, one
+whose operands stay in the L2 cache moves less through memory, so the total over the
+bandwidth estimates the step's memory time rather than bounding it.
 """
 
 import collections
 import dataclasses
+import math
 import re
 
 TRITON_CALL = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname = \\?"(\w+)')
@@ -18,8 +24,10 @@ TRITON_CALL = re.compile(r'custom_call_target="__gpu\$xla\.gpu\.triton".*?\bname
 _NO_KERNEL = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 'after-all',
               'partition-id', 'replica-id', 'opt-barrier', 'add-dependency', 'domain'}
 _COMPUTATION = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{$')
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = .+? ([\w\-]+)\((.*)')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_ARRAY = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
+_ITEM_BITS = {'pred': 8, 'token': 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +36,7 @@ class Kernel:
   kind: str  # 'fusion', 'gemm' (a matrix product), 'triton' (a Pallas kernel), 'copy', ...
   op_name: str  # where in the JAX program it comes from
   launches: int = 1  # a step's: more inside a loop
+  bytes: int = 0  # one launch's operands and results, each once
 
 
 @dataclasses.dataclass
@@ -39,11 +48,24 @@ class Census:
   def launches(self) -> int:
     return sum(k.launches for k in self.kernels)
 
-  def by(self, key) -> collections.Counter:
+  @property
+  def bytes(self) -> int:
+    return sum(k.bytes * k.launches for k in self.kernels)
+
+  def by(self, key, weight=lambda kernel: kernel.launches) -> collections.Counter:
     counts = collections.Counter()
     for kernel in self.kernels:
-      counts[key(kernel)] += kernel.launches
+      counts[key(kernel)] += weight(kernel)
     return counts
+
+
+def shape_bytes(shape: str) -> int:
+  """Bytes of an HLO shape's arrays: `f32[4,8]{1,0}` 128, a tuple its elements' sum."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape):
+    bits = _ITEM_BITS.get(dtype) or int(re.search(r'\d+$', dtype).group())
+    total += math.prod(int(d) for d in dims.split(',') if d) * bits // 8
+  return total
 
 
 def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
@@ -80,11 +102,14 @@ def census(hlo_text: str) -> Census:
 
   def walk(computation: str, repeats: int) -> tuple[list[Kernel], list[Kernel]]:
     kernels, chain = [], {}  # chain: each instruction's longest chain of kernels, ending it
+    sizes = {}  # each instruction's result bytes
     for line in computations[computation]:
       found = _INSTRUCTION.match(line)
       if not found:
         continue
-      name, opcode, rest = found.groups()
+      name, shape, opcode, rest = found.groups()
+      sizes[name] = shape_bytes(shape)
+      operands = re.findall(r'%([\w.\-]+)', rest.split(')', 1)[0])
       before = max((chain.get(o, []) for o in re.findall(r'%([\w.\-]+)', rest)),
                    key=_chain_length, default=[])
       if opcode in _NO_KERNEL or opcode.endswith('-done'):
@@ -111,7 +136,8 @@ def census(hlo_text: str) -> Census:
       kind = _kind(opcode, line)
       triton = TRITON_CALL.search(line) if kind == 'triton' else None
       # A Pallas kernel goes by its own name, its PTX's entry.
-      kernels.append(Kernel(triton.group(1) if triton else name, kind, op_name, repeats))
+      moved = sizes[name] + sum(sizes.get(o, 0) for o in set(operands))
+      kernels.append(Kernel(triton.group(1) if triton else name, kind, op_name, repeats, moved))
       chain[name] = before + [kernels[-1]]
     return kernels, max(chain.values(), key=_chain_length, default=[])
 

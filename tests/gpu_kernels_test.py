@@ -99,6 +99,20 @@ def test_the_longest_chain_follows_the_data_and_takes_the_longer_branch():
   assert names[12:14] == ['loop_fusion.4', 'loop_fusion.5'] and 'side' not in names
 
 
+def test_each_launch_moves_its_operands_and_results_once():
+  result = hlo_kernels.census(HLO)
+  moved = {k.name: k.bytes for k in result.kernels}
+  vector = 4 * 4  # every array here is an f32[4]
+  assert moved['a'] == moved['side'] == moved['loop_fusion.1'] == 2 * vector
+  assert moved['gemm'] == moved['attention_kernel'] == 3 * vector  # two operands, a result
+  assert moved['cublas'] == 2 * vector + 8  # and its s8[8] workspace, a tuple's element
+  # a, b, the GEMM, 5 x 2 loop kernels, 3 in the branches, the side, Pallas, cuBLAS, the copy
+  assert result.bytes == (32 + 32 + 48) + 5 * (32 + 32) + 3 * 32 + 32 + 48 + 40 + 32
+  by_part = result.by(gpu_kernels.part, lambda k: k.bytes * k.launches)
+  assert by_part['encoder/block/ln_attn (forward)'] == 32 + 32 + 5 * (32 + 32)
+  assert sum(by_part.values()) == result.bytes
+
+
 def test_kernels_go_to_the_part_of_the_model_they_come_from():
   by_part = hlo_kernels.census(HLO).by(gpu_kernels.part)
   assert by_part == {'encoder/block/ln_attn (forward)': 2 + 10,
@@ -128,6 +142,8 @@ def test_the_train_step_compiles_for_a_gpu_without_one(tmp_path):
   assert len(figures['triton']) == 2 * blocks
   assert figures['by_kind']['gemm'] >= 6 * blocks
   assert figures['longest_chain'] < figures['kernels']
+  # At least the item table's gradient and the step's hidden states pass through memory.
+  assert figures['bytes'] == sum(figures['bytes_by_part'].values()) > 60 * 32 * 4
   if gpu_kernels.find_ptxas():  # each Pallas kernel assembled for the GPU: its registers
     assert set(figures['registers']) == set(figures['triton'])
     assert all(0 < usage['registers'] <= 255 for usage in figures['registers'].values())
