@@ -26,7 +26,7 @@ _NO_KERNEL = {'parameter', 'get-tuple-element', 'tuple', 'bitcast', 'constant', 
 _COMPUTATION = re.compile(r'^(ENTRY )?%?([\w.\-]+) .*\{$')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_ARRAY = re.compile(r'\b([a-z]+\d*)\[([\d,]*)\]')
+_ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\]')
 _ITEM_BITS = {'pred': 8, 'token': 0}
 
 
@@ -63,7 +63,8 @@ def shape_bytes(shape: str) -> int:
   """Bytes of an HLO shape's arrays: `f32[4,8]{1,0}` 128, a tuple its elements' sum."""
   total = 0
   for dtype, dims in _ARRAY.findall(shape):
-    bits = _ITEM_BITS.get(dtype) or int(re.search(r'\d+$', dtype).group())
+    # The element type's first number is its width: bf16, s4, f8e4m3fn, c64.
+    bits = _ITEM_BITS[dtype] if dtype in _ITEM_BITS else int(re.search(r'\d+', dtype).group())
     total += math.prod(int(d) for d in dims.split(',') if d) * bits // 8
   return total
 

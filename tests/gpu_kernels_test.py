@@ -113,6 +113,12 @@ def test_each_launch_moves_its_operands_and_results_once():
   assert sum(by_part.values()) == result.bytes
 
 
+def test_a_shape_s_bytes_follow_its_element_widths():
+  assert hlo_kernels.shape_bytes('f32[4,8]{1,0}') == 128
+  assert hlo_kernels.shape_bytes('(bf16[3]{0}, pred[5]{0}, s32[], token[])') == 6 + 5 + 4
+  assert hlo_kernels.shape_bytes('(f8e4m3fn[16]{0}, s4[8]{0}, c64[2]{0})') == 16 + 4 + 16
+
+
 def test_kernels_go_to_the_part_of_the_model_they_come_from():
   by_part = hlo_kernels.census(HLO).by(gpu_kernels.part)
   assert by_part == {'encoder/block/ln_attn (forward)': 2 + 10,
