@@ -110,9 +110,8 @@ def census(hlo_text: str) -> Census:
         continue
       name, shape, opcode, rest = found.groups()
       sizes[name] = shape_bytes(shape)
-      operands = re.findall(r'%([\w.\-]+)', rest.split(')', 1)[0])
-      before = max((chain.get(o, []) for o in re.findall(r'%([\w.\-]+)', rest)),
-                   key=_chain_length, default=[])
+      operands = dict.fromkeys(re.findall(r'%([\w.\-]+)', rest.split(')', 1)[0]))  # in order, once
+      before = max((chain.get(o, []) for o in operands), key=_chain_length, default=[])
       if opcode in _NO_KERNEL or opcode.endswith('-done'):
         chain[name] = before
         continue
@@ -137,7 +136,7 @@ def census(hlo_text: str) -> Census:
       kind = _kind(opcode, line)
       triton = TRITON_CALL.search(line) if kind == 'triton' else None
       # A Pallas kernel goes by its own name, its PTX's entry.
-      moved = sizes[name] + sum(sizes.get(o, 0) for o in set(operands))
+      moved = sizes[name] + sum(sizes.get(o, 0) for o in operands)
       kernels.append(Kernel(triton.group(1) if triton else name, kind, op_name, repeats, moved))
       chain[name] = before + [kernels[-1]]
     return kernels, max(chain.values(), key=_chain_length, default=[])
