@@ -1,4 +1,5 @@
-"""Amazon Beauty (5-core): every model with the authors' tuned hyper-parameters (DESIGN §2).
+"""Amazon Beauty (5-core): every model with the authors' tuned hyper-parameters
+(docs/design.md §2).
 
   python -m pka_jax.main --config=configs/beauty.py              # PKA
   python -m pka_jax.main --config=configs/beauty.py:model=sasrec

@@ -6,7 +6,7 @@ Dataset configs import this module, override fields and call `apply_variant` so 
 
 import ml_collections
 
-# Position modes of each model the paper compares (DESIGN §1, baselines).
+# Position modes of each model the paper compares (docs/design.md §1, baselines).
 MODEL_POSITIONS = {
     'pka': 'kernel',  # positional kernel attention (the paper's method)
     'sasrec': 'absolute',  # learned position embedding at the input
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data_dir = 'data'  # raw files live in data_dir/<dataset>/, prepared stores beside them
   config.q_valid = 0.95  # validation starts at this quantile of time (before the cap)
   config.q_test = 0.97  # test starts at this quantile of time (before the cap)
-  config.max_eval = 50_000  # cap on validation interactions (DESIGN §3)
+  config.max_eval = 50_000  # cap on validation interactions (docs/design.md §3)
   config.synthetic = ml_collections.ConfigDict()
   config.synthetic.num_users = 3000  # users generated
   config.synthetic.num_items = 400  # catalog size
@@ -167,7 +167,7 @@ def apply_variant(
 ) -> None:
   """Applies `model=NAME[,kernel=LAYOUT]` from `--config=file.py:model=NAME,kernel=LAYOUT`.
 
-  `per_model[NAME]` holds that model's hyper-parameters for the dataset (DESIGN §2); they
+  `per_model[NAME]` holds that model's hyper-parameters for the dataset (docs/design.md §2); they
   are applied with the model, so `model=sasrec` on ml1m gets SASRec's tuned width and rate.
   `kernel=LAYOUT` (PKA only) picks one of the paper's ablations in KERNEL_LAYOUTS.
   """

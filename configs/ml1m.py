@@ -1,4 +1,4 @@
-"""MovieLens-1M: every model with the authors' tuned hyper-parameters (DESIGN §2).
+"""MovieLens-1M: every model with the authors' tuned hyper-parameters (docs/design.md §2).
 
   python -m pka_jax.main --config=configs/ml1m.py              # PKA
   python -m pka_jax.main --config=configs/ml1m.py:model=sasrec

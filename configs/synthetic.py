@@ -18,7 +18,7 @@ def get_config(arg: str | None = None):
   config.learning_rate = 3e-3
   config.dropout = 0.2
   config.max_epochs = 40
-  config.patience = 10  # DESIGN §2; within 40 epochs the synthetic runs never stop early
+  config.patience = 10  # docs/design.md §2; within 40 epochs the synthetic runs never stop early
   config.log_every_steps = 10
   default.apply_variant(config, arg)
   return config

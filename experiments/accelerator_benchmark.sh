@@ -12,12 +12,12 @@
 #
 #   OUT=/tmp/acc bash experiments/accelerator_benchmark.sh   # PYTHON=..., LIMIT=, TOTAL=
 #
-# On a machine without grain or ml_collections and no registry (the device tool's GPU),
-# fetch their wheels first: experiments/accelerator_wheels.sh, whose header has the command.
+# On a machine without grain or ml_collections and no package registry, fetch their wheels
+# first: experiments/accelerator_wheels.sh, whose header has the command.
 #
 # Each run has its own time limit (LIMIT, 75 s by default), so a slow or broken one cannot use
-# up a lent machine's budget, and no run starts that could end after TOTAL seconds (540 by
-# default: inside a 10-minute call); the most wanted figures come first.
+# up a rented machine's hour, and no run starts that could end after TOTAL seconds (540 by
+# default); the most wanted figures come first.
 set -u
 OUT=${OUT:-/tmp/pka_jax_accelerator}
 LIMIT=${LIMIT:-75}

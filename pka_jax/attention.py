@@ -1,6 +1,6 @@
 """Position schemes for causal self-attention: PKA kernels, masks, RoPE and CoPE.
 
-PKA (DESIGN §1) keeps positions out of the item vectors: a Toeplitz kernel `Tk` mixes the
+PKA (docs/design.md §1) keeps positions out of the item vectors: a Toeplitz kernel `Tk` mixes the
 inputs of the keys and a full lower-triangular kernel `F` the inputs of the values. Both are
 lower triangular over input positions, so no output can see a later input.
 
@@ -164,7 +164,7 @@ def rotary(x_BxTxHxK: jax.Array, first_position: int = 0, base: float = 10_000.0
 
 
 class ContextualPosition(nn.Module):
-  """Contextual positions (CoPE) as the authors' baseline defines them (DESIGN §1).
+  """Contextual positions (CoPE) as the authors' baseline defines them (docs/design.md §1).
 
   Gate `1 - sigmoid(logit[i, m])` for each visible key `m` (future keys gate 0); the position of
   key `j` seen from query `i` is the sum of gates over `j <= m <= i`, clamped to `maxlen - 1`.

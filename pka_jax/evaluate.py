@@ -1,4 +1,5 @@
-"""The successive evaluation protocol (DESIGN §3): fixed-shape batches, seen-item masking, top-k.
+"""The successive evaluation protocol (docs/design.md §3): fixed-shape batches, seen-item
+masking, top-k.
 
 Every held-out interaction of a part is one step, in global time order. The step's context is
 the user's history before the part (train for 'valid', train + validation for 'test') followed by

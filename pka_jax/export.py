@@ -13,7 +13,7 @@ Writes, into OUT (under a temporary name renamed into place when complete):
   item_ids.npy    the raw id of dense item i at index i - 1
   meta.json       maxlen, k, num_items, the checkpoint step and the platforms
 
-Load and call it (README, "Use a trained model"):
+Load and call it (docs/serving.md):
 
   scorer = jax.export.deserialize(open('OUT/scorer.jax', 'rb').read())
   items_BxK, scores_BxK = scorer.call(history_BxT)

@@ -1,4 +1,4 @@
-"""The SASRec encoder with pluggable position schemes (DESIGN §1) and tied item scores."""
+"""The SASRec encoder with pluggable position schemes (docs/design.md §1) and tied item scores."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def test_default_variant_is_pka(name):
   assert config.model == 'pka' and config.position_mode == 'kernel'
 
 
-# DESIGN §2: (blocks, hidden, lr, batch), all with maxlen 128, dropout 0.3, one head.
+# docs/design.md §2: (blocks, hidden, lr, batch), all with maxlen 128, dropout 0.3, one head.
 PUBLISHED = {
     ('ml1m', 'pka'): (3, 128, 1e-3, 256), ('ml1m', 'sasrec'): (3, 256, 3e-4, 256),
     ('ml1m', 'nope'): (3, 256, 3e-4, 256), ('ml1m', 'rope'): (3, 128, 3e-4, 128),

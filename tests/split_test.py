@@ -1,4 +1,4 @@
-"""The global temporal split on hand-made examples (DESIGN §3)."""
+"""The global temporal split on hand-made examples (docs/design.md §3)."""
 
 import numpy as np
 import pytest

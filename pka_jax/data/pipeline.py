@@ -1,7 +1,7 @@
 """The grain input pipeline: per-user training windows in fixed-shape, reshuffled batches.
 
 An epoch is the training users in a fresh seeded order, cut into `steps_per_epoch` full
-batches (DESIGN §2). Each host reads its own rows of every batch.
+batches (docs/design.md §2). Each host reads its own rows of every batch.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ _EDGE_BYTES = 1 << 20  # larger files: size, mtime and hashes of the first and l
 
 @dataclasses.dataclass(frozen=True)
 class SplitSettings:
-  """The temporal split's parameters (DESIGN §3)."""
+  """The temporal split's parameters (docs/design.md §3)."""
 
   q_valid: float = 0.95
   q_test: float = 0.97

@@ -1,4 +1,4 @@
-"""The paper's global temporal split (DESIGN §3).
+"""The paper's global temporal split (docs/design.md §3).
 
 Train holds every interaction before the `e`-quantile of time; the rest is split at its
 `r`-quantile into validation (earlier) and test (later). The quantiles are chosen so that
