@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
-import importlib.util
 import io
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -28,6 +25,7 @@ from scipy import stats
 
 from configs import default
 from pka_jax import checkpoint
+from pka_jax import config_check
 from pka_jax import train
 
 METRICS = ('ndcg@10', 'hr@10', 'mrr@10', 'cov@10')
@@ -45,19 +43,6 @@ BUDGET_FIELDS = frozenset({'max_epochs', 'patience'})
 
 class GridMismatchError(ValueError):
   """A workdir of the grid holds a run of another configuration."""
-
-
-@functools.cache
-def _config_module(path: str):
-  spec = importlib.util.spec_from_file_location('grid_config_' + re.sub(r'\W', '_', path), path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_config(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(variant)` of the config file at `path` (as `--config=path:variant`)."""
-  return _config_module(os.path.abspath(path)).get_config(variant)
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -119,7 +104,7 @@ class Cell:
     return f'model={self.model}' + ('' if self.layout is None else f',kernel={self.layout}')
 
   def config(self, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
-    config = load_config(self.config_path, self.variant)
+    config = config_check.load_file(self.config_path, self.variant)
     apply_overrides(config, overrides)
     return config
 
@@ -161,7 +146,7 @@ def cells(config_paths: Iterable[str], models: Iterable[str],
   config's own PKA kernels is the `pka` cell itself (one run, not two)."""
   result = []
   for path in config_paths:
-    pka_layout = layout_of(load_config(path, 'model=pka'))
+    pka_layout = layout_of(config_check.load_file(path, 'model=pka'))
     for model in models:
       if model not in default.MODEL_POSITIONS:
         raise ValueError(f'Unknown model {model!r}: expected one of {sorted(DISPLAY)}')
@@ -383,7 +368,7 @@ def _dataset_section(dataset: str, dataset_cells: list[Cell],
   if not done:
     return [f'## {dataset}', '', 'No finished run yet.', '']
   config_path = done[0].config_path
-  pka_layout = layout_of(load_config(config_path, 'model=pka'))
+  pka_layout = layout_of(config_check.load_file(config_path, 'model=pka'))
   lines = [f'## {dataset} (`{config_path}`)', '']
   models = [c for c in done if c.layout is None]
   if models:
@@ -404,7 +389,7 @@ def _dataset_section(dataset: str, dataset_cells: list[Cell],
   lines += ['Cells: the command of each run (`K` = its seed) and the config fields that '
             f'differ from `{config_path}` (the whole config is `config.json` in each workdir).',
             '']
-  base = flatten(load_config(config_path))
+  base = flatten(config_check.load_file(config_path))
   for cell in dataset_cells:
     seeds = [s.seed for s in grid_specs if s.cell == cell]
     spec = next(s for s in grid_specs if s.cell == cell)

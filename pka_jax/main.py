@@ -3,21 +3,22 @@
   python -m pka_jax.main --config=configs/synthetic.py --workdir=runs/synthetic
   python -m pka_jax.main --config=configs/ml1m.py:model=sasrec --workdir=runs/ml1m_sasrec
   python -m pka_jax.main --config=configs/synthetic.py --workdir=runs/synthetic --mode=eval
-  # On every worker of a Cloud TPU slice (the runtime finds its peers):
-  python -m pka_jax.main --config=configs/ml1m.py --workdir=gs://bucket/ml1m --distributed
+  # On every worker of a Cloud TPU slice (the runtime finds its peers), the workdir on a disk
+  # every worker sees (NFS, or a bucket mounted with gcsfuse: not a gs:// URL):
+  python -m pka_jax.main --config=configs/ml1m.py --workdir=/mnt/bucket/ml1m --distributed
   # Elsewhere, process i of n:
   python -m pka_jax.main ... --coordinator_address=host0:1234 --num_processes=n --process_id=i
 """
 
 import sys
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
 
 from pka_jax import checkpoint
+from pka_jax import cli
 from pka_jax import config_check
 from pka_jax import faults
 from pka_jax import report
@@ -38,8 +39,9 @@ flags.DEFINE_integer('process_id', None, 'This process, 0 .. num_processes - 1.'
 flags.DEFINE_integer('cpu_devices', None, 'Split a CPU into this many XLA devices, data-'
                      'parallel (0: one per core, the most that divide the batch sizes), to '
                      'train and evaluate on. Default: one per core on one host, evaluating '
-                     'on all and training on one (faster). No effect on an accelerator.',
-                     lower_bound=0)
+                     'on all and training on one (faster); where XLA_FLAGS or '
+                     'JAX_NUM_CPU_DEVICES already split it, that split, training on all. No '
+                     'effect on an accelerator.', lower_bound=0)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -51,12 +53,15 @@ USER_ERRORS = (DataError, FileNotFoundError, train.WorkdirMismatchError, train.W
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments {argv[1:]}')
   checkpoint.quiet_orbax_logging()
   distributed = FLAGS.distributed or FLAGS.coordinator_address
   # Rankings do not depend on the split, and evaluation gains from it; training by default
-  # keeps one device of it (sharding.devices_to_train).
-  if FLAGS.cpu_devices is not None or not distributed:
+  # keeps one device of it (sharding.devices_to_train). A split the user made stays.
+  cpu_devices = FLAGS.cpu_devices
+  if cpu_devices is None:
+    cpu_devices = sharding.cpu_devices_requested()
+  if FLAGS.cpu_devices is not None or (cpu_devices is None and not distributed):
     sharding.split_cpu(FLAGS.cpu_devices or config_check.cpu_devices_for([FLAGS.config]))
   if distributed:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
@@ -65,16 +70,19 @@ def main(argv):
   run = train.train_and_evaluate if FLAGS.mode == 'train' else train.evaluate_checkpoint
   try:
     results = run(FLAGS.config, FLAGS.workdir,
-                  train_devices=sharding.devices_to_train(FLAGS.cpu_devices))
-  except (faults.Preempted, *USER_ERRORS) as error:
+                  train_devices=sharding.devices_to_train(cpu_devices))
+  except faults.Preempted as preempted:
     if FLAGS.verbosity >= 1:
       raise
-    preempted = isinstance(error, faults.Preempted)
-    print(error if preempted else f'error: {error}', file=sys.stderr)
-    sys.exit(faults.PREEMPTED_EXIT_STATUS if preempted else 1)
+    print(preempted, file=sys.stderr)
+    sys.exit(faults.PREEMPTED_EXIT_STATUS)
+  except USER_ERRORS as error:
+    if FLAGS.verbosity >= 1:
+      raise
+    cli.fail(str(error))
   if jax.process_index() == 0:
     print(report.results_table({FLAGS.config.model: results}))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,8 @@ With a single device (recommending, exporting) the same padded table is used uns
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from collections.abc import Callable, Sequence
 
 import jax
@@ -184,10 +186,22 @@ def split_cpu(devices: int) -> None:
   jax.config.update('jax_num_cpu_devices', devices)
 
 
+def cpu_devices_requested() -> int | None:
+  """The CPU devices the environment already asks for (`JAX_NUM_CPU_DEVICES`, or XLA's
+  `--xla_force_host_platform_device_count` in `XLA_FLAGS`), or None: a split the user made,
+  which `split_cpu` must not replace."""
+  if jax.config.jax_num_cpu_devices > 0:
+    return jax.config.jax_num_cpu_devices
+  match = re.search(r'--xla_force_host_platform_device_count=(\d+)',
+                    os.environ.get('XLA_FLAGS', ''))
+  return int(match.group(1)) if match else None
+
+
 def devices_to_train(cpu_devices: int | None) -> int | None:
   """How many devices a job trains on (None: all) where `cpu_devices` is the split a user
-  asked for (None: the default one, see `split_cpu`): one on a CPU split by default, where a
-  single device trains fastest; all on accelerators, several hosts or a split asked for."""
+  asked for, by a flag or the environment (None: the default one, see `split_cpu`): one on a
+  CPU split by default, where a single device trains fastest; all on accelerators, several
+  hosts or a split asked for."""
   if cpu_devices is None and jax.default_backend() == 'cpu' and jax.process_count() == 1:
     return 1
   return None

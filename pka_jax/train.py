@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -411,6 +412,9 @@ class WorkdirError(OSError):
 
 def check_writable(workdir: str) -> None:
   """Raises WorkdirError naming `workdir` unless the run can create files there."""
+  if re.match(r'[a-z][a-z0-9+.-]*://', workdir):
+    raise WorkdirError(f'the workdir {workdir} is a URL: runs read and write it as a '
+                       'directory; mount the bucket (gcsfuse) and give the mounted path')
   try:
     os.makedirs(workdir, exist_ok=True)
     with tempfile.TemporaryFile(dir=workdir):
@@ -458,6 +462,9 @@ class Run:
       self.mesh = sharding.make_mesh(config.mesh_model, jax.devices()[:train_devices])
       logging.info('Training on %d of the %d devices, evaluating on all.', train_devices,
                    devices)
+    logging.info('Training mesh: data %d x model %d (the item table split over %d devices).',
+                 self.mesh.shape[sharding.DATA], self.mesh.shape[sharding.MODEL],
+                 self.mesh.shape[sharding.MODEL])
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(sharding.DATA))
     self.eval_batch_sharding = NamedSharding(self.eval_mesh, P(sharding.DATA))

@@ -84,3 +84,11 @@ def test_nothing_cites_a_file_outside_the_repository():
           os.path.dirname(path), name))}
       basename_shipped = any(p.endswith('/' + name) or p == name for p in shipped)
       assert candidates & shipped or basename_shipped, f'{path} names {name}'
+
+
+def test_no_document_offers_a_bucket_url_as_a_workdir():
+  # A workdir is a directory (a bucket mounted with gcsfuse); a URL is refused (main_test).
+  for path in repository_files():
+    if not path.startswith('tests/'):
+      assert not re.search(r'workdir[= ]+gs://', read(path)), path
+  assert 'gcsfuse' in read('docs/scaling.md') and 'gcsfuse' in read('pka_jax/main.py')

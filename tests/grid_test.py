@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from pka_jax import config_check
 from pka_jax import grid
 from pka_jax import train
 
@@ -26,7 +27,7 @@ def test_runs_live_in_dataset_model_layout_seed_directories():
   config = spec.config()
   assert (config.seed, config.max_epochs, config.kernel_v_side) == (1, 1, 'none')
   # Seeds never change the data: the generator's seed stays the config's.
-  assert config.synthetic.seed == grid.load_config(TEST_CONFIG).synthetic.seed
+  assert config.synthetic.seed == config_check.load_file(TEST_CONFIG).synthetic.seed
 
 
 def test_interval_is_the_student_t_interval_of_the_mean():

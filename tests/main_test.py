@@ -12,9 +12,9 @@ from pka_jax import config_check
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args, tmp_path):
+def run_main(*args, tmp_path, env=None):
   env = {**os.environ, 'PKA_JAX_NO_DOWNLOAD': '1',
-         'JAX_COMPILATION_CACHE_DIR': os.path.join(str(tmp_path), 'xla_cache')}
+         'JAX_COMPILATION_CACHE_DIR': os.path.join(str(tmp_path), 'xla_cache'), **(env or {})}
   return subprocess.run([sys.executable, '-m', 'pka_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -77,3 +77,57 @@ def test_verbosity_shows_the_traceback_of_a_user_error(tmp_path):
                     '--config.maxlen=1', '--verbosity=1', tmp_path=tmp_path)
   assert result.returncode != 0
   assert 'Traceback' in result.stderr and 'ConfigError' in result.stderr
+
+
+def one_line_error(result) -> str:
+  assert result.returncode == 1, result.stderr[-3000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1, result.stderr[-3000:]
+  return lines[0]
+
+
+@pytest.mark.parametrize('flag, expected', [
+    ('--config.lr=1', "error: --config.lr: the config has no field 'lr'; did you mean "
+                      'learning_rate?'),
+    ('--config.num_block=3', "error: --config.num_block: the config has no field "
+                             "'num_block'; did you mean num_blocks"),
+    ('--config.synthetic.num_item=3', "error: --config.synthetic.num_item: the config has no "
+                                      "field 'synthetic.num_item'; did you mean "
+                                      'synthetic.num_items'),
+    ('--config.learning_rate=abc', "error: flag --config.learning_rate=abc: could not "
+                                   "convert string to float: 'abc'"),
+])
+def test_a_mistake_in_a_config_flag_is_one_line(tmp_path, flag, expected):
+  result = run_main('--config=configs/test.py', flag, f'--workdir={tmp_path}/run',
+                    tmp_path=tmp_path)
+  assert one_line_error(result).startswith(expected)
+  assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.parametrize('config, expected', [
+    ('configs/no_such_file.py', "No such file or directory: 'configs/no_such_file.py'"),
+    ('configs/test.py:model=bert', 'Config variant model=bert: expected one of'),
+])
+def test_a_config_file_that_cannot_load_is_one_line(tmp_path, config, expected):
+  result = run_main(f'--config={config}', f'--workdir={tmp_path}/run', tmp_path=tmp_path)
+  assert expected in one_line_error(result)
+
+
+def test_a_bucket_url_workdir_is_refused_before_any_work(tmp_path):
+  result = run_main('--config=configs/test.py', '--workdir=gs://bucket/run',
+                    f'--config.data_dir={tmp_path}/data', tmp_path=tmp_path)
+  assert result.returncode == 1 and 'Traceback' not in result.stderr
+  assert result.stderr.strip().splitlines()[-1].startswith(
+      'error: the workdir gs://bucket/run is a URL') and 'gcsfuse' in result.stderr
+  assert not os.path.exists(os.path.join(ROOT, 'gs:'))
+  assert not os.path.exists(tmp_path / 'data')
+
+
+def test_a_cpu_split_the_user_made_is_kept_and_the_item_table_splits_over_it(tmp_path):
+  result = run_main('--config=configs/test.py', '--config.mesh_model=4',
+                    '--config.max_epochs=1', f'--workdir={tmp_path}/run',
+                    f'--config.data_dir={tmp_path}/data', tmp_path=tmp_path,
+                    env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '8 local cpu device(s)' in result.stderr
+  assert 'Training mesh: data 2 x model 4' in result.stderr

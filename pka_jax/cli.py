@@ -1,0 +1,104 @@
+"""How the commands fail: a user's mistake is one line on stderr and a non-zero exit, never a
+traceback (unless `--verbosity=1` or more asks for it)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app
+from absl import flags
+import ml_collections
+
+from pka_jax import config_check
+
+USER_ERROR_STATUS = 1
+
+
+def fail(message: str, status: int = USER_ERROR_STATUS) -> None:
+  """Prints `error: message` (its first line) on stderr and exits with `status`."""
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """`app.run(main)`, with a mistake in the flags (a misspelt config field, a value of the
+  wrong type, a missing config file) reported in one line instead of absl's traceback."""
+  app.run(main, flags_parser=parse_flags)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  try:
+    argv = flags.FLAGS(argv)
+    if 'config' in flags.FLAGS:
+      flags.FLAGS.config.keys()  # a config file that failed to load raises only when read
+    return argv
+  except Exception as error:  # pylint: disable=broad-except
+    if _verbose(argv):
+      raise
+    fail(describe_flag_error(error, argv))
+
+
+def _verbose(argv: Sequence[str]) -> bool:
+  for arg in argv:
+    match = re.fullmatch(r'--verbosity=(-?\d+)|-v=?(-?\d+)', arg)
+    if match and int(match.group(1) or match.group(2)) >= 1:
+      return True
+  return False
+
+
+def describe_flag_error(error: Exception, argv: Sequence[str]) -> str:
+  """One line for a flag that could not be parsed."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  if not lines:
+    return f'{type(error).__name__} while parsing the flags'
+  if 'Failed loading config file' in str(error):  # what went wrong is the last line
+    return f'--config: {lines[-1]}'
+  unknown = _unknown_config_field(argv)
+  if unknown:
+    return unknown
+  if len(lines) > 1:  # a header, then the details: what went wrong is the last line
+    return f'{lines[0].rstrip(":")}: {lines[-1]}'
+  line = lines[0]
+  return line[1:-1] if len(line) > 1 and line[0] == line[-1] and line[0] in '"\'' else line
+
+
+def _unknown_config_field(argv: Sequence[str]) -> str | None:
+  """`--config.NAME=...` naming no field of the config file, with the nearest real ones."""
+  spec = next((arg.split('=', 1)[1] for arg in argv if arg.startswith('--config=')), None)
+  if spec is None:
+    return None
+  path, _, variant = spec.partition(':')
+  try:
+    fields = config_fields(config_check.load_file(path, variant or None))
+  except Exception:  # pylint: disable=broad-except
+    return None  # the flags' own message says what is wrong with the file
+  for arg in argv:
+    match = re.match(r'--config\.([\w.]+)', arg)
+    if match and match.group(1) not in fields:
+      name = match.group(1)
+      near = nearest(name, fields)
+      hint = f'; did you mean {" or ".join(near)}?' if near else ''
+      return f'--config.{name}: the config has no field {name!r}{hint}'
+  return None
+
+
+def config_fields(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every field of `config`, nested ones dotted (`synthetic.num_items`)."""
+  names = []
+  for key, value in config.items():
+    names.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      names += config_fields(value, f'{prefix}{key}.')
+  return names
+
+
+def nearest(name: str, fields: Sequence[str], count: int = 3) -> list[str]:
+  """The fields `name` most likely means: those it abbreviates (`lr`: `learning_rate`), then
+  the closest spellings."""
+  initials = [f for f in fields
+              if ''.join(word[0] for word in re.split(r'[_.]', f) if word) == name]
+  close = difflib.get_close_matches(name, fields, n=count, cutoff=0.6)
+  return list(dict.fromkeys(initials + close))[:count]
