@@ -30,12 +30,12 @@ def command(workdir, data_dir, *extra):
           f'--config.data_dir={data_dir}', *extra]
 
 
-def environment(tmp_path, **extra):
-  return {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache'), **extra}
+def environment(**extra):
+  return {**os.environ, **extra}
 
 
 def run_main(tmp_path, workdir, *extra, die_at=None, timeout=300):
-  env = environment(tmp_path, **({faults._DIE_AT: die_at} if die_at else {}))
+  env = environment(**({faults._DIE_AT: die_at} if die_at else {}))
   return subprocess.run(command(workdir, tmp_path / 'data', *extra), cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -87,7 +87,7 @@ def test_sigterm_saves_at_the_next_step_and_exits_for_a_restart(tmp_path):
   workdir = tmp_path / 'run'
   process = subprocess.Popen(
       command(workdir, tmp_path / 'data', '--config.max_epochs=1000'), cwd=ROOT,
-      env=environment(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = workdir / 'metrics.jsonl'
   deadline = time.monotonic() + 240
   while not (metrics.exists() and metrics.read_text().count('train/loss') >= 5):

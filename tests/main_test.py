@@ -12,9 +12,8 @@ from pka_jax import config_check
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_main(*args, tmp_path, env=None):
-  env = {**os.environ, 'PKA_JAX_NO_DOWNLOAD': '1',
-         'JAX_COMPILATION_CACHE_DIR': os.path.join(str(tmp_path), 'xla_cache'), **(env or {})}
+def run_main(*args, env=None):
+  env = {**os.environ, 'PKA_JAX_NO_DOWNLOAD': '1', **(env or {})}
   return subprocess.run([sys.executable, '-m', 'pka_jax.main', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
 
@@ -25,13 +24,13 @@ def test_train_then_eval_print_the_same_test_metrics(tmp_path):
   ranking does not depend on how the rows were split."""
   common = ['--config=configs/test.py', f'--workdir={tmp_path}/run',
             f'--config.data_dir={tmp_path}/data', '--config.max_epochs=2']
-  trained = run_main(*common, tmp_path=tmp_path)
+  trained = run_main(*common)
   assert trained.returncode == 0, trained.stderr[-3000:]
   split = config_check.cpu_devices_for([test_config.get_config()])
   assert f'{split} local cpu device(s)' in trained.stderr
   if split > 1:
     assert f'Training on 1 of the {split} devices, evaluating on all.' in trained.stderr
-  evaluated = run_main(*common, '--mode=eval', '--cpu_devices=1', tmp_path=tmp_path)
+  evaluated = run_main(*common, '--mode=eval', '--cpu_devices=1')
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert '1 local cpu device(s)' in evaluated.stderr
   table = [line for line in trained.stdout.splitlines() if line.startswith('pka ')]
@@ -43,7 +42,7 @@ def test_train_then_eval_print_the_same_test_metrics(tmp_path):
 def test_missing_dataset_explains_where_to_put_it(tmp_path, mode):
   data_dir = tmp_path / 'data'
   result = run_main('--config=configs/ml1m.py', f'--workdir={tmp_path}/run',
-                    f'--config.data_dir={data_dir}', f'--mode={mode}', tmp_path=tmp_path)
+                    f'--config.data_dir={data_dir}', f'--mode={mode}')
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr
   assert 'ml-1m.zip' in result.stderr and str(data_dir / 'ml1m') in result.stderr
@@ -52,7 +51,7 @@ def test_missing_dataset_explains_where_to_put_it(tmp_path, mode):
 def test_a_bad_configuration_is_one_line_naming_every_field(tmp_path):
   result = run_main('--config=configs/test.py', f'--workdir={tmp_path}/run',
                     f'--config.data_dir={tmp_path}/data', '--config.maxlen=1',
-                    '--config.dropout=1.5', tmp_path=tmp_path)
+                    '--config.dropout=1.5')
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
   line = result.stderr.strip().splitlines()[-1]
@@ -64,7 +63,7 @@ def test_a_bad_configuration_is_one_line_naming_every_field(tmp_path):
 def test_an_unwritable_workdir_is_reported_before_any_work(tmp_path):
   (tmp_path / 'a_file').write_text('')
   result = run_main('--config=configs/test.py', f'--workdir={tmp_path}/a_file/run',
-                    f'--config.data_dir={tmp_path}/data', tmp_path=tmp_path)
+                    f'--config.data_dir={tmp_path}/data')
   assert result.returncode == 1
   assert 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(
@@ -74,7 +73,7 @@ def test_an_unwritable_workdir_is_reported_before_any_work(tmp_path):
 
 def test_verbosity_shows_the_traceback_of_a_user_error(tmp_path):
   result = run_main('--config=configs/test.py', f'--workdir={tmp_path}/run',
-                    '--config.maxlen=1', '--verbosity=1', tmp_path=tmp_path)
+                    '--config.maxlen=1', '--verbosity=1')
   assert result.returncode != 0
   assert 'Traceback' in result.stderr and 'ConfigError' in result.stderr
 
@@ -98,8 +97,7 @@ def one_line_error(result) -> str:
                                    "convert string to float: 'abc'"),
 ])
 def test_a_mistake_in_a_config_flag_is_one_line(tmp_path, flag, expected):
-  result = run_main('--config=configs/test.py', flag, f'--workdir={tmp_path}/run',
-                    tmp_path=tmp_path)
+  result = run_main('--config=configs/test.py', flag, f'--workdir={tmp_path}/run')
   assert one_line_error(result).startswith(expected)
   assert not os.path.exists(tmp_path / 'run')
 
@@ -109,13 +107,13 @@ def test_a_mistake_in_a_config_flag_is_one_line(tmp_path, flag, expected):
     ('configs/test.py:model=bert', 'Config variant model=bert: expected one of'),
 ])
 def test_a_config_file_that_cannot_load_is_one_line(tmp_path, config, expected):
-  result = run_main(f'--config={config}', f'--workdir={tmp_path}/run', tmp_path=tmp_path)
+  result = run_main(f'--config={config}', f'--workdir={tmp_path}/run')
   assert expected in one_line_error(result)
 
 
 def test_a_bucket_url_workdir_is_refused_before_any_work(tmp_path):
   result = run_main('--config=configs/test.py', '--workdir=gs://bucket/run',
-                    f'--config.data_dir={tmp_path}/data', tmp_path=tmp_path)
+                    f'--config.data_dir={tmp_path}/data')
   assert result.returncode == 1 and 'Traceback' not in result.stderr
   assert result.stderr.strip().splitlines()[-1].startswith(
       'error: the workdir gs://bucket/run is a URL') and 'gcsfuse' in result.stderr
@@ -126,7 +124,7 @@ def test_a_bucket_url_workdir_is_refused_before_any_work(tmp_path):
 def test_a_cpu_split_the_user_made_is_kept_and_the_item_table_splits_over_it(tmp_path):
   result = run_main('--config=configs/test.py', '--config.mesh_model=4',
                     '--config.max_epochs=1', f'--workdir={tmp_path}/run',
-                    f'--config.data_dir={tmp_path}/data', tmp_path=tmp_path,
+                    f'--config.data_dir={tmp_path}/data',
                     env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
   assert result.returncode == 0, result.stderr[-3000:]
   assert '8 local cpu device(s)' in result.stderr

@@ -39,10 +39,9 @@ def free_port() -> int:
 def two_hosts(script: str, tmp_path) -> list:
   """Runs `script` as two hosts of one run; the JSON each printed last."""
   address = f'localhost:{free_port()}'
-  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')}
   hosts = [subprocess.Popen(
       [sys.executable, '-c', script, address, str(i), str(tmp_path / 'data'),
-       str(tmp_path / 'run')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+       str(tmp_path / 'run')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
   outputs = [host.communicate(timeout=300) for host in hosts]
   for host, (_, stderr) in zip(hosts, outputs):
@@ -90,8 +89,7 @@ def test_the_command_on_two_processes_gets_the_single_process_metrics(tmp_path):
             f'--config.data_dir={tmp_path / "data"}']
 
   def launch(workdir, devices, *extra):
-    env = {**os.environ, 'JAX_NUM_CPU_DEVICES': str(devices),
-           'JAX_COMPILATION_CACHE_DIR': str(tmp_path / 'xla_cache')}
+    env = {**os.environ, 'JAX_NUM_CPU_DEVICES': str(devices)}
     return subprocess.Popen([sys.executable, '-m', 'pka_jax.main', *common,
                              f'--workdir={workdir}', *extra], cwd=root, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
