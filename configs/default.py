@@ -71,20 +71,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # else plain. xla/cudnn (jax.nn.dot_product_attention) run wherever the attention weights
   # see no dropout (evaluation, or dropout 0); training with dropout uses plain, and CoPE
   # always does. pallas (GPU only): as auto, but training with dropout runs one Triton kernel
-  # a sequence and head, kernels and dropout inside (pka_jax/pallas_attention.py), where its
+  # a sequence and head, kernels and dropout inside (pka_jax/kernels/attention.py), where its
   # tiles fit (queries, keys and head size powers of two, at least 16); else plain.
   config.attention_impl = 'auto'
-  # hash: keep-masks from a keyed integer hash of the element index (pka_jax/dropout.py), 50x
+  # hash: keep-masks from a keyed integer hash of the element index (pka_jax/model/dropout.py), 50x
   # cheaper than jax.random's bits on CPU; jax: flax's jax.random.bernoulli masks.
   config.dropout_impl = 'hash'
   # xla | pallas. pallas (GPU only): in training, every LayerNorm as one Triton kernel
-  # forward and one backward (pka_jax/pallas_layer_norm.py) where rows come in blocks of 16
+  # forward and one backward (pka_jax/kernels/layer_norm.py) where rows come in blocks of 16
   # to 64 and the width is a power of two of at least 16; flax's elsewhere and in evaluation,
   # serving and export. The same parameters and LayerNorm, to float rounding.
   config.layer_norm_impl = 'xla'
   # xla | pallas. pallas (GPU only): in training, each block's second half (the attention's
   # output projection, the residual, LayerNorm, feed-forward, both dropouts and the padding
-  # mask) as one Triton kernel forward and one backward (pka_jax/pallas_ffn.py) where rows
+  # mask) as one Triton kernel forward and one backward (pka_jax/kernels/ffn.py) where rows
   # come in blocks of 16 or 32 and the width is a power of two from 16 to 128; the XLA path
   # elsewhere (microbatches included) and in evaluation, serving and export. The same
   # parameters, masks and function, to float rounding.
@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ~1 GB on accelerators). Exact whatever the value; a speed and memory setting.
   config.ce_chunk_rows = 0
   # xla | pallas. pallas: the cross-entropy as Triton kernels that never write the logits
-  # (pka_jax/pallas_loss.py; GPU only, one device's table, ce_block_size and ce_chunk_rows
+  # (pka_jax/kernels/loss.py; GPU only, one device's table, ce_block_size and ce_chunk_rows
   # unused). The same loss; which is faster is for a GPU profile to say.
   config.ce_impl = 'xla'
   config.learning_rate = 1e-3  # Adam, constant
@@ -110,13 +110,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Gradient accumulated over this many slices of each step's batch (same gradient); 0: auto,
   # slices of ~2,048 positions per device on CPU (they stay in cache), none on accelerators.
   # On one host with trim_windows, slices hold rows of similar length, each in the window its
-  # longest row needs (train.length_sorted_microbatches).
+  # longest row needs (pka_jax/training/microbatching.py).
   config.microbatches = 0
   # Windows cut to the columns their batch needs (a power of two): training batches to their
   # longest history, evaluation batches (of similar contexts) to their longest context. The
   # same outputs for fewer FLOPs where the model trims exactly: padding keys masked and no
   # query-side kernel, or the authors' visible padding keys where they are all one key
-  # (SASRec, NoPE: windows then keep a padding column; models.Encoder); otherwise every
+  # (SASRec, NoPE: windows then keep a padding column; encoder.Encoder); otherwise every
   # window is maxlen wide. Hashed dropout masks follow each element's place in the full-width
   # batch, so neither this nor `microbatches` changes a run, only its speed
   # (`dropout_impl='jax'` masks do change with both).

@@ -1,5 +1,5 @@
 """PKA's training attention alone, forward and backward: the plain path (XLA) against the
-Pallas kernel (pka_jax/pallas_attention.py), on the default device.
+Pallas kernel (pka_jax/kernels/attention.py), on the default device.
 
   python experiments/attention_benchmark.py                  # ML-1M's PKA shape, bfloat16
   python experiments/attention_benchmark.py --dtype=float32 --json=/tmp/attention.json
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernel_timing
-from pka_jax import attention
+from pka_jax.model import attention
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Sequences.')
 _MAXLEN = flags.DEFINE_integer('maxlen', 128, 'Positions a sequence (queries and keys).')

@@ -21,8 +21,8 @@ import numpy as np
 
 from configs import default
 from pka_jax import config_check
-from pka_jax import models
-from pka_jax.models import Encoder
+from pka_jax.model import encoder
+from pka_jax.model.encoder import Encoder
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Config file.')
 _ITEMS = flags.DEFINE_integer('synthetic_items', 1000, 'Catalog size of the random batch.')
@@ -61,7 +61,7 @@ def main(argv):
     outputs = {}
     for impl in ['plain'] + impls:
       config.attention_impl = impl
-      model = models.create_model(config, _ITEMS.value, deterministic=True)
+      model = encoder.create_model(config, _ITEMS.value, deterministic=True)
       if impl == 'plain':
         params = jax.jit(model.init)(jax.random.key(0), inputs[:1])['params']
       hidden = jax.jit(lambda p, x, m=model: m.apply({'params': p}, x))

@@ -9,7 +9,7 @@
 
 Measures, in one process on the default backend: the dense-matmul peak in float32 and
 bfloat16; the train step's compile time, step time (median and spread), sequences/s, model
-FLOPs (pka_jax/flops.py, cross-checked with XLA's cost analysis of the same step without
+FLOPs (pka_jax/model/flops.py, cross-checked with XLA's cost analysis of the same step without
 microbatches or loss chunks, whose loops XLA would count once), MFU against the measured
 peak of the config's dtype (and against the peak probed again beside each timed step, which
 follows a shared machine's drift), peak memory; the successive evaluation's pairs/s (the whole
@@ -34,13 +34,14 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from pka_jax import checkpoint
 from pka_jax import config_check
-from pka_jax import flops
-from pka_jax import metric_writer
 from pka_jax import sharding
-from pka_jax import train
-from pka_jax.models import Encoder
+from pka_jax.model import flops
+from pka_jax.model.encoder import Encoder
+from pka_jax.training import checkpoint
+from pka_jax.training import metric_writer
+from pka_jax.training import steps
+from pka_jax.training.loop import Trainer
 import kernel_timing
 import trace_breakdown
 
@@ -96,7 +97,7 @@ def xla_flops(fn, *args, devices: int = 1) -> float:
   return devices * float(cost.get('flops', float('nan')))
 
 
-def time_train(run: train.Run, probe: flops.MatmulProbe) -> dict:
+def time_train(run: Trainer, probe: flops.MatmulProbe) -> dict:
   batches = []
   while len(batches) < 1 + _WARMUP.value + _STEPS.value:
     batches.extend(run.inputs.epoch(len(batches)))
@@ -119,21 +120,23 @@ def time_train(run: train.Run, probe: flops.MatmulProbe) -> dict:
   timed = batches[_WARMUP.value + 1:]
   return {'compile_seconds': compile_seconds, 'seconds': np.array(seconds),
           'peaks': np.array(peaks), 'back_to_back_seconds': back_to_back(run, timed),
-          'memory': peak_memory(compiled), 'batch': run._global_batch(batches[0]),
+          'memory': peak_memory(compiled), 'batch': run.placement.shard_batch(batches[0]),
           'flops': [step_flops(run, b) for b in timed],
           'real_targets': [int(np.count_nonzero(b['targets'])) for b in timed],
           'widths': [microbatch_widths(run, b) for b in timed]}
 
 
-def compiled_step(run: train.Run, batch):
+def compiled_step(run: Trainer, batch):
   """The compiled program `run.train_on(batch)` runs."""
-  if run.sorts_microbatches:
-    return run.sorted_step_fn.lower(run.state, run.sorted_microbatches(batch),
-                                    run.dropout_rng).compile()
-  return run.step_fn.lower(run.state, run._global_batch(batch), run.dropout_rng).compile()
+  placement = run.placement
+  if placement.sorts_microbatches:
+    return placement.sorted_step_fn.lower(run.state, placement.sorted_microbatches(batch),
+                                          run.dropout_rng).compile()
+  return placement.step_fn.lower(run.state, placement.shard_batch(batch),
+                                 run.dropout_rng).compile()
 
 
-def back_to_back(run: train.Run, batches: list) -> float:
+def back_to_back(run: Trainer, batches: list) -> float:
   """Seconds a step with the steps dispatched one after another and one wait at the end, as
   the training loop runs them: the host prepares the next step while the device computes.
   On an accelerator a step alone also pays its launch and the wait for its result."""
@@ -150,19 +153,19 @@ def window_counts(widths_per_step: list[list[tuple[int, int]]]) -> dict[int, flo
   return {width: counts[width] / len(widths_per_step) for width in sorted(counts)}
 
 
-def microbatch_widths(run: train.Run, batch) -> list[tuple[int, int]]:
+def microbatch_widths(run: Trainer, batch) -> list[tuple[int, int]]:
   """`(rows, width)` of each program the step runs on `batch`: the whole batch, or its
-  length-sorted microbatches (train.Run.train_on)."""
+  length-sorted microbatches (Trainer.train_on)."""
   inputs = batch['inputs']
-  if not run.sorts_microbatches:
+  if not run.placement.sorts_microbatches:
     return [inputs.shape]
-  return [(len(rows), width) for rows, width in run.microbatches_of(inputs)]
+  return [(len(rows), width) for rows, width in run.placement.microbatches_of(inputs)]
 
 
-def step_flops(run: train.Run, batch) -> int:
+def step_flops(run: Trainer, batch) -> int:
   """Model FLOPs of the step on `batch` as it runs: each program's rows at its width and,
   since the cross-entropy skips chunks of padding, the loss over the real targets."""
-  config, model_config = run.config, run.model.config
+  config, model_config = run.config, run.placement.model.config
   real = int(np.count_nonzero(batch['targets'])) if config.loss == 'ce' else None
   encoder = sum(flops.train_step_flops(model_config, rows, config.loss, 0, width)
                 for rows, width in microbatch_widths(run, batch))
@@ -171,30 +174,30 @@ def step_flops(run: train.Run, batch) -> int:
   return encoder + loss
 
 
-def reference_step_flops(run: train.Run, batch) -> float:
+def reference_step_flops(run: Trainer, batch) -> float:
   """XLA's FLOPs for the train step with no microbatches and one loss chunk."""
   config = run.config
-  rows = config.batch_size * config.maxlen // run.mesh.shape['data']
+  rows = config.batch_size * config.maxlen // run.placement.mesh.shape['data']
   step = functools.partial(
-      train.train_step, loss_name=config.loss, ce_block_size=0, ce_chunk_rows=rows,
-      microbatches=1, mesh=run.mesh, num_items=run.dataset.num_items)
-  return xla_flops(step, run.state, batch, run.dropout_rng, devices=run.mesh.size)
+      steps.train_step, loss_name=config.loss, ce_block_size=0, ce_chunk_rows=rows,
+      microbatches=1, mesh=run.placement.mesh, num_items=run.dataset.num_items)
+  return xla_flops(step, run.state, batch, run.dropout_rng, devices=run.placement.mesh.size)
 
 
-def eval_pass_flops(run: train.Run) -> tuple[int, dict[int, int]]:
+def eval_pass_flops(run: Trainer) -> tuple[int, dict[int, int]]:
   """Model FLOPs of a validation pass (real pairs only, each at its batch's window width)
   and how many pairs ran at each width: read off the batches the pass itself runs."""
   total, pairs_at = 0, collections.Counter()
-  for batch in run.pass_batches('valid'):
+  for batch in run.evaluator.batches('valid'):
     width, pairs = batch.inputs_BxT.shape[1], int(batch.valid_B.sum())
-    total += pairs * flops.eval_pair_flops(run.eval_model.config, width)
+    total += pairs * flops.eval_pair_flops(run.placement.eval_model.config, width)
     pairs_at[width] += pairs
   return total, dict(sorted(pairs_at.items()))
 
 
-def time_eval(run: train.Run, probe: flops.MatmulProbe) -> dict:
+def time_eval(run: Trainer, probe: flops.MatmulProbe) -> dict:
   """The validation pass end to end, and the device's share alone on one full-window batch."""
-  steps = run.successive_steps('valid')
+  valid_steps = run.evaluator.steps('valid')
   run.evaluate('valid')  # compiles for every seen-width of the pass
   seconds, peaks = [], []
   for _ in range(_EVAL_REPEATS.value):
@@ -202,28 +205,29 @@ def time_eval(run: train.Run, probe: flops.MatmulProbe) -> dict:
     start = time.perf_counter()
     run.evaluate('valid')
     seconds.append(time.perf_counter() - start)
-  batch = steps.batch(0, run.config.eval_batch_size, shards=run.eval_mesh.shape['data'])
-  params = run.eval_params()
-  jax.block_until_ready(run.rank_batch(batch, params))
+  batch = valid_steps.batch(0, run.config.eval_batch_size,
+                           shards=run.placement.eval_mesh.shape['data'])
+  params = run.placement.eval_params(run.state.params)
+  jax.block_until_ready(run.placement.rank(params, batch))
   device_seconds = []
   for _ in range(5):
     start = time.perf_counter()
-    jax.block_until_ready(run.rank_batch(batch, params))
+    jax.block_until_ready(run.placement.rank(params, batch))
     device_seconds.append(time.perf_counter() - start)
-  score = lambda params, inputs: run.eval_model.apply(
+  score = lambda params, inputs: run.placement.eval_model.apply(
       {'params': params}, inputs, method=Encoder.score_last)
   xla = xla_flops(score, params,
-                  run._sharded_rows(batch.inputs_BxT, run.eval_batch_sharding),
-                  devices=run.eval_mesh.size)
+                  run.placement.shard_rows(batch.inputs_BxT, run.placement.eval_batch_sharding),
+                  devices=run.placement.eval_mesh.size)
   xla /= run.config.eval_batch_size
   pass_flops, pairs_at_width = eval_pass_flops(run)
-  return {'pairs': len(steps), 'seconds': float(np.median(seconds)),
+  return {'pairs': len(valid_steps), 'seconds': float(np.median(seconds)),
           'mfu_probed': float(np.median(pass_flops / np.array(seconds) / np.array(peaks))),
           'pass_flops': pass_flops, 'pairs_at_width': pairs_at_width,
           'device_batch_seconds': float(np.median(device_seconds)), 'xla_flops_per_pair': xla}
 
 
-def write_trace(run: train.Run, directory: str,
+def write_trace(run: Trainer, directory: str,
                 steps: int = trace_breakdown.TRACED_STEPS) -> None:
   """A profiler trace of `steps` train steps and as many evaluation batches, compiled first,
   and the train step's optimised HLO beside it, for experiments/trace_breakdown.py. The
@@ -235,14 +239,14 @@ def write_trace(run: train.Run, directory: str,
   with open(hlo_path + '.tmp', 'w') as f:
     f.write(compiled_step(run, batches[0]).as_text())
   os.replace(hlo_path + '.tmp', hlo_path)
-  eval_batches = list(itertools.islice(run.pass_batches('valid'), steps))
+  eval_batches = list(itertools.islice(run.evaluator.batches('valid'), steps))
 
   def run_all():
     for batch in batches:
       jax.block_until_ready(run.train_on(batch))
-    params = run.eval_params()
+    params = run.placement.eval_params(run.state.params)
     for batch in eval_batches:
-      jax.block_until_ready(run.rank_batch(batch, params))
+      jax.block_until_ready(run.placement.rank(params, batch))
 
   run_all()  # compiles every shape outside the trace
   # A segfault once ended this script in CI (Python 3.11), faulthandler cut off inside a
@@ -256,7 +260,7 @@ def write_trace(run: train.Run, directory: str,
     run_all()
 
 
-def time_epochs(run: train.Run, workdir: str) -> dict:
+def time_epochs(run: Trainer, workdir: str) -> dict:
   """The real loop's epochs (`time/*` records), each after its own batches' steps alone:
   steps differ by batch (trimmed windows, length-sorted microbatches), so what the loop
   spends outside them is measured against the very batches it runs."""
@@ -294,11 +298,11 @@ def main(argv):
 
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='pka_jax_benchmark_')
   try:
-    run = train.Run(config, workdir,
+    run = Trainer.create(config, workdir,
                     train_devices=sharding.devices_to_train(_CPU_DEVICES.value))
   except config_check.ConfigError as error:
     raise SystemExit(str(error)) from None  # a user's mistake: one line, no traceback
-  model_config = run.model.config
+  model_config = run.placement.model.config
   logging.info('Timing the train step.')
   train_figures = time_train(run, probe)
   # Averaged over the timed batches, as they ran (step_flops).
@@ -315,17 +319,17 @@ def main(argv):
 
   report = {
       'device': f'{device.platform} {device.device_kind} x{jax.device_count()}',
-      'train_devices': run.mesh.size, 'eval_devices': run.eval_mesh.size,
+      'train_devices': run.placement.mesh.size, 'eval_devices': run.placement.eval_mesh.size,
       'jax': jax.__version__,
       'config': {'model': config.model, 'num_blocks': config.num_blocks,
                  'hidden_units': config.hidden_units, 'maxlen': config.maxlen,
                  'num_heads': config.num_heads, 'batch_size': config.batch_size,
                  'num_items': run.dataset.num_items, 'dtype': config.dtype,
-                 'microbatches': run.train_microbatches,
+                 'microbatches': run.placement.train_microbatches,
                  'attention_impl': config.attention_impl, 'loss': config.loss,
                  'ce_impl': config.ce_impl, 'eval_batch_size': config.eval_batch_size,
-                 'trim_windows': run.trims_windows,
-                 'trim_evaluation': run.evaluation_windows['trim']},
+                 'trim_windows': run.placement.trims_windows,
+                 'trim_evaluation': run.placement.evaluation_windows['trim']},
       'peak_flops': peaks,
       'train': {
           'compile_seconds': train_figures['compile_seconds'],
@@ -335,7 +339,7 @@ def main(argv):
           'steps_timed': len(step_seconds),
           'sequences_per_second': config.batch_size / median,
           'real_targets': float(np.mean(train_figures['real_targets'])),
-          'sorted_microbatches': run.sorts_microbatches,
+          'sorted_microbatches': run.placement.sorts_microbatches,
           'widths_per_step': window_counts(train_figures['widths']),
           'model_flops': mean_step_flops,
           'model_flops_full_windows': full_window_flops,

@@ -1,25 +1,21 @@
 """The train and evaluation steps compiled from shapes alone, for devices this machine may
 not have: a GPU (jax's CUDA plugin), a Cloud TPU slice (libtpu's topologies) or simulated
-CPU devices. The program is the one XLA would run there, laid out as `train.Run` lays it
-out; gpu_kernels.py counts a GPU's kernels, plan.py sizes a mesh's memory."""
+CPU devices. The program is the one XLA would run there, built by the run's own `Placement`;
+gpu_kernels.py counts a GPU's kernels, plan.py sizes a mesh's memory."""
 
 import contextlib
 import dataclasses
-import functools
 import importlib.metadata
 import importlib.util
 from unittest import mock
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from pka_jax import config_check
 from pka_jax import sharding
-from pka_jax import train
 from pka_jax.data.sequences import power_of_two_at_least
-from pka_jax.models import Encoder, create_model
+from pka_jax.training.placement import Placement
 
 # What jax.jit lowers for, by the name `jax.default_backend()` would give there.
 LOWERING_PLATFORMS = {'cpu': 'cpu', 'gpu': 'cuda', 'tpu': 'tpu'}
@@ -56,23 +52,16 @@ def libtpu_requirement() -> str:
 
 @dataclasses.dataclass(frozen=True)
 class AbstractStep:
-  """A config's train step on `devices` of `backend`, every input a shape: the mesh, the
-  model, the state and batch as `jax.ShapeDtypeStruct`s placed on the mesh."""
+  """A config's train step on the devices of `placement`, every input a shape: the state
+  and batch as `jax.ShapeDtypeStruct`s placed as training places them."""
   backend: str
-  mesh: jax.sharding.Mesh
-  model: Encoder
+  placement: Placement
   state: object
-  state_shardings: object
-  microbatches: int
-  step: functools.partial
   args: tuple
 
   def compile(self):
     with backend_answers(self.backend):
-      step = jax.jit(self.step, out_shardings=(self.state_shardings,
-                                               NamedSharding(self.mesh, P())),
-                     donate_argnums=0)
-      lowered = step.trace(*self.args).lower(
+      lowered = self.placement.step_fn.trace(*self.args).lower(
           lowering_platforms=(LOWERING_PLATFORMS[self.backend],))
       return lowered.compile()
 
@@ -90,33 +79,24 @@ def checked(config, devices: list, backend: str):
   return config
 
 
-def abstract_train_step(config, num_items: int, devices: list, backend: str) -> AbstractStep:
+def placement_for(config, num_items: int, devices: list, backend: str) -> Placement:
+  """The run's `Placement` on `devices` of `backend`, its backend-dependent choices made
+  for that backend."""
   config = checked(config, devices, backend)
   with backend_answers(backend):
-    mesh = sharding.make_mesh(config.mesh_model, devices)
-    model = create_model(config, num_items, deterministic=False, mesh=mesh)
-    state, state_shardings, key = _abstract_state(config, model, mesh)
-    microbatches = config.microbatches or train.microbatches_for(
-        config.batch_size // mesh.shape[sharding.DATA], config.maxlen)
-  rows = NamedSharding(mesh, P(sharding.DATA))
-  batch = {name: jax.ShapeDtypeStruct((config.batch_size, config.maxlen), jnp.int32,
-                                      sharding=rows) for name in ('inputs', 'targets')}
-  rng = jax.ShapeDtypeStruct((), key.dtype, sharding=NamedSharding(mesh, P()))
-  step = functools.partial(train.train_step, microbatches=microbatches, mesh=mesh,
-                           **train.loss_options(config, num_items))
-  return AbstractStep(backend, mesh, model, state, state_shardings, microbatches, step,
-                      (state, batch, rng))
+    return Placement(config, num_items, devices=devices)
 
 
-def _abstract_state(config, model: Encoder, mesh: jax.sharding.Mesh):
-  """The train state's shapes placed on `mesh` as training places them, their shardings,
-  and the initialising key."""
+def abstract_train_step(config, num_items: int, devices: list, backend: str) -> AbstractStep:
+  placement = placement_for(config, num_items, devices, backend)
+  config = placement.config
   key = jax.random.key(config.seed, impl=config.prng_impl)
-  state = jax.eval_shape(functools.partial(train.create_train_state, model, config), key)
-  state_shardings = sharding.state_shardings(state, mesh)
-  placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        state, state_shardings)
-  return placed, state_shardings, key
+  state = placement.abstract_state(key)
+  batch = {name: jax.ShapeDtypeStruct((config.batch_size, config.maxlen), jnp.int32,
+                                      sharding=placement.batch_sharding)
+           for name in ('inputs', 'targets')}
+  rng = jax.ShapeDtypeStruct((), key.dtype, sharding=placement.replicated)
+  return AbstractStep(backend, placement, state, (state, batch, rng))
 
 
 def compile_train_step(config, num_items: int, devices: list, backend: str):
@@ -125,23 +105,21 @@ def compile_train_step(config, num_items: int, devices: list, backend: str):
 
 
 def compile_eval_step(config, num_items: int, devices: list, backend: str):
-  """The config's evaluation step (`train.rank_on_mesh`: the newest position's hidden state,
-  then each 'model' shard's top-k) for `devices`, compiled from shapes alone, on a batch of
-  full windows; and the batch's size."""
-  config = checked(config, devices, backend)
+  """The config's evaluation step (`ranking.rank_on_mesh`: the newest position's hidden
+  state, then each 'model' shard's top-k) for `devices`, compiled from shapes alone, on a
+  batch of full windows; and the batch's size."""
+  placement = placement_for(config, num_items, devices, backend)
+  config = placement.config
+  key = jax.random.key(config.seed, impl=config.prng_impl)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        placement.abstract_state(key).params, placement.eval_param_shardings)
+  rows, shards = placement.eval_batch_sharding, placement.eval_mesh.shape[sharding.DATA]
+  batch = config.eval_batch_size
+  # Each data shard's seen (row, item) pairs, as many as full windows hold (EvalBatch).
+  pairs = shards * power_of_two_at_least(batch // shards * config.maxlen)
+  shapes = [(batch, config.maxlen), (pairs,), (pairs,), (batch,)]
+  args = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for shape in shapes]
   with backend_answers(backend):
-    mesh = sharding.make_mesh(config.mesh_model, devices)
-    model = create_model(config, num_items, deterministic=True, mesh=mesh)
-    params = _abstract_state(config, model, mesh)[0].params
-    rows = NamedSharding(mesh, P(sharding.DATA))
-    batch, shards = config.eval_batch_size, mesh.shape[sharding.DATA]
-    # Each data shard's seen (row, item) pairs, as many as full windows hold (EvalBatch).
-    pairs = shards * power_of_two_at_least(batch // shards * config.maxlen)
-    arrays = [((batch, config.maxlen), rows), ((pairs,), rows), ((pairs,), rows),
-              ((batch,), rows)]
-    args = [jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for shape, s in arrays]
-    rank = functools.partial(train.rank_on_mesh, config=config, mesh=mesh, model=model,
-                             num_items=num_items)
-    lowered = jax.jit(rank, out_shardings=NamedSharding(mesh, P())).trace(
-        params, *args).lower(lowering_platforms=(LOWERING_PLATFORMS[backend],))
+    lowered = placement.rank_fn.trace(params, *args).lower(
+        lowering_platforms=(LOWERING_PLATFORMS[backend],))
     return lowered.compile(), batch

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from pka_jax import evaluate
 from pka_jax.data.sequences import Events, SequenceStore, SplitDataset
+from pka_jax.evaluation import protocol
 
 _NUM_USERS = flags.DEFINE_integer('num_users', 20_000, 'Users.')
 _NUM_ITEMS = flags.DEFINE_integer('num_items', 3_000, 'Catalog size.')
@@ -74,11 +74,11 @@ def main(argv):
   logging.info('backend %s, %d train interactions', jax.default_backend(),
                len(dataset.train.items))
 
-  steps = timed('successive_steps', lambda: evaluate.successive_steps(
+  steps = timed('successive_steps', lambda: protocol.successive_steps(
       dataset, 'valid', maxlen=maxlen))
   timed('build all batches (host)', lambda: sum(1 for _ in steps.batches(batch_size)))
   for name in ('evaluate (with compile)', 'evaluate (warm)'):
-    summary = timed(name, lambda: evaluate.evaluate(
+    summary = timed(name, lambda: protocol.evaluate(
         score_fn, dataset, 'valid', maxlen=maxlen, batch_size=batch_size, progress=False))
   logging.info('%s', summary)
 

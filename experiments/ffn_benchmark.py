@@ -1,5 +1,5 @@
 """The encoder's training pass with each block's second half by XLA against the Pallas
-kernels (pka_jax/pallas_ffn.py), on the default device.
+kernels (pka_jax/kernels/ffn.py), on the default device.
 
   python experiments/ffn_benchmark.py                       # ML-1M's PKA shape, bfloat16
   python experiments/ffn_benchmark.py --dtype=float32 --json=/tmp/ffn.json
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernel_timing
-from pka_jax import models
-from pka_jax import pallas_ffn
+from pka_jax.kernels import ffn as pallas_ffn
+from pka_jax.model import encoder
 
 _BATCH = flags.DEFINE_integer('batch', 256, 'Sequences.')
 _MAXLEN = flags.DEFINE_integer('maxlen', 128, 'Positions a sequence.')
@@ -33,9 +33,9 @@ _ITEMS = flags.DEFINE_integer('items', 3416, 'Items in the catalog.')
 _FLAGS = kernel_timing.define_flags()
 
 
-def model_config() -> models.ModelConfig:
+def model_config() -> encoder.ModelConfig:
   """ML-1M's tuned PKA model at the flags' shape."""
-  return models.ModelConfig(
+  return encoder.ModelConfig(
       num_items=_ITEMS.value, maxlen=_MAXLEN.value, num_blocks=_BLOCKS.value,
       hidden_units=_WIDTH.value, num_heads=1, dropout=0.2, position_mode='kernel',
       dtype=_FLAGS.dtype.value)
@@ -59,9 +59,9 @@ def gradients(impl: str):
                          f'{_WIDTH.value}: the kernels take rows in blocks of 16 or 32 and a '
                          'width of a power of two from 16 to 128')
   config = dataclasses.replace(model_config(), ffn_impl=impl)
-  model = models.Encoder(config)
+  model = encoder.Encoder(config)
   inputs_BxT = inputs()
-  params = {'params': models.Encoder(model_config()).init(
+  params = {'params': encoder.Encoder(model_config()).init(
       {'params': jax.random.key(0), 'dropout': jax.random.key(1)}, inputs_BxT)['params']}
   weights = jnp.cos(jnp.arange(rows * _WIDTH.value)).reshape(*inputs_BxT.shape, _WIDTH.value)
 

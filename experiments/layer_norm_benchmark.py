@@ -1,5 +1,5 @@
 """LayerNorm alone, forward and backward: flax's (XLA) against the Pallas kernels
-(pka_jax/pallas_layer_norm.py), on the default device.
+(pka_jax/kernels/layer_norm.py), on the default device.
 
   python experiments/layer_norm_benchmark.py                  # ML-1M's rows, bfloat16
   python experiments/layer_norm_benchmark.py --dtype=float32 --json=/tmp/layer_norm.json
@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernel_timing
-from pka_jax import models
-from pka_jax import pallas_layer_norm
+from pka_jax.kernels import layer_norm as pallas_layer_norm
+from pka_jax.model import encoder
 
 _ROWS = flags.DEFINE_integer('rows', 256 * 128, 'Rows (batch × maxlen).')
 _WIDTH = flags.DEFINE_integer('width', 128, 'Hidden width d.')
@@ -31,13 +31,13 @@ _FLAGS = kernel_timing.define_flags()
 def normalise(impl: str):
   """`(rows, scale, bias) -> normalised rows` of flax's LayerNorm or the Pallas kernels."""
   if impl == 'xla':
-    return lambda x, scale, bias: nn.LayerNorm(epsilon=models.LN_EPSILON, dtype=x.dtype).apply(
+    return lambda x, scale, bias: nn.LayerNorm(epsilon=encoder.LN_EPSILON, dtype=x.dtype).apply(
         {'params': {'scale': scale, 'bias': bias}}, x)
   rows = _ROWS.value
   if not pallas_layer_norm.supports(rows, _WIDTH.value):
     raise app.UsageError(f'--rows={rows} --width={_WIDTH.value}: the kernels take rows in '
                          'blocks of 16 to 64 and a width of a power of two of at least 16')
-  options = pallas_layer_norm.Options(models.LN_EPSILON,
+  options = pallas_layer_norm.Options(encoder.LN_EPSILON,
                                       pallas_layer_norm.block_rows_for(rows),
                                       interpret=jax.default_backend() != 'gpu')
   return lambda x, scale, bias: pallas_layer_norm.layer_norm(x, scale, bias, options)

@@ -1,5 +1,5 @@
 """The full-catalog cross-entropy alone, forward and backward: XLA's plans against the Pallas
-kernels (pka_jax/pallas_loss.py) in several tilings, on the default device.
+kernels (pka_jax/kernels/loss.py) in several tilings, on the default device.
 
   python experiments/loss_benchmark.py                       # ML-1M's PKA shape, bfloat16
   python experiments/loss_benchmark.py --dtype=float32 --json=/tmp/loss.json
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import kernel_timing
-from pka_jax import flops
-from pka_jax import losses
-from pka_jax import pallas_loss
+from pka_jax.kernels import loss as pallas_loss
+from pka_jax.model import flops
+from pka_jax.training import losses
 
 _ROWS = flags.DEFINE_integer('rows', 256 * 128, 'Positions in the batch (batch × maxlen).')
 _ITEMS = flags.DEFINE_integer('items', 3416, 'Items in the catalog.')

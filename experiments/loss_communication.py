@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
 
-from pka_jax import losses
 from pka_jax import sharding
+from pka_jax.model import item_table
+from pka_jax.training import losses
 
 _NUM_ITEMS = flags.DEFINE_integer('num_items', 100_000, 'Catalog size.')
 _DEVICES = flags.DEFINE_integer('devices', 8, 'Simulated CPU devices.')
@@ -48,7 +49,7 @@ def main(argv):
   del argv
   jax.config.update('jax_num_cpu_devices', _DEVICES.value)
   mesh = sharding.make_mesh(_MESH_MODEL.value, jax.devices()[:_DEVICES.value])
-  rows = sharding.table_rows(_NUM_ITEMS.value, _MESH_MODEL.value)
+  rows = item_table.table_rows(_NUM_ITEMS.value, _MESH_MODEL.value)
   positions, dim = _POSITIONS.value, _DIM.value
   hidden = jax.ShapeDtypeStruct((positions // 128, 128, dim), jnp.float32,
                                 sharding=NamedSharding(mesh, P(sharding.DATA)))

@@ -14,7 +14,7 @@ on abstract inputs (no data, no parameters in memory, no TPU: libtpu compiles wi
 every host of the slice included). Prints, per device: the parameters and optimiser state
 (the item table's share apart), XLA's plan for the compiled step (arguments, outputs,
 temporaries) and the largest array in the optimised program, XLA's plan for the evaluation
-step (a batch of full windows), and the model FLOPs of a step (pka_jax/flops.py).
+step (a batch of full windows), and the model FLOPs of a step (pka_jax/model/flops.py).
 Temporaries depend on the loss's block of items (`ce_block_size`) and on the backend, whose
 defaults the steps take (a CPU splits the batch in microbatches, an accelerator does not;
 evaluation batches are 512 sequences on a CPU, 4,096 elsewhere). `--json` writes the
@@ -31,8 +31,8 @@ import numpy as np
 
 import deviceless
 import kernel_timing
-from pka_jax import flops
 from pka_jax import sharding
+from pka_jax.model import flops
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Config file.')
 _NUM_ITEMS = flags.DEFINE_integer('num_items', 10_000_000, 'Catalog size.')
@@ -73,20 +73,22 @@ def figures(config, num_items: int, devices: list, backend: str) -> dict:
   steps; the train step's model FLOPs."""
   plan = deviceless.abstract_train_step(config, num_items, devices, backend)
   compiled = plan.compile()
-  state, placement = plan.state, plan.state_shardings
+  state, placement = plan.state, plan.placement.state_shardings
   shape, size = largest_array(compiled.as_text())
   return {
       'backend': backend, 'device_kind': devices[0].device_kind, 'devices': len(devices),
       'hosts': len({device.process_index for device in devices}),
-      'mesh': {'data': plan.mesh.shape[sharding.DATA], 'model': plan.mesh.shape[sharding.MODEL]},
-      'num_items': num_items, 'microbatches': plan.microbatches,
+      'mesh': {'data': plan.placement.mesh.shape[sharding.DATA],
+               'model': plan.placement.mesh.shape[sharding.MODEL]},
+      'num_items': num_items, 'microbatches': plan.placement.train_microbatches,
       'per_device_bytes': {
           'parameters': per_device_bytes(state.params, placement.params),
           'item_table': per_device_bytes(state.params['item_emb'], placement.params['item_emb']),
           'optimizer': per_device_bytes(state.opt_state, placement.opt_state),
           **compiled_bytes(compiled), 'largest_array': size},
       'largest_array': shape,
-      'model_flops': flops.train_step_flops(plan.model.config, config.batch_size, config.loss),
+      'model_flops': flops.train_step_flops(plan.placement.model.config, config.batch_size,
+                                            config.loss),
       'eval': eval_figures(config, num_items, devices, backend)}
 
 

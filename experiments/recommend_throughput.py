@@ -17,8 +17,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from pka_jax import export
-from pka_jax import recommend
+from pka_jax.serving import export
+from pka_jax.serving import recommender as recommender_lib
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained workdir.', required=True)
 _BATCH_SIZES = flags.DEFINE_list('batch_sizes', ['1', '512'], 'Histories per call.')
@@ -38,12 +38,12 @@ def per_second(call, rows: int) -> tuple[float, float]:
   return rows * len(times) / sum(times), 1e3 * float(np.median(times))
 
 
-def paths(recommender: recommend.Recommender, scorer, batch: int) -> dict:
+def paths(recommender: recommender_lib.Recommender, scorer, batch: int) -> dict:
   """The timed calls for `batch` users' histories (cycled)."""
   histories = recommender.served.histories
   dense = [np.asarray(histories[u % len(histories)]) for u in range(batch)]
   raw = [recommender.item_ids[h - 1].tolist() for h in dense]
-  inputs_BxT = recommend.left_padded(dense, batch, recommender.maxlen)
+  inputs_BxT = recommender_lib.left_padded(dense, batch, recommender.maxlen)
   return {
       'recommend (raw ids)': lambda: recommender.recommend(raw, k=_K.value).scores,
       'recommend_dense': lambda: recommender.recommend_dense(dense, _K.value).scores,
@@ -54,7 +54,7 @@ def paths(recommender: recommend.Recommender, scorer, batch: int) -> dict:
 def main(argv):
   del argv
   load_before = os.getloadavg()
-  recommender = recommend.Recommender.from_workdir(_WORKDIR.value)
+  recommender = recommender_lib.Recommender.from_workdir(_WORKDIR.value)
   scorer = export.export_scorer(recommender, _K.value)
   print(f'device: {jax.devices()[0].device_kind} ({jax.device_count()} devices, '
         f'{os.cpu_count()} cores); k={_K.value}, maxlen={recommender.maxlen}, '

@@ -8,7 +8,7 @@
   python experiments/reproduce.py --config=configs/test.py --seeds=2 --root=runs/grid_test \
       --override=max_epochs=1
 
-Each run trains in `<root>/<dataset>/<model>[-<layout>]/seed<k>` (pka_jax/grid.py). Rerunning
+Each run trains in `<root>/<dataset>/<model>[-<layout>]/seed<k>` (pka_jax/paper/grid.py). Rerunning
 the command reads finished runs back and resumes interrupted ones. `<root>/runs.csv` (one row
 per run) and `<root>/table.md` (mean ± 95% interval over seeds, per dataset) are rewritten
 after every run. Figures of the grid: `python -m pka_jax.figures --figure=all --root=<root>`.
@@ -21,11 +21,11 @@ import sys
 from absl import app
 from absl import flags
 
-from pka_jax import checkpoint
 from pka_jax import config_check
-from pka_jax import grid
+from pka_jax import jobs
 from pka_jax import sharding
-from pka_jax import train
+from pka_jax.paper import grid
+from pka_jax.training import checkpoint
 
 flags.DEFINE_list('config', ['configs/synthetic.py'], 'Config files, one per dataset.')
 flags.DEFINE_list('models', ['pka', 'sasrec', 'nope'], 'Models (configs/default.py).')
@@ -51,7 +51,7 @@ def main(argv):
   configs = [spec.config() for spec in specs]
   sharding.split_cpu(FLAGS.cpu_devices or config_check.cpu_devices_for(configs))
   command = ' '.join(['python', 'experiments/reproduce.py', *map(shlex.quote, sys.argv[1:])])
-  train_fn = functools.partial(train.train_and_evaluate,
+  train_fn = functools.partial(jobs.train,
                                train_devices=sharding.devices_to_train(FLAGS.cpu_devices))
   grid.run_grid(specs, FLAGS.root, command, train_fn)
   with open(f'{FLAGS.root}/table.md') as f:

@@ -13,13 +13,13 @@ import jax
 import ml_collections
 
 from configs import default
-from pka_jax import attention
 from pka_jax.data import registry
-from pka_jax.dropout import DROPOUT_IMPLS
-from pka_jax.models import DTYPES, FFN_IMPLS, LAYER_NORM_IMPLS, POSITION_MODES
+from pka_jax.kernels import dispatch
+from pka_jax.model import attention
+from pka_jax.model.dropout import DROPOUT_IMPLS
+from pka_jax.model.encoder import DTYPES, POSITION_MODES
 
 LOSSES = ('ce', 'bce')
-CE_IMPLS = ('xla', 'pallas')
 PRNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
 
 
@@ -68,14 +68,14 @@ def _rules() -> list[tuple[str, Callable[[object], bool], str]]:
       'dropout': fraction,
       'kernel_init_std': (lambda v: _is_number(v) and v >= 0, 'a number >= 0'),
       'dtype': one_of(DTYPES),
-      'attention_impl': one_of(attention.ATTENTION_IMPLS),
+      'attention_impl': one_of(dispatch.ATTENTION_IMPLS),
       'dropout_impl': one_of(DROPOUT_IMPLS),
-      'layer_norm_impl': one_of(LAYER_NORM_IMPLS),
-      'ffn_impl': one_of(FFN_IMPLS),
+      'layer_norm_impl': one_of(dispatch.LAYER_NORM_IMPLS),
+      'ffn_impl': one_of(dispatch.FFN_IMPLS),
       'loss': one_of(LOSSES),
       'ce_block_size': non_negative_int,
       'ce_chunk_rows': non_negative_int,
-      'ce_impl': one_of(CE_IMPLS),
+      'ce_impl': one_of(dispatch.CE_IMPLS),
       'learning_rate': (lambda v: _is_number(v) and v > 0, 'a number > 0'),
       'adam_b1': fraction,
       'adam_b2': fraction,
@@ -118,28 +118,8 @@ def _relations(config: ml_collections.ConfigDict, devices: int, processes: int) 
   if not (_is_number(q_valid) and _is_number(q_test) and 0 < q_valid < q_test < 1):
     problems.append(f'q_valid, q_test: expected 0 < q_valid < q_test < 1, got {q_valid!r} and '
                     f'{q_test!r}')
-  if config.get('ce_impl') == 'pallas':
-    problems.extend(_pallas_loss_problems(config))
-  for field, instead in (('attention_impl', 'auto'), ('layer_norm_impl', 'xla'),
-                         ('ffn_impl', 'xla')):
-    if config.get(field) == 'pallas' and jax.default_backend() != 'gpu':
-      problems.append(f"{field}: 'pallas' runs Triton kernels and needs a GPU, not this "
-                      f"{jax.default_backend()} backend (use {instead!r})")
+  problems += dispatch.config_problems(config)
   return problems + device_problems(config, devices, processes) + _synthetic_problems(config)
-
-
-def _pallas_loss_problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Where `ce_impl='pallas'` cannot run as asked (it would not be used, or not compile)."""
-  problems = []
-  if jax.default_backend() != 'gpu':
-    problems.append(f"ce_impl: 'pallas' runs Triton kernels and needs a GPU, not this "
-                    f"{jax.default_backend()} backend (use 'xla')")
-  if config.get('loss') != 'ce':
-    problems.append(f"ce_impl: 'pallas' is a cross-entropy, but loss is {config.get('loss')!r}")
-  if config.get('mesh_model', 1) != 1:
-    problems.append(f"ce_impl: 'pallas' needs the whole item table on each device (mesh_model "
-                    f"1), got mesh_model {config.get('mesh_model')}")
-  return problems
 
 
 def device_problems(config: ml_collections.ConfigDict, devices: int, processes: int = 1

@@ -1,120 +1,36 @@
-"""The trained scorer as a `jax.export` artefact: serving needs jax and numpy, not this package.
+"""Command line: the trained scorer as a `jax.export` artefact (pka_jax/serving/export.py).
 
   python -m pka_jax.export --workdir=runs/synthetic --out=runs/synthetic/export --k=10
-
-Writes, into OUT (under a temporary name renamed into place when complete):
-
-  scorer.jax      `jax.export` serialization of `score(history_BxT int32) -> (items_BxK int32,
-                  scores_BxK float32)`: dense item ids, each history the last T = maxlen items
-                  left-padded with 0, any batch size B. The history's own items are excluded;
-                  a history of padding only gets the most popular training items (scores: their
-                  share of training interactions). Same scores and top-k as `pka_jax.recommend`.
-                  A row with fewer than k items left ends in item 0 with score -inf.
-  item_ids.npy    the raw id of dense item i at index i - 1
-  meta.json       maxlen, k, num_items, the checkpoint step and the platforms
-
-Load and call it (docs/serving.md):
-
-  scorer = jax.export.deserialize(open('OUT/scorer.jax', 'rb').read())
-  items_BxK, scores_BxK = scorer.call(history_BxT)
 """
 
-from __future__ import annotations
-
-import json
-import os
-import shutil
-import sys
-
-from absl import app
 from absl import flags
 from absl import logging
-import jax
-from jax import export
-import jax.numpy as jnp
-import numpy as np
 
-from pka_jax import recommend
+from pka_jax import cli
 from pka_jax.data.errors import DataError
-
-
-FILES = ('scorer.jax', 'item_ids.npy', 'meta.json')
-
-
-def scorer(recommender: recommend.Recommender, k: int):
-  """`score(history_BxT) -> (items_BxK, scores_BxK)` with the parameters as constants."""
-  allowed_V = jnp.arange(recommender.served.num_items + 1) > 0
-
-  def score(history_BxT: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return recommend.top_k_scores(recommender.model, recommender.params, history_BxT,
-                                  history_BxT, allowed_V, recommender.popularity_V, k=k)
-
-  return score
-
-
-def export_scorer(recommender: recommend.Recommender, k: int,
-                  platforms: tuple[str, ...] = ('cpu',)) -> export.Exported:
-  """The scorer lowered for `platforms` with a symbolic batch dimension."""
-  if not 1 <= k <= recommender.served.num_items:
-    raise ValueError(f'k={k}: expected 1 to the {recommender.served.num_items} catalog items')
-  batch, = export.symbolic_shape('b')
-  history = jax.ShapeDtypeStruct((batch, recommender.maxlen), jnp.int32)
-  return export.export(jax.jit(scorer(recommender, k)), platforms=platforms)(history)
-
-
-def write_export(recommender: recommend.Recommender, out: str, k: int,
-                 platforms: tuple[str, ...] = ('cpu',)) -> None:
-  """Writes scorer.jax, item_ids.npy and meta.json into `out`, replacing it when complete.
-
-  `out` must be new, empty or an earlier export: it is replaced whole.
-  """
-  others = set(os.listdir(out)) - set(FILES) if os.path.isdir(out) else set()
-  if others or (os.path.exists(out) and not os.path.isdir(out)):
-    raise ValueError(f'{out} exists and holds other things than an export '
-                     f'({sorted(others)[:5] or "a file"}): give a new or empty directory')
-  exported = export_scorer(recommender, k, platforms)
-  tmp = recommend.temporary_directory_beside(out)
-  try:
-    with open(os.path.join(tmp, 'scorer.jax'), 'wb') as f:
-      f.write(exported.serialize())
-    np.save(os.path.join(tmp, 'item_ids.npy'), np.asarray(recommender.item_ids),
-            allow_pickle=False)
-    meta = {'maxlen': recommender.maxlen, 'k': k, 'num_items': recommender.served.num_items,
-            'step': recommender.step, 'platforms': list(exported.platforms),
-            'dataset': recommender.config.dataset, 'model': recommender.config.model}
-    with open(os.path.join(tmp, 'meta.json'), 'w') as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
-    recommend.replace_directory(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def define_flags() -> None:
-  """The command line's flags (defined on demand, like pka_jax.recommend's)."""
-  flags.DEFINE_string('workdir', None, 'A training run directory.')
-  flags.DEFINE_string('out', None, 'Directory to write scorer.jax, item_ids.npy and meta.json to.')
-  flags.DEFINE_integer('k', 10, 'Items per list.', lower_bound=1)
-  flags.DEFINE_string('step', 'best', "Checkpoint: 'best', 'latest' or a step number.")
-  flags.DEFINE_list('platforms', ['cpu'], 'Platforms to lower for (cpu, cuda, rocm, tpu); the '
-                    'artefact runs on any of them.')
-
+from pka_jax.serving import export
+from pka_jax.serving.recommender import Recommender
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'A training run directory.')
+flags.DEFINE_string('out', None, 'Directory to write scorer.jax, item_ids.npy and meta.json to.')
+flags.DEFINE_integer('k', 10, 'Items per list.', lower_bound=1)
+flags.DEFINE_string('step', 'best', "Checkpoint: 'best', 'latest' or a step number.")
+flags.DEFINE_list('platforms', ['cpu'], 'Platforms to lower for (cpu, cuda, rocm, tpu); the '
+                  'artefact runs on any of them.')
+flags.mark_flags_as_required(['workdir', 'out'])
 
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments {argv[1:]}')
   try:
-    recommender = recommend.Recommender.from_workdir(FLAGS.workdir, FLAGS.step)
-    write_export(recommender, FLAGS.out, FLAGS.k, tuple(FLAGS.platforms))
+    recommender = Recommender.from_workdir(FLAGS.workdir, FLAGS.step)
+    export.write_export(recommender, FLAGS.out, FLAGS.k, tuple(FLAGS.platforms))
   except (DataError, FileNotFoundError, ValueError) as error:
-    sys.exit(f'error: {error}')
+    cli.fail(str(error))
   logging.info('Wrote %s (step %d, k=%d)', FLAGS.out, recommender.step, FLAGS.k)
 
 
 if __name__ == '__main__':
-  define_flags()
-  flags.mark_flags_as_required(['workdir', 'out'])
-  app.run(main)
+  cli.run(main)

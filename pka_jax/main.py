@@ -17,14 +17,15 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
-from pka_jax import checkpoint
 from pka_jax import cli
 from pka_jax import config_check
-from pka_jax import faults
-from pka_jax import report
+from pka_jax import jobs
 from pka_jax import sharding
-from pka_jax import train
 from pka_jax.data.errors import DataError
+from pka_jax.evaluation import report
+from pka_jax.training import checkpoint
+from pka_jax.training import faults
+from pka_jax.training import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Configuration file.', lock_config=True)
@@ -47,8 +48,9 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 # Failures a user can act on: one line on stderr and a non-zero exit, no traceback (unless
 # --verbosity=1 or more asks for it).
-USER_ERRORS = (DataError, FileNotFoundError, train.WorkdirMismatchError, train.WorkdirError,
-               config_check.ConfigError, faults.NonFiniteLoss, checkpoint.CheckpointError)
+USER_ERRORS = (DataError, FileNotFoundError, workdir_lib.WorkdirMismatchError,
+               workdir_lib.WorkdirError, config_check.ConfigError, faults.NonFiniteLoss,
+               checkpoint.CheckpointError)
 
 
 def main(argv):
@@ -67,7 +69,7 @@ def main(argv):
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)
   logging.info('%s', sharding.describe_process())
-  run = train.train_and_evaluate if FLAGS.mode == 'train' else train.evaluate_checkpoint
+  run = jobs.train if FLAGS.mode == 'train' else jobs.evaluate
   try:
     results = run(FLAGS.config, FLAGS.workdir,
                   train_devices=sharding.devices_to_train(cpu_devices))

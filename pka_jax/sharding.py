@@ -8,17 +8,15 @@ the mesh ('data' and 'model', wherever they divide: `row_axes`), so no 'model' s
 another's work.
 Whatever touches the table goes through shard_map: the input lookup here (which leaves each
 device its share of rows), the loss (losses.sharded_cross_entropy) and the scores
-(evaluate.sharded_top_k), which take every row of their 'data' shard (jit gathers them over
+(ranking.sharded_top_k), which take every row of their 'data' shard (jit gathers them over
 'model') and combine the table's shards with collectives over 'model'.
 With a single device (recommending, exporting) the same padded table is used unsharded.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
-from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +35,6 @@ def make_mesh(mesh_model: int, devices=None) -> Mesh:
     raise ValueError(f'mesh_model {mesh_model} does not divide the {devices.size} devices')
   grid = devices.reshape(devices.size // mesh_model, mesh_model)
   return Mesh(grid, (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-
-
-def table_rows(num_items: int, mesh_model: int) -> int:
-  """Rows of the item table: padding id 0, items 1..N, then unused rows up to a multiple of
-  `mesh_model` (every shard the same size); unused rows never score nor train."""
-  return -(-(num_items + 1) // mesh_model) * mesh_model
 
 
 def is_item_table(path) -> bool:
@@ -92,54 +84,9 @@ def split_rows(x: jax.Array, mesh: Mesh | None) -> jax.Array:
       x, NamedSharding(mesh, P(row_axes(mesh, x.shape[0]))))
 
 
-def pallas_per_row_shard(kernel: Callable, options, mesh: Mesh | None, operands: Sequence,
-                         rows: Sequence[bool]) -> jax.Array:
-  """`kernel(*operands, first_row=..., options=...)` of a Pallas kernel: Triton where the
-  program is compiled for a GPU, Pallas's interpreter elsewhere (`options.interpret`).
-
-  On a mesh that splits the rows (`row_axes`) each device runs it on its own rows (jit would
-  run a custom call on the whole batch on every device): the operands marked in `rows` are
-  split by their first axis, the others whole, and `first_row` is the step's batch row of
-  the device's first (0 without shards). The whole operands' gradients, per shard, are
-  summed by shard_map's transpose.
-  """
-
-  def run(*operands, first_row):
-    def call(interpret):
-      return lambda *args: kernel(*args[:-1], first_row=args[-1],
-                                  options=dataclasses.replace(options, interpret=interpret))
-    return jax.lax.platform_dependent(*operands, first_row, cuda=call(False),
-                                      default=call(True))
-
-  batch = next(x for x, split in zip(operands, rows) if split).shape[0]
-  shards = row_shards(mesh, batch)
-  if shards == 1:
-    return run(*operands, first_row=0)
-  axes = row_axes(mesh, batch)
-
-  def per_shard(*operands):
-    return run(*operands, first_row=jax.lax.axis_index(axes) * (batch // shards))
-
-  # Unchecked: Pallas's interpreter (the CPU's checks) loses the varying axes of its refs.
-  return jax.shard_map(per_shard, mesh=mesh,
-                       in_specs=tuple(P(axes) if split else P() for split in rows),
-                       out_specs=P(axes), check_vma=False)(*operands)
-
-
 def shard_range(rows_per_shard: int) -> jax.Array:
   """Global row of this 'model' shard's first row (inside shard_map)."""
   return jax.lax.axis_index(MODEL) * rows_per_shard
-
-
-def varying_like(x: jax.Array, shape, dtype) -> jax.ShapeDtypeStruct:
-  """An output type of `shape` and `dtype` that varies over shard_map's axes as `x` does: a
-  Pallas kernel's outputs inside the data-parallel step. Earlier jax releases call the field
-  `vma`."""
-  aval = jax.typeof(x)
-  for field in ('manual_axis_type', 'vma'):
-    if hasattr(aval, field):
-      return jax.ShapeDtypeStruct(shape, dtype, **{field: getattr(aval, field)})
-  return jax.ShapeDtypeStruct(shape, dtype)
 
 
 def lookup(table_RxD: jax.Array, ids_BxT: jax.Array, mesh: Mesh) -> jax.Array:

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pka_jax import attention
-from pka_jax import models
+from pka_jax.model import attention
+from pka_jax.model import encoder
 
 
 def test_mask_hides_the_future_and_optionally_padding_keys():
@@ -93,16 +93,16 @@ def test_contextual_positions_never_read_the_future():
 def test_untrained_contextual_model_is_nope():
   # The position table starts at zeros: at initialisation CoPE adds nothing to the logits.
   inputs = jnp.array([[0, 0, 3, 4, 5, 6], [7, 8, 9, 10, 11, 12]], dtype=jnp.int32)
-  config = models.ModelConfig(num_items=20, maxlen=6, num_blocks=2, hidden_units=8,
+  config = encoder.ModelConfig(num_items=20, maxlen=6, num_blocks=2, hidden_units=8,
                               num_heads=2, dropout=0.0, position_mode='contextual',
                               deterministic=True)
-  variables = models.Encoder(config).init(jax.random.key(0), inputs)
+  variables = encoder.Encoder(config).init(jax.random.key(0), inputs)
   tables = [variables['params'][f'block_{i}']['attention']['cope']['positions']
             for i in range(2)]
   np.testing.assert_array_equal(np.asarray(tables), 0.0)
   nope = dataclasses.replace(config, position_mode='none')
-  np.testing.assert_allclose(models.Encoder(config).apply(variables, inputs),
-                             models.Encoder(nope).apply(variables, inputs), rtol=1e-6)
+  np.testing.assert_allclose(encoder.Encoder(config).apply(variables, inputs),
+                             encoder.Encoder(nope).apply(variables, inputs), rtol=1e-6)
 
 
 def test_rotary_of_the_last_rows_equals_the_last_rows_of_rotary():

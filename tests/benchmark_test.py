@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from configs import test as test_config
-from pka_jax import flops
-from pka_jax import models
+from pka_jax.model import encoder
+from pka_jax.model import flops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,7 +35,7 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   # The FLOPs are the library's formula for this config; XLA's count adds the elementwise
   # work, a large share at this tiny width (flops_test checks the two at a real one).
   config = test_config.get_config()
-  model_config = models.create_model(config, 60, deterministic=False).config
+  model_config = encoder.create_model(config, 60, deterministic=False).config
   assert 0 < train_figures['real_targets'] < config.batch_size * config.maxlen
   # Histories of 8-20 items: every batch needs its 16 columns, in one program (too few
   # positions for microbatches).

@@ -7,8 +7,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import test as test_config
-from pka_jax import checkpoint
-from pka_jax import train
+from pka_jax import jobs
+from pka_jax.training import checkpoint
+from pka_jax.training.loop import Trainer
 
 
 def save_steps(workdir, ndcg_by_step) -> list[int]:
@@ -75,10 +76,10 @@ def test_a_failing_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path
   workdir = str(tmp_path / 'run')
   with pytest.raises(checkpoint.CheckpointError,
                      match=r'could not save the checkpoint of step \d+ .*No space left on device'):
-    train.train_and_evaluate(config, workdir)
+    jobs.train(config, workdir)
   monkeypatch.undo()
   assert len(saves) == 2
-  run = train.Run(config, workdir)
+  run = Trainer.create(config, workdir)
   assert run.restore_latest()
   assert int(run.state.step) == saves[0] and run.progress.epoch == 1
   assert run.progress.history[-1]['step'] == saves[0]

@@ -77,7 +77,7 @@ def test_loads_by_path_from_another_directory(tmp_path):
 
 @pytest.mark.parametrize('layout', sorted(default.KERNEL_LAYOUTS))
 def test_kernel_ablations_build_models(layout):
-  from pka_jax.models import ModelConfig
+  from pka_jax.model.encoder import ModelConfig
   config = importlib.import_module('configs.ml1m').get_config(f'model=pka,kernel={layout}')
   model_config = ModelConfig.from_config(config, num_items=10)
   sides = tuple(model_config.kernel_kind(s) for s in 'qkv')

@@ -92,3 +92,29 @@ def test_no_document_offers_a_bucket_url_as_a_workdir():
     if not path.startswith('tests/'):
       assert not re.search(r'workdir[= ]+gs://', read(path)), path
   assert 'gcsfuse' in read('docs/scaling.md') and 'gcsfuse' in read('pka_jax/main.py')
+
+
+@pytest.mark.parametrize('page', markdown_files())
+def test_every_path_a_page_names_exists(page):
+  for path in re.findall(r'`((?:pka_jax|configs|experiments|tests|docs)/[\w./-]*)`', read(page)):
+    assert os.path.exists(os.path.join(ROOT, path)), f'{page} names {path}'
+
+
+def test_the_readme_layout_table_is_true_to_the_tree():
+  layout = read('README.md').split('## Layout', 1)[1].split('\n## ', 1)[0]
+  rows = [line for line in layout.splitlines() if line.startswith('| `')]
+  assert len(rows) >= 8
+  listed = set()
+  for row in rows:
+    names = re.findall(r'`([\w./-]+)`', row.split(' | ')[0])
+    folder = os.path.dirname(names[0]) if '.' in os.path.basename(names[0]) else ''
+    for name in names:
+      path = name if '/' in name else os.path.join(folder, name)
+      assert os.path.exists(os.path.join(ROOT, path)), f'README layout names {path}'
+      listed.add(os.path.normpath(path))
+  # Every package folder and top-level module of pka_jax has its row.
+  package = os.path.join(ROOT, 'pka_jax')
+  for name in os.listdir(package):
+    if name.startswith('_'):
+      continue
+    assert os.path.join('pka_jax', name) in listed, f'README layout misses pka_jax/{name}'

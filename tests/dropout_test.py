@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pka_jax import dropout
+from pka_jax.model import dropout
 
 SHAPE = (64, 128, 128)  # 1,048,576 elements: a binomial standard error of about 0.0005
 N = 64 * 128 * 128
@@ -79,7 +79,8 @@ def test_a_microbatch_of_a_trimmed_batch_draws_the_whole_batchs_masks():
   rng = {'dropout': jax.random.key(5)}
   x = jnp.ones((8, 16, 4))
   whole = np.asarray(module.apply({}, x, dropout.Window(maxlen=16), rngs=rng))
-  rows = jnp.array([2, 6])  # the third of four microbatches, split as train.split_microbatches
+  # The third of four microbatches, split as microbatching.split_microbatches splits.
+  rows = jnp.array([2, 6])
   part = np.asarray(module.apply({}, x[:2, -6:], dropout.Window(maxlen=16, rows_B=rows),
                                  rngs=rng))
   np.testing.assert_array_equal(part, whole[np.asarray(rows)][:, -6:])

@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pka_jax import evaluate
 from pka_jax.data.sequences import Events, SequenceStore, SplitDataset
+from pka_jax.evaluation import protocol
+from pka_jax.evaluation import ranking
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 
@@ -49,7 +50,7 @@ def _score_next_of_last(inputs_BxT):
 
 
 def _batches(part, batch_size):
-  steps = evaluate.successive_steps(_dataset(), part, maxlen=MAXLEN)
+  steps = protocol.successive_steps(_dataset(), part, maxlen=MAXLEN)
   return list(steps.batches(batch_size))
 
 
@@ -105,7 +106,7 @@ def test_test_steps_include_validation_items():
 
 
 def test_rows_come_in_blocks_a_host_builds_only_its_own():
-  steps = evaluate.successive_steps(_dataset(), 'test', maxlen=MAXLEN)
+  steps = protocol.successive_steps(_dataset(), 'test', maxlen=MAXLEN)
   whole = steps.batch(0, 4, shards=2)
   # Blocks of 2 rows: pairs 3 + 2 and 6 + 0, each block padded to 8; rows within a block.
   assert len(whole.seen_rows_P) == 16
@@ -120,14 +121,14 @@ def test_rows_come_in_blocks_a_host_builds_only_its_own():
 
 
 def test_window_widths_are_powers_of_two_up_to_maxlen():
-  assert [evaluate.window_width(n, 128) for n in (1, 8, 9, 16, 17, 100, 128, 500)] == [
+  assert [protocol.window_width(n, 128) for n in (1, 8, 9, 16, 17, 100, 128, 500)] == [
       8, 8, 16, 16, 32, 128, 128, 128]
-  assert evaluate.window_width(5, 6) == 6  # never wider than maxlen
+  assert protocol.window_width(5, 6) == 6  # never wider than maxlen
 
 
 def test_trimmed_batches_run_shortest_context_first_in_narrow_windows():
   # valid contexts: [1 2 3 2], [3], [4 5], [1 2 3 2 5]; shortest first: 1, 2, 4, 5 items.
-  steps = evaluate.successive_steps(_dataset(), 'valid', maxlen=20).by_context_length()
+  steps = protocol.successive_steps(_dataset(), 'valid', maxlen=20).by_context_length()
   np.testing.assert_array_equal(steps.target, [6, 1, 5, 1])
   first, second = steps.batches(2, trim=True)
   # Every window is the last 8 columns (the narrowest) of the 20-wide one, and every seen
@@ -137,7 +138,7 @@ def test_trimmed_batches_run_shortest_context_first_in_narrow_windows():
   _assert_batch(second, inputs=[[0] * 4 + [1, 2, 3, 2], [0] * 3 + [1, 2, 3, 2, 5]],
                 targets=[5, 1], seen=[[1, 2, 3, 2], [1, 2, 3, 2, 5]], valid=[True, True],
                 pairs=16)
-  full = evaluate.successive_steps(_dataset(), 'valid', maxlen=20).by_context_length()
+  full = protocol.successive_steps(_dataset(), 'valid', maxlen=20).by_context_length()
   np.testing.assert_array_equal(full.batch(0, 2).inputs_BxT[:, -8:], first.inputs_BxT)
   assert not full.batch(0, 2).inputs_BxT[:, :-8].any()
 
@@ -146,14 +147,14 @@ def test_trimmed_batches_run_shortest_context_first_in_narrow_windows():
 def test_trimmed_evaluation_gives_the_hand_worked_metrics(batch_size):
   # The scorer reads the newest item only, so any window shows it the same: the metrics of
   # the steps in another order and narrower windows are the hand-worked ones.
-  summary = evaluate.evaluate(_score_next_of_last, _dataset(), 'valid', maxlen=MAXLEN,
+  summary = protocol.evaluate(_score_next_of_last, _dataset(), 'valid', maxlen=MAXLEN,
                               batch_size=batch_size, top_k=3, trim=True)
   assert summary == pytest.approx(VALID_METRICS)
 
 
 def test_unknown_part():
   with pytest.raises(ValueError, match='part'):
-    evaluate.successive_steps(_dataset(), 'train', maxlen=MAXLEN)
+    protocol.successive_steps(_dataset(), 'train', maxlen=MAXLEN)
 
 
 # Top 3 lists on 'valid' after masking column 0 and the whole context:
@@ -176,7 +177,7 @@ VALID_METRICS = {
 
 @pytest.mark.parametrize('batch_size', [1, 3, 8])
 def test_evaluate_valid_hand_worked(batch_size):
-  summary = evaluate.evaluate(
+  summary = protocol.evaluate(
       _score_next_of_last, _dataset(), 'valid', maxlen=MAXLEN, batch_size=batch_size, top_k=3)
   assert summary.keys() == VALID_METRICS.keys()
   for key, value in VALID_METRICS.items():
@@ -187,7 +188,7 @@ def test_evaluate_test_hand_worked():
   # u1 [4 5 1]         last 1 -> bonus 2; [2 3 6], target 3 at rank 1.
   # u2 [3 6]           last 6 -> bonus 1; [1 2 4], target 1 at rank 0.
   # u0 [1 2 3 2 5 1]   last 1 -> bonus 2 (seen); [4 6 -], target 4 at rank 0.
-  summary = evaluate.evaluate(
+  summary = protocol.evaluate(
       _score_next_of_last, _dataset(), 'test', maxlen=MAXLEN, batch_size=2, top_k=3)
   assert summary['num_steps'] == 3
   assert summary['hr@3'] == pytest.approx(1.0)
@@ -200,7 +201,7 @@ def test_evaluate_test_hand_worked():
 def test_empty_list_slots_never_hit():
   # Items 1 and 2 are seen, so only item 3 is left; the target 1 sits in an -inf slot.
   scores_BxV = jnp.array([[0.0, 5.0, 4.0, 3.0]])
-  top_items_BxK, ranks_B = evaluate.top_k_ranks(
+  top_items_BxK, ranks_B = ranking.top_k_ranks(
       scores_BxV, jnp.array([[1, 2]]), jnp.array([1]), top_k=3)
   np.testing.assert_array_equal(top_items_BxK, [[3, 0, 0]])
   np.testing.assert_array_equal(ranks_B, [-1])
@@ -208,7 +209,7 @@ def test_empty_list_slots_never_hit():
 
 def test_wrong_vocabulary_size_is_rejected():
   with pytest.raises(ValueError, match='num_items'):
-    evaluate.evaluate(
+    protocol.evaluate(
         lambda inputs_BxT: jnp.zeros((inputs_BxT.shape[0], NUM_ITEMS)),
         _dataset(), 'valid', maxlen=MAXLEN, batch_size=4)
 
@@ -227,7 +228,7 @@ def test_block_top_k_equals_a_dense_ranking(block_size):
   def adjust(scores_BxK, item_K):  # the third row ranks by item id instead
     return jnp.where(jnp.arange(3)[:, None] == 2, boost_V[jnp.minimum(item_K, 9)], scores_BxK)
 
-  scores_BxK, items_BxK = evaluate.block_top_k(
+  scores_BxK, items_BxK = ranking.block_top_k(
       hidden_BxD, table_RxD, rows_P, items_P, first=0, num_items=7, top_k=4,
       block_size=block_size, adjust=adjust)
   dense = np.array(hidden_BxD @ table_RxD.T)
@@ -250,7 +251,7 @@ def test_grouped_top_k_is_top_k_ties_and_all(k):
   scores[rng.random(scores.shape) < 0.3] = -np.inf
   scores[:4, k // 2:] = -np.inf  # rows with fewer than k finite scores
   want = jax.lax.top_k(jnp.asarray(scores), k)
-  got = jax.jit(evaluate.grouped_top_k, static_argnums=1)(jnp.asarray(scores), k)
-  assert -(-len(scores[0]) // evaluate.TOP_K_GROUP) >= 4 * k  # the grouped path runs
+  got = jax.jit(ranking.grouped_top_k, static_argnums=1)(jnp.asarray(scores), k)
+  assert -(-len(scores[0]) // ranking.TOP_K_GROUP) >= 4 * k  # the grouped path runs
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])

@@ -10,8 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from pka_jax import export
-from pka_jax import recommend
+from pka_jax.serving import export
+from pka_jax.serving import recommender as recommender_lib
 import recommend_test
 
 # The trained model and its recommender, one per module (fixtures shared with recommend_test).
@@ -77,7 +77,7 @@ def test_scorer_without_flax_or_pka_jax_ranks_like_recommend(trained, recommende
                                                              tmp_path):
   recent = [h[-recommender.maxlen:] for h in recommend_test.some_histories(trained)[:6]]
   histories = recent + [np.zeros(0, np.int32)]
-  inputs_BxT = recommend.left_padded(histories, len(histories), recommender.maxlen)
+  inputs_BxT = recommender_lib.left_padded(histories, len(histories), recommender.maxlen)
   np.save(tmp_path / 'histories.npy', inputs_BxT)
   env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   result = subprocess.run([sys.executable, '-c', SERVE, str(exported), 'histories.npy'],

@@ -14,9 +14,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from configs import test as test_config
-from pka_jax import checkpoint
-from pka_jax import faults
-from pka_jax import train
+from pka_jax.training import checkpoint
+from pka_jax.training import faults
+from pka_jax.training.loop import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 4 epochs of 6 steps; a mid-epoch checkpoint every 4 steps (steps 4, 8, 16, 20 mid-epoch;
@@ -44,7 +44,7 @@ def final_state(workdir):
   """Parameters of the latest checkpoint (leaf by leaf) and the test metrics."""
   config = test_config.get_config()
   config.data_dir = os.path.join(os.path.dirname(workdir), 'data')
-  run = train.Run(config, str(workdir))
+  run = Trainer.create(config, str(workdir))
   assert run.restore_latest()
   params = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, run.state.params))[0]
   run.checkpoints.close()

@@ -8,12 +8,12 @@ from PIL import Image
 import pytest
 
 from configs import test as test_config
-from pka_jax import checkpoint
 from pka_jax import data
-from pka_jax import evaluate
 from pka_jax import figures
-from pka_jax import grid
-from pka_jax import train
+from pka_jax import jobs
+from pka_jax.evaluation import protocol
+from pka_jax.paper import grid
+from pka_jax.training import checkpoint
 
 
 @pytest.fixture(scope='module')
@@ -21,7 +21,7 @@ def workdir(tmp_path_factory):
   config = test_config.get_config()
   config.max_epochs = 2
   path = str(tmp_path_factory.mktemp('figures') / 'pka')
-  train.train_and_evaluate(config, path)
+  jobs.train(config, path)
   return path
 
 
@@ -72,7 +72,7 @@ def test_attention_maps_sum_to_one_over_visible_keys_and_are_zero_on_future_keys
     np.testing.assert_allclose(np.nansum(visible, axis=1), 1.0, rtol=1e-5)
     assert (np.nan_to_num(visible) >= 0).all()
   # Blank cells are exactly the keys that were padding in every window with a real query.
-  steps = evaluate.successive_steps(data.load_dataset(checkpoint.restore_config(workdir)),
+  steps = protocol.successive_steps(data.load_dataset(checkpoint.restore_config(workdir)),
                                     'test', maxlen=size)
   inputs = np.concatenate([b.inputs_BxT for b in steps.batches(256)])
   real = inputs != 0

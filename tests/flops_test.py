@@ -7,8 +7,11 @@ import jax.numpy as jnp
 import pytest
 
 from configs import default
-from pka_jax import flops, models, train
-from pka_jax.models import Encoder, ModelConfig
+from pka_jax.model import encoder
+from pka_jax.model import flops
+from pka_jax.model.encoder import Encoder, ModelConfig
+from pka_jax.training import optimizer
+from pka_jax.training import steps
 
 
 def test_hand_count_of_a_tiny_pka_model():
@@ -45,10 +48,10 @@ def test_xla_counts_the_same_matrix_products_plus_elementwise_work(model):
   config = default.get_config(f'model={model}')
   config.maxlen, config.hidden_units, config.num_blocks, config.num_heads = 32, 64, 2, 1
   batch_size, num_items = 16, 500
-  model = models.create_model(config, num_items, deterministic=True)
-  state = train.create_train_state(model, config, jax.random.key(0))
+  model = encoder.create_model(config, num_items, deterministic=True)
+  state = optimizer.create_train_state(model, config, jax.random.key(0))
   inputs = jnp.ones((batch_size, config.maxlen), jnp.int32)
-  step = functools.partial(train.train_step, loss_name='ce',
+  step = functools.partial(steps.train_step, loss_name='ce',
                            ce_chunk_rows=batch_size * config.maxlen)  # one chunk: no loop
   compiled = jax.jit(step).lower(state, {'inputs': inputs, 'targets': inputs},
                                  jax.random.key(1)).compile()

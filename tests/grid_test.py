@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from pka_jax import config_check
-from pka_jax import grid
-from pka_jax import train
+from pka_jax import jobs
+from pka_jax.paper import grid
+from pka_jax.training.loop import Trainer
 
 TEST_CONFIG = 'configs/test.py'
 
@@ -77,14 +78,14 @@ def test_table_on_hand_made_results():
 @pytest.fixture
 def interrupt_after_first_epoch(monkeypatch):
   """Stops the first run of the grid after its first epoch, as a killed process would."""
-  original = train.Run.run_epoch
+  original = Trainer.run_epoch
 
   def run_epoch(self, writer):
     if self.progress.epoch == 1:
       raise KeyboardInterrupt
     return original(self, writer)
 
-  monkeypatch.setattr(train.Run, 'run_epoch', run_epoch)
+  monkeypatch.setattr(Trainer, 'run_epoch', run_epoch)
   return monkeypatch
 
 
@@ -108,7 +109,7 @@ def test_runner_resumes_interrupted_runs_and_reads_back_finished_ones(
 
   def train_and_record(config, workdir):
     trained.append(workdir)
-    return train.train_and_evaluate(config, workdir)
+    return jobs.train(config, workdir)
 
   rows = grid.run_grid(specs, root, 'reproduce', train_and_record)
   assert trained == [first, specs[1].workdir]

@@ -8,7 +8,8 @@ import jaxprs
 import numpy as np
 import pytest
 
-from pka_jax import losses
+from pka_jax.model import item_table
+from pka_jax.training import losses
 
 B, T, D, N = 3, 5, 4, 23  # N + 1 rows in the table; 23 is no multiple of the block sizes
 
@@ -125,10 +126,10 @@ def test_accelerators_loop_over_every_chunk_a_known_number_of_times(loss, monkey
 
 def test_chunk_rows_fit_the_backend_budget():
   # CPU: 8 MiB of float32 logits a chunk; 3,416 items -> 614 rows -> 512 (a power of 2).
-  assert losses.chunk_rows_for(3416, 32768, 'cpu') == 512
-  assert losses.chunk_rows_for(3416, 500, 'cpu') == 500  # never more than all rows
-  assert losses.chunk_rows_for(10_000_000, 32768, 'cpu') == 128  # floor: compute-bound
-  assert losses.chunk_rows_for(3416, 32768, 'gpu') == 32768  # 1 GiB holds them all
+  assert item_table.chunk_rows_for(3416, 32768, 'cpu') == 512
+  assert item_table.chunk_rows_for(3416, 500, 'cpu') == 500  # never more than all rows
+  assert item_table.chunk_rows_for(10_000_000, 32768, 'cpu') == 128  # floor: compute-bound
+  assert item_table.chunk_rows_for(3416, 32768, 'gpu') == 32768  # 1 GiB holds them all
 
 
 @pytest.mark.parametrize('loss', [

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from pka_jax import metrics
+from pka_jax.evaluation import metrics
 
 jax.config.update('jax_numpy_rank_promotion', 'raise')
 

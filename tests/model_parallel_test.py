@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
-from pka_jax import evaluate
-from pka_jax import losses
-from pka_jax import models
 from pka_jax import sharding
+from pka_jax.evaluation import ranking
+from pka_jax.model import encoder
+from pka_jax.model import item_table
+from pka_jax.training import losses
 
 SCRIPT = r'''
 import json, sys
@@ -23,35 +24,35 @@ import jax
 jax.config.update('jax_num_cpu_devices', int(sys.argv[1]))
 import numpy as np
 from configs import test
-from pka_jax import train
+from pka_jax.training.loop import Trainer
 config = test.get_config()
 config.dropout = 0.0  # dropout bits may depend on the sharding; the arithmetic must not
 # Histories of at most 16 items in 32-wide windows: every batch, training and evaluation,
 # runs trimmed (to 16 or 8 columns) on every mesh.
 config.maxlen, config.synthetic.max_length = 32, 16
-# Two microbatches a step: on one host they are length-sorted (train.Run.train_on), their
+# Two microbatches a step: on one host they are length-sorted (Trainer.train_on), their
 # rows grouped differently on each mesh.
 config.microbatches = 2
 config.mesh_model = int(sys.argv[2])
 config.data_dir = sys.argv[3]
-run = train.Run(config, sys.argv[4])
+run = Trainer.create(config, sys.argv[4])
 losses, widths = [], []
 for batch in list(run.inputs.epoch(0))[:3]:
   widths.append(batch['inputs'].shape[1])
   metrics = run.train_on(batch)
   losses.append(float(metrics['loss_sum'] / metrics['loss_count']))
-steps = run.successive_steps('valid')
-shards = run.mesh.shape['data']
+steps = run.evaluator.steps('valid')
+shards = run.placement.mesh.shape['data']
 top = []
 for batch in steps.batches(config.eval_batch_size, shards=shards):
-  items, _ = run.rank_batch(batch)
+  items, _ = run.placement.rank(run.placement.eval_params(run.state.params), batch)
   top.append(np.asarray(items)[batch.valid_B])
 leaves = jax.tree_util.tree_flatten_with_path(run.state.params)[0]
 np.savez(sys.argv[4] + '.npz', top=np.concatenate(top),
          **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
 table = run.state.params['item_emb']['embedding']
-print(json.dumps({'losses': losses, 'widths': widths, 'mesh': dict(run.mesh.shape),
-                  'sorts_microbatches': run.sorts_microbatches,
+print(json.dumps({'losses': losses, 'widths': widths, 'mesh': dict(run.placement.mesh.shape),
+                  'sorts_microbatches': run.placement.sorts_microbatches,
                   'table_shard_rows': table.addressable_shards[0].data.shape[0],
                   'valid': run.evaluate('valid')}))
 '''
@@ -115,7 +116,7 @@ def sharded_loss(hidden_BxTxD, table_VxD, targets_BxT, block_size, chunk_rows=0)
 @pytest.mark.parametrize('targets_from', ['everywhere', 'first_shard_only'])
 def test_sharded_loss_and_gradients_equal_the_full_ones(block_size, chunk_rows, targets_from):
   keys = jax.random.split(jax.random.key(0), 3)
-  rows = sharding.table_rows(N, 4)  # 24: rows 22 and 23 are unused
+  rows = item_table.table_rows(N, 4)  # 24: rows 22 and 23 are unused
   table = jax.random.normal(keys[0], (rows, D)).at[N + 1:].set(0.0)
   hidden = jax.random.normal(keys[1], (4, 5, D))
   high = 6 if targets_from == 'first_shard_only' else N + 1  # shard 0 holds rows 0..5
@@ -144,7 +145,7 @@ def test_sharded_loss_and_gradients_equal_the_full_ones(block_size, chunk_rows, 
 @pytest.mark.parametrize('block_size,top_k', [(2, 5), (6, 5), (6, 12)])
 def test_sharded_top_k_equals_the_dense_top_k(block_size, top_k):
   keys = jax.random.split(jax.random.key(1), 3)
-  rows = sharding.table_rows(N, 4)
+  rows = item_table.table_rows(N, 4)
   table = jax.random.normal(keys[0], (rows, D))
   hidden = jax.random.normal(keys[1], (4, D))
   targets = jnp.array([3, 21, 9, 0], jnp.int32)
@@ -157,7 +158,7 @@ def test_sharded_top_k_equals_the_dense_top_k(block_size, top_k):
     pairs += [(0, 0)] * (width - len(pairs))
     rows_P += [r for r, _ in pairs]
     items_P += [i for _, i in pairs]
-  top = functools.partial(evaluate.sharded_top_k, num_items=N, top_k=top_k,
+  top = functools.partial(ranking.sharded_top_k, num_items=N, top_k=top_k,
                           block_size=block_size)
   got = jax.jit(jax.shard_map(
       top, mesh=MESH, in_specs=(P('data'), P('model'), P('data'), P('data'), P('data')),
@@ -168,7 +169,7 @@ def test_sharded_top_k_equals_the_dense_top_k(block_size, top_k):
   seen_BxS = np.zeros((4, 17), np.int32)
   for row, items in enumerate(seen):
     seen_BxS[row, :len(items)] = items
-  want = evaluate.top_k_ranks(hidden @ table[:N + 1].T, seen_BxS, targets, top_k=top_k)
+  want = ranking.top_k_ranks(hidden @ table[:N + 1].T, seen_BxS, targets, top_k=top_k)
   np.testing.assert_array_equal(got[0], want[0])  # top_k 12 > 4 items left in row 2: zeros
   np.testing.assert_array_equal(got[1], want[1])
 
@@ -179,11 +180,11 @@ def encoder_sum_and_grads(mesh, rows: int):
   XLA's FLOPs per device for it."""
   config = test_config.get_config()
   config.mesh_model = 4  # the same padded table either way
-  model = models.create_model(config, N, deterministic=False, mesh=mesh)
+  model = encoder.create_model(config, N, deterministic=False, mesh=mesh)
   keys = jax.random.split(jax.random.key(2), 4)
   inputs = jax.random.randint(keys[0], (rows, config.maxlen), 1, N + 1)
   inputs = inputs * (jnp.arange(config.maxlen)[None] >= jnp.arange(rows)[:, None] % 5)  # left pad
-  unsplit = models.create_model(config, N, deterministic=True)
+  unsplit = encoder.create_model(config, N, deterministic=True)
   params = unsplit.init(keys[1], inputs[:1])['params']
   weights = jax.random.normal(keys[2], (rows, config.maxlen, config.hidden_units))
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from configs import default
-from pka_jax import attention
-from pka_jax.models import POSITION_MODES, Encoder, ModelConfig
+from pka_jax.model import attention
+from pka_jax.model.encoder import POSITION_MODES, Encoder, ModelConfig
 
 T, D, N = 6, 8, 20
 

@@ -17,14 +17,15 @@ import jax
 jax.config.update('jax_num_cpu_devices', 2)
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 from configs import test
-from pka_jax import train
+from pka_jax import jobs
+from pka_jax.training.loop import Trainer
 config = test.get_config()
 config.data_dir, workdir = sys.argv[3], sys.argv[4]
 '''
 
 SCRIPT = HOST + r'''
 config.max_epochs = 2
-results = train.train_and_evaluate(config, workdir)
+results = jobs.train(config, workdir)
 print(json.dumps({'devices': jax.device_count(), 'test': results['test'],
                   'best_step': results['best_step']}))
 '''
@@ -62,16 +63,16 @@ SKIPPING_SCRIPT = HOST + r'''
 import orbax.checkpoint as ocp
 config.max_epochs, config.patience = 3, 100
 config.checkpoint_interval_s = 0  # only the save in flight decides
-ndcg, saved, evaluate, save = {1: 0.3, 2: 0.2, 3: 0.1}, [], train.Run.evaluate, train.Run.save
-train.Run.evaluate = lambda self, part: (
+ndcg, saved, evaluate, save = {1: 0.3, 2: 0.2, 3: 0.1}, [], Trainer.evaluate, Trainer.save
+Trainer.evaluate = lambda self, part: (
     {**evaluate(self, part), 'ndcg@10': ndcg[self.progress.epoch]} if part == 'valid'
     else evaluate(self, part))
-train.Run.save = lambda self, metrics=None: (
+Trainer.save = lambda self, metrics=None: (
     saved.append(self.progress.epoch) if metrics else None, save(self, metrics))
 # Only the primary host's answer counts: here it says a save is still being written.
 busy = jax.process_index() == 0
 ocp.CheckpointManager.is_saving_in_progress = lambda self: busy
-train.train_and_evaluate(config, workdir)
+jobs.train(config, workdir)
 print(json.dumps(saved))
 '''
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pka_jax import attention
-from pka_jax import pallas_attention
-from pka_jax.dropout import Window
+from pka_jax.kernels import attention as pallas_attention
+from pka_jax.model import attention
+from pka_jax.model.dropout import Window
 
 B, T, D, H = 3, 16, 32, 2  # head size 16: the smallest Triton tile
 

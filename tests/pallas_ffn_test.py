@@ -10,11 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pka_jax import models
-from pka_jax import pallas_ffn
+from pka_jax.kernels import ffn as pallas_ffn
+from pka_jax.model import encoder
 
 MAXLEN, WIDTH = 16, 16
-CONFIG = models.ModelConfig(num_items=30, maxlen=MAXLEN, num_blocks=2, hidden_units=WIDTH,
+CONFIG = encoder.ModelConfig(num_items=30, maxlen=MAXLEN, num_blocks=2, hidden_units=WIDTH,
                             num_heads=1, dropout=0.3, position_mode='kernel')
 
 
@@ -28,7 +28,7 @@ def inputs(width: int = MAXLEN):
 def outputs_and_grads(config, inputs_BxT, params):
   """The encoder's outputs, and the gradients of their weighted sum with respect to every
   parameter, under one dropout rng."""
-  model = models.Encoder(config)
+  model = encoder.Encoder(config)
   weights = jnp.cos(jnp.arange(inputs_BxT.size * WIDTH)).reshape(*inputs_BxT.shape, WIDTH)
 
   def total(params):
@@ -42,7 +42,7 @@ def outputs_and_grads(config, inputs_BxT, params):
 def init(config, inputs_BxT, moved: bool = True):
   """The encoder's parameters; `moved` away from their starting values (biases start at
   zero, which would hide where they are added)."""
-  params = models.Encoder(config).init({'params': jax.random.key(0),
+  params = encoder.Encoder(config).init({'params': jax.random.key(0),
                                         'dropout': jax.random.key(1)}, inputs_BxT)['params']
   if moved:
     params = jax.tree.map(lambda p: p + 0.1 * jnp.cos(jnp.arange(p.size)).reshape(p.shape),
@@ -88,7 +88,7 @@ def test_bfloat16_follows_the_xla_path():
 
 
 def pallas_calls(config, inputs_BxT, params, **apply_options):
-  model = models.Encoder(config)
+  model = encoder.Encoder(config)
   apply = functools.partial(model.apply, rngs={'dropout': jax.random.key(1)}, **apply_options)
   return str(jax.make_jaxpr(lambda p: apply(p, inputs_BxT))(params)).count('pallas_call')
 
@@ -117,7 +117,7 @@ def test_lowers_to_one_triton_kernel_each_way_for_a_gpu(dtype):
   # ML-1M's training rows: 256 sequences of 128 positions, width 128.
   rows = jax.ShapeDtypeStruct((256 * 128, 128), dtype)
   vector, weight = (jax.ShapeDtypeStruct(shape, jnp.float32) for shape in ((128,), (128, 128)))
-  options = pallas_ffn.Options(epsilon=models.LN_EPSILON, rate=0.2, queries=128, full_q=128,
+  options = pallas_ffn.Options(epsilon=encoder.LN_EPSILON, rate=0.2, queries=128, full_q=128,
                                block_rows=pallas_ffn.block_rows_for(rows.shape[0]))
 
   def total(residual, mixed, w_proj, b_proj, *params):

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pka_jax import models
-from pka_jax import pallas_layer_norm
+from pka_jax.kernels import layer_norm as pallas_layer_norm
+from pka_jax.model import encoder
 
 ROWS, WIDTH = 48, 32  # three blocks of 16
 
@@ -31,12 +31,12 @@ def loss_and_grads(layer_norm, dtype):
 
 
 def flax_layer_norm(dtype):
-  module = nn.LayerNorm(epsilon=models.LN_EPSILON, dtype=dtype)
+  module = nn.LayerNorm(epsilon=encoder.LN_EPSILON, dtype=dtype)
   return lambda x, s, b: module.apply({'params': {'scale': s, 'bias': b}}, x)
 
 
 def pallas_kernels(block_rows=16):
-  options = pallas_layer_norm.Options(models.LN_EPSILON, block_rows, interpret=True)
+  options = pallas_layer_norm.Options(encoder.LN_EPSILON, block_rows, interpret=True)
   return lambda x, s, b: pallas_layer_norm.layer_norm(x, s, b, options)
 
 
@@ -67,7 +67,8 @@ def test_blocks_of_rows(rows, block):
 
 def test_the_module_has_flax_s_parameters_and_falls_back_to_flax():
   x = jax.random.normal(jax.random.key(1), (3, 5, WIDTH))  # 15 rows: no block fits
-  ours, flax_s = models.PallasLayerNorm(jnp.float32), nn.LayerNorm(epsilon=models.LN_EPSILON)
+  ours = pallas_layer_norm.PallasLayerNorm(encoder.LN_EPSILON, jnp.float32)
+  flax_s = nn.LayerNorm(epsilon=encoder.LN_EPSILON)
   params = ours.init(jax.random.key(2), x)
   assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, flax_s.init(jax.random.key(2), x))
   params = jax.tree.map(lambda p: p + jnp.arange(WIDTH) * 0.1, params)
@@ -79,7 +80,7 @@ def test_lowers_to_one_triton_kernel_each_way_for_a_gpu(dtype):
   # ML-1M's training rows: 256 sequences of 128 positions, width 128.
   rows = jax.ShapeDtypeStruct((256 * 128, 128), dtype)
   vector = jax.ShapeDtypeStruct((128,), jnp.float32)
-  options = pallas_layer_norm.Options(models.LN_EPSILON, pallas_layer_norm.block_rows_for(
+  options = pallas_layer_norm.Options(encoder.LN_EPSILON, pallas_layer_norm.block_rows_for(
       rows.shape[0]))
   grads = jax.grad(lambda *args: jnp.sum(pallas_layer_norm.layer_norm(*args, options)),
                    argnums=(0, 1, 2))
@@ -90,12 +91,12 @@ def test_lowers_to_one_triton_kernel_each_way_for_a_gpu(dtype):
 
 def test_only_training_runs_the_kernels():
   # An evaluated, served or exported model keeps flax's LayerNorm: it runs anywhere.
-  config = models.ModelConfig(num_items=20, maxlen=16, num_blocks=1, hidden_units=16,
+  config = encoder.ModelConfig(num_items=20, maxlen=16, num_blocks=1, hidden_units=16,
                               num_heads=1, dropout=0.0, position_mode='kernel',
                               layer_norm_impl='pallas')
   inputs = jnp.tile(jnp.arange(1, 17), (4, 1))  # 64 rows: a block
   for deterministic, kernels in ((False, True), (True, False)):
-    model = models.Encoder(dataclasses.replace(config, deterministic=deterministic))
+    model = encoder.Encoder(dataclasses.replace(config, deterministic=deterministic))
     params = model.init({'params': jax.random.key(0), 'dropout': jax.random.key(1)}, inputs)
     jaxpr = jax.make_jaxpr(lambda p: model.apply(p, inputs, rngs={'dropout': jax.random.key(1)})
                            )(params)

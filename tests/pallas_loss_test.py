@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pka_jax import losses
-from pka_jax import pallas_loss
+from pka_jax.kernels import loss as pallas_loss
+from pka_jax.training import losses
 
 # 3·13 = 39 rows and 45 items: no multiple of the 16-row and 16-item tiles below; D 12 is no
 # power of two (the kernels see it padded to 16).

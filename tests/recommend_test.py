@@ -21,10 +21,15 @@ import pytest
 
 from configs import test as test_config
 from pka_jax import data
-from pka_jax import evaluate
-from pka_jax import recommend
-from pka_jax import train
-from pka_jax.models import Encoder
+from pka_jax import jobs
+from pka_jax.evaluation import ranking
+from pka_jax.serving import files as serving_files
+from pka_jax.serving import queries
+from pka_jax.serving import recommender as recommender_lib
+from pka_jax.model.encoder import create_model
+from pka_jax.model.encoder import Encoder
+from pka_jax.training import optimizer
+from pka_jax.training.loop import Trainer
 
 K = 10
 
@@ -40,8 +45,8 @@ def trained(tmp_path_factory):
   config.data_dir = 'data'  # relative, as in the README: only valid in the training directory
   with pytest.MonkeyPatch.context() as patch:
     patch.chdir(train_cwd)
-    train.train_and_evaluate(config, 'run')
-    recommend.write_serving_files('run', data.load_dataset(config))
+    jobs.train(config, 'run')
+    serving_files.write_serving_files('run', data.load_dataset(config))
   workdir = root / 'moved' / 'run'
   shutil.copytree(train_cwd / 'run', workdir)
   shutil.rmtree(train_cwd / 'run')
@@ -52,13 +57,13 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def recommender(trained):
-  return recommend.Recommender.from_workdir(trained.workdir)
+  return recommender_lib.Recommender.from_workdir(trained.workdir)
 
 
 @pytest.fixture(scope='module')
 def best_run(trained):
   """The training code's own view of the best checkpoint."""
-  run = train.Run(trained.config, trained.workdir)
+  run = Trainer.create(trained.config, trained.workdir)
   run.restore_latest()
   run.restore_best()
   yield run
@@ -71,7 +76,7 @@ def raw(recommender, dense) -> list:
 
 def evaluation_top_k(run, histories_dense, k=K):
   """Top-k items and scores by the evaluation code: score_last on the last T items, then
-  evaluate.top_k_ranks's seen-item masking and top-k."""
+  ranking.top_k_ranks's seen-item masking and top-k."""
   maxlen = run.config.maxlen
   inputs_BxT = np.zeros((len(histories_dense), maxlen), np.int32)
   seen_BxS = np.zeros((len(histories_dense), 64), np.int32)
@@ -79,9 +84,9 @@ def evaluation_top_k(run, histories_dense, k=K):
     recent = history[-maxlen:]
     inputs_BxT[row, maxlen - len(recent):] = recent
     seen_BxS[row, :len(history)] = history
-  scores_BxV = run.eval_model.apply({'params': run.state.params}, inputs_BxT,
+  scores_BxV = run.placement.eval_model.apply({'params': run.state.params}, inputs_BxT,
                                     method=Encoder.score_last)
-  items_BxK, _ = evaluate.top_k_ranks(scores_BxV, seen_BxS, np.zeros(len(inputs_BxT), np.int32),
+  items_BxK, _ = ranking.top_k_ranks(scores_BxV, seen_BxS, np.zeros(len(inputs_BxT), np.int32),
                                       top_k=k)
   items_BxK = np.asarray(items_BxK)
   return items_BxK, np.take_along_axis(np.asarray(scores_BxV), items_BxK, axis=1)
@@ -89,7 +94,7 @@ def evaluation_top_k(run, histories_dense, k=K):
 
 def some_histories(trained, count=20):
   """Users' full histories, some longer than maxlen, and some short prefixes."""
-  histories = recommend.full_histories(trained.dataset)
+  histories = serving_files.full_histories(trained.dataset)
   full = [np.asarray(histories[u]) for u in range(count)]
   assert max(map(len, full)) > trained.config.maxlen
   return full + [h[:3] for h in full[:5]] + [h[:1] for h in full[:2]]
@@ -143,7 +148,7 @@ def test_candidates_restrict_the_full_ranking(trained, recommender):
   restricted = recommender.recommend(history, k=left, candidates=candidates)
   full = recommender.recommend(history, k=len(recommender.item_ids) - len(set(history)))
   assert restricted.items.tolist() == [i for i in full.items.tolist() if i in candidates]
-  with pytest.raises(recommend.TooFewItemsError, match=f'only {left} items are left'):
+  with pytest.raises(recommender_lib.TooFewItemsError, match=f'only {left} items are left'):
     recommender.recommend(history, k=left + 1, candidates=candidates)
 
 
@@ -181,7 +186,7 @@ def test_k_beyond_the_items_left_is_an_error_that_says_so(trained, recommender):
   histories = [[], raw(recommender, some_histories(trained)[2])]
   left = num_items - len(set(histories[1]))
   assert len(recommender.recommend(histories[1], k=left).items) == left
-  with pytest.raises(recommend.TooFewItemsError,
+  with pytest.raises(recommender_lib.TooFewItemsError,
                      match=f'k={left + 1} but only {left} items are left for history 1') as error:
     recommender.recommend(histories, k=left + 1)
   assert error.value.row == 1
@@ -211,11 +216,11 @@ def test_workdirs_without_serving_files_get_them_on_first_use(trained, recommend
                                                               monkeypatch):
   old = tmp_path / 'old_run'
   shutil.copytree(trained.workdir, old)
-  shutil.rmtree(old / recommend.SERVING_DIR)
+  shutil.rmtree(old / serving_files.SERVING_DIR)
   monkeypatch.chdir(trained.train_cwd)  # where the saved relative data_dir points
   history = raw(recommender, some_histories(trained)[3])
-  rebuilt = recommend.Recommender.from_workdir(str(old))
-  assert (old / recommend.SERVING_DIR / 'meta.json').exists()
+  rebuilt = recommender_lib.Recommender.from_workdir(str(old))
+  assert (old / serving_files.SERVING_DIR / 'meta.json').exists()
   assert rebuilt.recommend(history).items.tolist() == recommender.recommend(history).items.tolist()
   assert [p.name for p in old.iterdir() if p.name.startswith('.tmp')] == []
 
@@ -224,11 +229,11 @@ def test_synthetic_workdirs_without_serving_files_rebuild_them_anywhere(trained,
                                                                         tmp_path, monkeypatch):
   old = tmp_path / 'old_run'
   shutil.copytree(trained.workdir, old)
-  shutil.rmtree(old / recommend.SERVING_DIR)
+  shutil.rmtree(old / serving_files.SERVING_DIR)
   elsewhere = tmp_path / 'elsewhere'
   elsewhere.mkdir()
   monkeypatch.chdir(elsewhere)
-  rebuilt = recommend.Recommender.from_workdir(str(old))
+  rebuilt = recommender_lib.Recommender.from_workdir(str(old))
   assert list(elsewhere.iterdir()) == []  # the data was regenerated in a scratch directory
   user = recommender.user_ids[3].item()
   assert rebuilt.user_history(user) == recommender.user_history(user)
@@ -236,9 +241,9 @@ def test_synthetic_workdirs_without_serving_files_rebuild_them_anywhere(trained,
 
 def test_missing_workdir_and_step_are_named(tmp_path, trained):
   with pytest.raises(FileNotFoundError, match='No workdir'):
-    recommend.Recommender.from_workdir(str(tmp_path / 'nothing'))
+    recommender_lib.Recommender.from_workdir(str(tmp_path / 'nothing'))
   with pytest.raises(FileNotFoundError, match='No checkpoint of step 12345'):
-    recommend.Recommender.from_workdir(trained.workdir, step=12345)
+    recommender_lib.Recommender.from_workdir(trained.workdir, step=12345)
 
 
 # ---- the command line, in subprocesses run from a directory that is not the training one ----
@@ -323,13 +328,13 @@ def fake_catalog(ids_dtype):
 
 def test_input_lines_parse_as_csv_or_json_in_the_catalogs_id_type():
   ints, strs = fake_catalog(int), fake_catalog(str)
-  assert recommend.parse_line('10, 30,20', 'f:1', ints) == ([10, 30, 20], {})
-  assert recommend.parse_line('', 'f:1', ints) == ([], {})
-  assert recommend.parse_line('a,"b,c"', 'f:1', strs) == (['a', 'b,c'], {})
-  assert recommend.parse_line('{"history": [10, "20"], "id": 7}', 'f:1', ints) == (
+  assert queries.parse_line('10, 30,20', 'f:1', ints) == ([10, 30, 20], {})
+  assert queries.parse_line('', 'f:1', ints) == ([], {})
+  assert queries.parse_line('a,"b,c"', 'f:1', strs) == (['a', 'b,c'], {})
+  assert queries.parse_line('{"history": [10, "20"], "id": 7}', 'f:1', ints) == (
       [10, 20], {'id': 7})
-  assert recommend.parse_line('{"history": [5]}', 'f:1', strs) == (['5'], {})
-  assert recommend.parse_line('{"user": "20"}', 'f:1', ints) == (
+  assert queries.parse_line('{"history": [5]}', 'f:1', strs) == (['5'], {})
+  assert queries.parse_line('{"user": "20"}', 'f:1', ints) == (
       ['history of 20'], {'user': '20'})
 
 
@@ -342,8 +347,8 @@ def test_input_lines_parse_as_csv_or_json_in_the_catalogs_id_type():
     ('{"user": true}', 'f:3: field "user": True is not an integer id'),
 ])
 def test_bad_input_lines_are_named(line, message):
-  with pytest.raises(recommend.InputError, match=re.escape(message)):
-    recommend.parse_line(line, 'f:3', fake_catalog(int))
+  with pytest.raises(queries.InputError, match=re.escape(message)):
+    queries.parse_line(line, 'f:3', fake_catalog(int))
 
 
 def test_a_table_split_over_devices_recommends_like_one_device(tmp_path):
@@ -353,9 +358,9 @@ def test_a_table_split_over_devices_recommends_like_one_device(tmp_path):
   config.max_epochs, config.mesh_model = 1, 4
   config.data_dir = str(tmp_path / 'data')
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config, workdir)
-  split = recommend.Recommender.from_workdir(workdir)
-  whole = recommend.Recommender.from_workdir(workdir, devices=jax.local_devices()[:1])
+  jobs.train(config, workdir)
+  split = recommender_lib.Recommender.from_workdir(workdir)
+  whole = recommender_lib.Recommender.from_workdir(workdir, devices=jax.local_devices()[:1])
   assert split.model.mesh.shape == {'data': 1, 'model': 4} and whole.model.mesh is None
   table = split.params['item_emb']['embedding']
   assert table.shape[0] == 64 and table.addressable_shards[0].data.shape[0] == 16
@@ -372,15 +377,15 @@ def test_a_table_split_over_devices_recommends_like_one_device(tmp_path):
 def test_visible_alike_padding_keys_score_trimmed_windows_as_full_ones(tmp_path):
   # SASRec with the authors' visible padding keys: every padding key is the same key, so a
   # window cut to the longest history plus one padding column scores as the maxlen window
-  # does (models.Encoder); an untrained model is enough, its padding weighs on every score.
+  # does (encoder.Encoder); an untrained model is enough, its padding weighs on every score.
   config = test_config.get_config('model=sasrec')
   config.mask_padding_keys, config.maxlen = False, 64
   config.data_dir = str(tmp_path / 'data')
   dataset = data.load_dataset(config)
-  model = train.create_model(config, dataset.num_items, deterministic=True)
-  params = train.create_train_state(model, config, jax.random.key(3)).params
-  recommender = recommend.Recommender(
-      config=config, params=params, served=recommend.ServingData.from_dataset(dataset), step=0)
+  model = create_model(config, dataset.num_items, deterministic=True)
+  params = optimizer.create_train_state(model, config, jax.random.key(3)).params
+  recommender = recommender_lib.Recommender(
+      config=config, params=params, served=serving_files.ServingData.from_dataset(dataset), step=0)
   widths = []
   top_k = recommender._top_k
   def spied(params, inputs_BxT, *args, **kwargs):
@@ -394,7 +399,7 @@ def test_visible_alike_padding_keys_score_trimmed_windows_as_full_ones(tmp_path)
     histories = [rng.choice(np.arange(1, dataset.num_items + 1), n, replace=False)
                  for n in lengths]
     got = recommender.recommend([raw(recommender, h) for h in histories], k=K)
-    inputs_BxT = recommend.left_padded(histories, len(histories), config.maxlen)
+    inputs_BxT = recommender_lib.left_padded(histories, len(histories), config.maxlen)
     scores_BxV = np.asarray(recommender.model.apply(
         {'params': params}, inputs_BxT, method=Encoder.score_last))
     seen = np.zeros((len(histories), dataset.num_items + 1), bool)

@@ -12,14 +12,15 @@ import jax
 jax.config.update('jax_num_cpu_devices', int(sys.argv[1]))
 import numpy as np
 from configs import test
-from pka_jax import train
+from pka_jax.training.loop import Trainer
 config = test.get_config()
 config.dropout = 0.0  # dropout bits may depend on the sharding; the arithmetic must not
 config.data_dir = sys.argv[2]
-run = train.Run(config, sys.argv[3])
+run = Trainer.create(config, sys.argv[3])
 losses = []
 for batch in run.inputs.epoch(0):
-  run.state, metrics = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
+  run.state, metrics = run.placement.step_fn(run.state, run.placement.shard_batch(batch),
+                                             run.dropout_rng)
   losses.append(float(metrics['loss_sum'] / metrics['loss_count']))
 valid = run.evaluate('valid')
 leaves = jax.tree_util.tree_flatten_with_path(run.state.params)[0]

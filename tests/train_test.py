@@ -14,10 +14,16 @@ import pytest
 
 from configs import test as test_config
 import jaxprs
-from pka_jax import evaluate
-from pka_jax import faults
-from pka_jax import models
-from pka_jax import train
+from pka_jax import jobs
+from pka_jax.evaluation import evaluator
+from pka_jax.evaluation import protocol
+from pka_jax.model import encoder
+from pka_jax.training import faults
+from pka_jax.training import microbatching
+from pka_jax.training import optimizer
+from pka_jax.training import steps
+from pka_jax.training import workdir as workdir_lib
+from pka_jax.training.loop import Trainer
 
 
 @pytest.fixture(autouse=True)
@@ -33,12 +39,12 @@ def config(**overrides):
   return cfg
 
 
-def first_batch(run: train.Run):
-  return run._global_batch(next(iter(run.inputs.epoch(0))))
+def first_batch(run: Trainer):
+  return run.placement.shard_batch(next(iter(run.inputs.epoch(0))))
 
 
-def batch_loss(run: train.Run, batch) -> float:
-  total, count = train.loss_sums(run.state.params, run.state.apply_fn, batch,
+def batch_loss(run: Trainer, batch) -> float:
+  total, count = steps.loss_sums(run.state.params, run.state.apply_fn, batch,
                                  run.dropout_rng, 'ce')
   return float(total / count)
 
@@ -46,7 +52,7 @@ def batch_loss(run: train.Run, batch) -> float:
 def test_golden_first_loss(tmp_path):
   # Regression guard for the model, its initialisation, the data order and the loss. When a
   # deliberate change moves it, run this test and copy the "Obtained" value it reports.
-  run = train.Run(config(dropout=0.0), str(tmp_path))
+  run = Trainer.create(config(dropout=0.0), str(tmp_path))
   assert batch_loss(run, first_batch(run)) == pytest.approx(GOLDEN_FIRST_LOSS, rel=1e-4)
 
 
@@ -54,28 +60,28 @@ GOLDEN_FIRST_LOSS = 4.4290566
 
 
 def test_loss_falls_over_a_few_steps(tmp_path):
-  run = train.Run(config(learning_rate=1e-2, dropout=0.0), str(tmp_path))
+  run = Trainer.create(config(learning_rate=1e-2, dropout=0.0), str(tmp_path))
   batch = first_batch(run)
   before = batch_loss(run, batch)
   for _ in range(15):
-    run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
+    run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng)
   assert np.isfinite(float(metrics['loss_sum']))
   assert batch_loss(run, batch) < 0.8 * before
 
 
-def params_of(run: train.Run):
+def params_of(run: Trainer):
   return jax.tree.map(np.asarray, run.state.params)
 
 
 def test_resume_gives_the_uninterrupted_run(tmp_path):
   uninterrupted = str(tmp_path / 'once')
   interrupted = str(tmp_path / 'twice')
-  train.train_and_evaluate(config(max_epochs=3, patience=100), uninterrupted)
-  train.train_and_evaluate(config(max_epochs=1, patience=100), interrupted)
-  resumed = train.train_and_evaluate(config(max_epochs=3, patience=100), interrupted)
+  jobs.train(config(max_epochs=3, patience=100), uninterrupted)
+  jobs.train(config(max_epochs=1, patience=100), interrupted)
+  resumed = jobs.train(config(max_epochs=3, patience=100), interrupted)
   assert resumed['epochs'] == 3
 
-  runs = [train.Run(config(max_epochs=3), d) for d in (uninterrupted, interrupted)]
+  runs = [Trainer.create(config(max_epochs=3), d) for d in (uninterrupted, interrupted)]
   for run in runs:
     assert run.restore_latest()
   assert [r.progress.epoch for r in runs] == [3, 3]
@@ -87,18 +93,18 @@ def test_resume_gives_the_uninterrupted_run(tmp_path):
 def test_a_run_stopped_mid_epoch_resumes_through_the_loop_to_the_same_parameters(
     tmp_path, monkeypatch):
   uninterrupted, interrupted = str(tmp_path / 'once'), str(tmp_path / 'twice')
-  once = train.train_and_evaluate(config(max_epochs=2), uninterrupted)
+  once = jobs.train(config(max_epochs=2), uninterrupted)
   # A preemption noticed after the third step of the first epoch.
   with monkeypatch.context() as patch:
     patch.setattr(faults.PreemptionWatch, 'reached', lambda self, step: step == 3)
     with pytest.raises(faults.Preempted, match='saved step 3'):
-      train.train_and_evaluate(config(max_epochs=2), interrupted)
-  stopped = train.Run(config(), interrupted)
+      jobs.train(config(max_epochs=2), interrupted)
+  stopped = Trainer.create(config(), interrupted)
   assert stopped.restore_latest() and int(stopped.state.step) == 3
   assert stopped.progress.epoch == 0 and stopped.progress.data_iterator is not None
-  twice = train.train_and_evaluate(config(max_epochs=2), interrupted)
+  twice = jobs.train(config(max_epochs=2), interrupted)
   assert twice == once
-  runs = [train.Run(config(), d) for d in (uninterrupted, interrupted)]
+  runs = [Trainer.create(config(), d) for d in (uninterrupted, interrupted)]
   for run in runs:
     assert run.restore_latest()
   for (path, a), (_, b) in zip(*(jax.tree_util.tree_flatten_with_path(params_of(r))[0]
@@ -109,17 +115,17 @@ def test_a_run_stopped_mid_epoch_resumes_through_the_loop_to_the_same_parameters
 def test_a_checkpoint_every_epoch_end_step_keeps_the_best(tmp_path):
   # Regression: the mid-epoch save took the epoch's last step first, orbax skipped the
   # validated save of that step, and the earlier best checkpoint was deleted.
-  probe = train.Run(config(), str(tmp_path / 'probe'))
+  probe = Trainer.create(config(), str(tmp_path / 'probe'))
   steps_per_epoch = probe.inputs.steps_per_epoch
   workdir = str(tmp_path / 'run')
-  results = train.train_and_evaluate(
+  results = jobs.train(
       config(max_epochs=3, patience=100, checkpoint_every_steps=steps_per_epoch), workdir)
-  run = train.Run(config(), workdir)
+  run = Trainer.create(config(), workdir)
   assert run.restore_latest()
   assert [r['step'] for r in run.progress.history] == [steps_per_epoch * e for e in (1, 2, 3)]
   assert results['best_step'] == run.progress.best_step
   assert run.progress.best_step in run.checkpoints.all_steps()
-  assert train.evaluate_checkpoint(config(), workdir)['test'] == results['test']
+  assert jobs.evaluate(config(), workdir)['test'] == results['test']
 
 
 # Validation NDCG@10 by epoch: bests at 1 and 3, then two epochs without one.
@@ -129,7 +135,7 @@ SCRIPTED_NDCG = {1: 0.30, 2: 0.20, 3: 0.40, 4: 0.35, 5: 0.10}
 def script_validation(monkeypatch, saving_in_progress: bool) -> list[int]:
   """Scripted validation NDCG@10, orbax answering that a save is (or is not) still being
   written; returns the epochs whose end saved a checkpoint, filled as the run goes."""
-  real_evaluate, real_save, saved_epochs = train.Run.evaluate, train.Run.save, []
+  real_evaluate, real_save, saved_epochs = Trainer.evaluate, Trainer.save, []
 
   def evaluate_scripted(self, part):
     metrics = real_evaluate(self, part)
@@ -142,8 +148,8 @@ def script_validation(monkeypatch, saving_in_progress: bool) -> list[int]:
       saved_epochs.append(self.progress.epoch)
     real_save(self, metrics)
 
-  monkeypatch.setattr(train.Run, 'evaluate', evaluate_scripted)
-  monkeypatch.setattr(train.Run, 'save', save_recorded)
+  monkeypatch.setattr(Trainer, 'evaluate', evaluate_scripted)
+  monkeypatch.setattr(Trainer, 'save', save_recorded)
   monkeypatch.setattr(ocp.CheckpointManager, 'is_saving_in_progress',
                       lambda self: saving_in_progress)
   return saved_epochs
@@ -152,16 +158,16 @@ def script_validation(monkeypatch, saving_in_progress: bool) -> list[int]:
 def test_epoch_end_saves_skip_only_what_is_neither_best_nor_last(tmp_path, monkeypatch):
   cfg = config(max_epochs=5, patience=100, checkpoint_interval_s=0)
   saved_epochs = script_validation(monkeypatch, saving_in_progress=False)
-  train.train_and_evaluate(cfg, str(tmp_path / 'idle'))
+  jobs.train(cfg, str(tmp_path / 'idle'))
   assert saved_epochs == [1, 2, 3, 4, 5]
   saved_epochs = script_validation(monkeypatch, saving_in_progress=False)
-  train.train_and_evaluate(config(max_epochs=5, patience=100, checkpoint_interval_s=3600),
+  jobs.train(config(max_epochs=5, patience=100, checkpoint_interval_s=3600),
                            str(tmp_path / 'hourly'))
   assert saved_epochs == [1, 3, 5]  # the bests and the last: no other within the hour
   saved_epochs = script_validation(monkeypatch, saving_in_progress=True)
-  results = train.train_and_evaluate(cfg, str(tmp_path / 'busy'))
+  results = jobs.train(cfg, str(tmp_path / 'busy'))
   assert saved_epochs == [1, 3, 5]  # the bests and the last: no wait for any other
-  run = train.Run(cfg, str(tmp_path / 'busy'))
+  run = Trainer.create(cfg, str(tmp_path / 'busy'))
   assert run.restore_latest() and run.progress.epoch == 5
   assert results['best_step'] == 3 * run.inputs.steps_per_epoch
   assert run.progress.best_step in run.checkpoints.all_steps()
@@ -170,10 +176,10 @@ def test_epoch_end_saves_skip_only_what_is_neither_best_nor_last(tmp_path, monke
 def test_a_run_killed_after_a_skipped_save_resumes_to_the_same_end(tmp_path, monkeypatch):
   cfg = config(max_epochs=5, patience=100)
   script_validation(monkeypatch, saving_in_progress=True)
-  once = train.train_and_evaluate(cfg, str(tmp_path / 'once'))
+  once = jobs.train(cfg, str(tmp_path / 'once'))
   # Killed after epoch 4's validation, whose save was skipped: epoch 3's checkpoint is the
   # latest, and the rerun trains and validates epoch 4 again.
-  real_train_epoch = train.Run.train_epoch
+  real_train_epoch = Trainer.train_epoch
 
   def killed_in_epoch_5(self, writer):
     if self.progress.epoch == 4:
@@ -181,13 +187,13 @@ def test_a_run_killed_after_a_skipped_save_resumes_to_the_same_end(tmp_path, mon
     real_train_epoch(self, writer)
 
   with monkeypatch.context() as patch:
-    patch.setattr(train.Run, 'train_epoch', killed_in_epoch_5)
+    patch.setattr(Trainer, 'train_epoch', killed_in_epoch_5)
     with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(cfg, str(tmp_path / 'twice'))
-  stopped = train.Run(cfg, str(tmp_path / 'twice'))
+      jobs.train(cfg, str(tmp_path / 'twice'))
+  stopped = Trainer.create(cfg, str(tmp_path / 'twice'))
   assert stopped.restore_latest() and stopped.progress.epoch == 3
-  assert train.train_and_evaluate(cfg, str(tmp_path / 'twice')) == once
-  runs = [train.Run(cfg, str(tmp_path / name)) for name in ('once', 'twice')]
+  assert jobs.train(cfg, str(tmp_path / 'twice')) == once
+  runs = [Trainer.create(cfg, str(tmp_path / name)) for name in ('once', 'twice')]
   for run in runs:
     assert run.restore_latest()
   assert runs[0].progress.history == runs[1].progress.history
@@ -196,11 +202,11 @@ def test_a_run_killed_after_a_skipped_save_resumes_to_the_same_end(tmp_path, mon
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
 
-def popularity_results(run: train.Run, part: str) -> dict[str, float]:
+def popularity_results(run: Trainer, part: str) -> dict[str, float]:
   """The successive protocol with every item scored by its count in the training data."""
   counts_V = np.bincount(np.asarray(run.dataset.train.items),
                          minlength=run.dataset.num_items + 1).astype(np.float32)
-  return evaluate.evaluate(
+  return protocol.evaluate(
       lambda inputs_BxT: np.broadcast_to(counts_V, (len(inputs_BxT), len(counts_V))),
       run.dataset, part, maxlen=run.config.maxlen, batch_size=run.config.eval_batch_size)
 
@@ -210,13 +216,13 @@ def test_end_to_end_train_checkpoint_restore_evaluate(tmp_path):
   # 600 users and 20 epochs at a high rate: enough for the tiny model to learn the rule.
   cfg = config(max_epochs=20, patience=100, learning_rate=1e-2)
   cfg.synthetic.num_users = 600
-  results = train.train_and_evaluate(cfg, workdir)
+  results = jobs.train(cfg, workdir)
   for split in ('valid', 'test'):
     for name in ('hr@10', 'ndcg@10', 'mrr@10', 'cov@10'):
       assert 0.0 <= results[split][name] <= 1.0
     assert results[split]['num_steps'] > 0
   # The model learned more than which items are popular.
-  popular = popularity_results(train.Run(cfg, str(tmp_path / 'popularity')), 'test')
+  popular = popularity_results(Trainer.create(cfg, str(tmp_path / 'popularity')), 'test')
   assert results['test']['num_steps'] == popular['num_steps']
   assert results['test']['ndcg@10'] > popular['ndcg@10'] + 3 * results['test']['ndcg@10_se']
   assert results['test']['ndcg@10'] > 1.5 * popular['ndcg@10']
@@ -228,51 +234,51 @@ def test_end_to_end_train_checkpoint_restore_evaluate(tmp_path):
   assert any('valid/ndcg@10' in json.loads(line) for line in lines)
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
 
-  again = train.evaluate_checkpoint(cfg, workdir)
+  again = jobs.evaluate(cfg, workdir)
   assert again['test'] == pytest.approx(results['test'])
   assert again['best_step'] == results['best_step']
 
 
 def counting_built_batches(monkeypatch) -> list[int]:
   """Counts the evaluation batches built from now on (one entry per batch)."""
-  built, real_batch = [], evaluate.SuccessiveSteps.batch
+  built, real_batch = [], protocol.SuccessiveSteps.batch
 
   def batch(self, *args, **kwargs):
     built.append(1)
     return real_batch(self, *args, **kwargs)
 
-  monkeypatch.setattr(evaluate.SuccessiveSteps, 'batch', batch)
+  monkeypatch.setattr(protocol.SuccessiveSteps, 'batch', batch)
   return built
 
 
 def test_validation_batches_are_built_once_per_run(tmp_path, monkeypatch):
-  run = train.Run(config(), str(tmp_path / 'run'))
+  run = Trainer.create(config(), str(tmp_path / 'run'))
   built = counting_built_batches(monkeypatch)
-  batches_a_pass = run.successive_steps('valid').num_batches(run.config.eval_batch_size)
+  batches_a_pass = run.evaluator.steps('valid').num_batches(run.config.eval_batch_size)
   run.evaluate('valid')
   assert len(built) == batches_a_pass > 1
   for _ in range(2):  # new parameters, the kept batches
-    run.state, _ = run.step_fn(run.state, first_batch(run), run.dropout_rng)
+    run.state, _ = run.placement.step_fn(run.state, first_batch(run), run.dropout_rng)
   kept = run.evaluate('valid')
   assert len(built) == batches_a_pass
-  fresh = train.Run(config(), str(tmp_path / 'fresh'))
+  fresh = Trainer.create(config(), str(tmp_path / 'fresh'))
   fresh.state = run.state
   assert fresh.evaluate('valid') == kept  # the same metrics from batches built anew
   run.evaluate('test')
   run.evaluate('test')  # evaluated once a run: not kept
-  assert len(built) == 2 * batches_a_pass + 2 * run.successive_steps('test').num_batches(
+  assert len(built) == 2 * batches_a_pass + 2 * run.evaluator.steps('test').num_batches(
       run.config.eval_batch_size)
 
 
 def test_validation_batches_too_large_or_interrupted_are_not_kept(tmp_path, monkeypatch):
-  run = train.Run(config(), str(tmp_path))
+  run = Trainer.create(config(), str(tmp_path))
   built = counting_built_batches(monkeypatch)
-  batches_a_pass = run.successive_steps('valid').num_batches(run.config.eval_batch_size)
+  batches_a_pass = run.evaluator.steps('valid').num_batches(run.config.eval_batch_size)
   run.watch.signalled = True  # a preemption notice: the pass stops after its first batch
-  with pytest.raises(evaluate.Interrupted):
+  with pytest.raises(protocol.Interrupted):
     run.evaluate('valid')
   run.watch.signalled = False
-  monkeypatch.setattr(train, 'VALIDATION_BATCH_BYTES', 1)
+  monkeypatch.setattr(evaluator, 'VALIDATION_BATCH_BYTES', 1)
   first = run.evaluate('valid')
   assert run.evaluate('valid') == first
   assert len(built) == 1 + 2 * batches_a_pass
@@ -281,14 +287,15 @@ def test_validation_batches_too_large_or_interrupted_are_not_kept(tmp_path, monk
 def test_trimmed_evaluation_windows_rank_as_the_full_ones(tmp_path):
   cfg = config(eval_batch_size=16)
   cfg.synthetic.min_length = 2  # short contexts: some batches fit 8 columns
-  run = train.Run(cfg, str(tmp_path))
+  run = Trainer.create(cfg, str(tmp_path))
   for batch in run.inputs.epoch(0):  # trained a little: no parameter at its initial value
-    run.state, _ = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
-  steps = run.successive_steps('valid').by_context_length()
+    run.state, _ = run.placement.step_fn(run.state, run.placement.shard_batch(batch),
+                                         run.dropout_rng)
+  steps = run.evaluator.steps('valid').by_context_length()
   widths = {steps.batch(start, 16, trim=True).inputs_BxT.shape[1]
             for start in range(0, len(steps), 16)}
   assert widths == {8, 16}
-  assert run.trims_windows
+  assert run.placement.trims_windows
   trimmed = run.evaluate('valid')
   run.config.trim_windows = False
   assert run.evaluate('valid') == pytest.approx(trimmed, rel=1e-6)
@@ -300,13 +307,14 @@ def test_visible_alike_padding_keys_evaluate_trimmed_as_in_full_windows(tmp_path
   cfg = config(eval_batch_size=16, model='sasrec', position_mode='absolute',
                mask_padding_keys=False)
   cfg.synthetic.min_length = 2
-  run = train.Run(cfg, str(tmp_path))
-  assert run.trims_windows and run.padding_column
-  assert run.evaluation_windows == {'trim': True, 'padding_column': True}
+  run = Trainer.create(cfg, str(tmp_path))
+  assert run.placement.trims_windows and run.placement.padding_column
+  assert run.placement.evaluation_windows == {'trim': True, 'padding_column': True}
   for batch in run.inputs.epoch(0):
-    run.state, _ = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
-  steps = run.successive_steps('valid').by_context_length()
-  batches = [steps.batch(start, 16, **run.evaluation_windows)
+    run.state, _ = run.placement.step_fn(run.state, run.placement.shard_batch(batch),
+                                         run.dropout_rng)
+  steps = run.evaluator.steps('valid').by_context_length()
+  batches = [steps.batch(start, 16, **run.placement.evaluation_windows)
              for start in range(0, len(steps), 16)]
   assert {b.inputs_BxT.shape[1] for b in batches} == {8, 16}
   for b in batches:  # a padding column in every row that is not full
@@ -314,7 +322,7 @@ def test_visible_alike_padding_keys_evaluate_trimmed_as_in_full_windows(tmp_path
     assert np.all((real < b.inputs_BxT.shape[1]) | (real == cfg.maxlen))
   trimmed = run.evaluate('valid')
   run.config.trim_windows = False
-  assert run.evaluation_windows == {'trim': False, 'padding_column': False}
+  assert run.placement.evaluation_windows == {'trim': False, 'padding_column': False}
   assert run.evaluate('valid') == pytest.approx(trimmed, rel=1e-6)
 
 
@@ -333,9 +341,9 @@ def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_p
   for trim in (True, False):
     cfg = config(dropout=0.3, maxlen=maxlen, trim_windows=trim, **overrides)
     cfg.synthetic.min_length, cfg.synthetic.max_length = 2, longest
-    runs[trim] = train.Run(cfg, str(tmp_path / str(trim)))
-  assert runs[True].trims_windows
-  assert runs[True].padding_column == (padding == 'visible')
+    runs[trim] = Trainer.create(cfg, str(tmp_path / str(trim)))
+  assert runs[True].placement.trims_windows
+  assert runs[True].placement.padding_column == (padding == 'visible')
   pairs = list(zip(runs[True].inputs.epoch(0), runs[False].inputs.epoch(0)))
   widths = {cut['inputs'].shape[1] for cut, _ in pairs}
   assert widths <= ({8, 16, 32} if padding == 'visible' else {8, 16}) and 16 in widths
@@ -346,7 +354,7 @@ def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_p
 
   def loss_and_grads(batch):
     def loss(params):
-      total, count = train.loss_sums(params, state.apply_fn, batch, runs[False].dropout_rng,
+      total, count = steps.loss_sums(params, state.apply_fn, batch, runs[False].dropout_rng,
                                      'ce')
       return total / count
     return jax.value_and_grad(loss)(state.params)
@@ -359,29 +367,30 @@ def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_p
   # The jitted step takes every width (microbatches picked per shape).
   run = runs[True]
   for cut, _ in pairs:
-    run.state, metrics = run.step_fn(run.state, run._global_batch(cut), run.dropout_rng)
+    run.state, metrics = run.placement.step_fn(run.state, run.placement.shard_batch(cut),
+                                               run.dropout_rng)
     assert bool(metrics['finite'])
 
 
 def test_evaluating_an_empty_workdir_says_so(tmp_path):
   with pytest.raises(FileNotFoundError, match='No checkpoint'):
-    train.evaluate_checkpoint(config(), str(tmp_path))
+    jobs.evaluate(config(), str(tmp_path))
 
 
 def test_blockwise_loss_trains_like_the_full_one(tmp_path):
-  runs = [train.Run(config(dropout=0.0, ce_block_size=size), str(tmp_path / str(size)))
+  runs = [Trainer.create(config(dropout=0.0, ce_block_size=size), str(tmp_path / str(size)))
           for size in (0, 16)]
   batch = first_batch(runs[0])
   for run in runs:
     for _ in range(3):
-      run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
+      run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng)
   assert_same_params(params_of(runs[1]), params_of(runs[0]))
 
 
 def test_pallas_loss_trains_like_the_xla_one(tmp_path):
   # In Pallas's interpreter, on one device: the interpreter cannot run inside shard_map
   # (jax 0.10 loses the refs' varying axes), so the data-parallel step is only lowered.
-  run = train.Run(config(dropout=0.0), str(tmp_path))
+  run = Trainer.create(config(dropout=0.0), str(tmp_path))
   batch = first_batch(run)
   xla, pallas = (params_after_three_steps(jax.jit(pallas_step(run, impl, mesh=None)),
                                           run.state, batch, run.dropout_rng)
@@ -390,8 +399,8 @@ def test_pallas_loss_trains_like_the_xla_one(tmp_path):
 
 
 def test_the_data_parallel_pallas_step_lowers_to_its_kernels_for_a_gpu(tmp_path):
-  run = train.Run(config(dropout=0.0), str(tmp_path))
-  step = jax.jit(pallas_step(run, 'pallas', mesh=run.mesh))
+  run = Trainer.create(config(dropout=0.0), str(tmp_path))
+  step = jax.jit(pallas_step(run, 'pallas', mesh=run.placement.mesh))
   text = step.trace(run.state, first_batch(run), run.dropout_rng).lower(
       lowering_platforms=('cuda',)).as_text()
   assert text.count('custom_call @__gpu$xla.gpu.triton') == 3
@@ -403,16 +412,16 @@ MESHES = [pytest.param(None, id='one_device'), pytest.param(1, id='data_8'),
           pytest.param(4, id='data_2_model_4')]
 
 
-def run_on(tmp_path, mesh_model: int | None, **overrides) -> train.Run:
-  run = train.Run(config(mesh_model=mesh_model or 1, **overrides), str(tmp_path))
+def run_on(tmp_path, mesh_model: int | None, **overrides) -> Trainer:
+  run = Trainer.create(config(mesh_model=mesh_model or 1, **overrides), str(tmp_path))
   if mesh_model is not None:
-    assert dict(run.mesh.shape) == {'data': 8 // mesh_model, 'model': mesh_model}
+    assert dict(run.placement.mesh.shape) == {'data': 8 // mesh_model, 'model': mesh_model}
   return run
 
 
-def per_device_rows(run: train.Run, batch, mesh_model: int | None) -> int:
+def per_device_rows(run: Trainer, batch, mesh_model: int | None) -> int:
   """Positions each device's kernels take: a share of every device's, on any mesh."""
-  return batch['inputs'].size // (1 if mesh_model is None else run.mesh.size)
+  return batch['inputs'].size // (1 if mesh_model is None else run.placement.mesh.size)
 
 
 @pytest.mark.parametrize('mesh_model', MESHES)
@@ -466,16 +475,16 @@ def test_pallas_feed_forward_trains_like_the_xla_one(tmp_path, mesh_model):
       f'{rows}x16'}
 
 
-def three_steps_each_way(run: train.Run, batch, data_parallel: bool, **model_overrides):
+def three_steps_each_way(run: Trainer, batch, data_parallel: bool, **model_overrides):
   """Parameters after three train steps of `run`'s model and of the model with
   `model_overrides`, on one device or data-parallel on `run`'s mesh; and the Triton calls
   the second's step lowers to for a GPU."""
-  mesh = run.mesh if data_parallel else None
+  mesh = run.placement.mesh if data_parallel else None
   other = run.config.copy_and_resolve_references()
   other.update(model_overrides)
-  model = models.create_model(other, run.dataset.num_items, deterministic=False, mesh=mesh)
-  step = jax.jit(functools.partial(train.train_step, mesh=mesh, microbatches=1,
-                                   **train.loss_options(run.config, run.dataset.num_items)))
+  model = encoder.create_model(other, run.dataset.num_items, deterministic=False, mesh=mesh)
+  step = jax.jit(functools.partial(steps.train_step, mesh=mesh, microbatches=1,
+                                   **steps.loss_options(run.config, run.dataset.num_items)))
   before, after = (params_after_three_steps(step, run.state.replace(apply_fn=apply_fn), batch,
                                             run.dropout_rng)
                    for apply_fn in (run.state.apply_fn, model.apply))
@@ -502,9 +511,9 @@ def assert_same_params(got, expected):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
-def pallas_step(run: train.Run, ce_impl: str, mesh):
-  return functools.partial(train.train_step, mesh=mesh, microbatches=1,
-                           **{**train.loss_options(run.config, run.dataset.num_items),
+def pallas_step(run: Trainer, ce_impl: str, mesh):
+  return functools.partial(steps.train_step, mesh=mesh, microbatches=1,
+                           **{**steps.loss_options(run.config, run.dataset.num_items),
                               'ce_impl': ce_impl})
 
 
@@ -515,31 +524,31 @@ def test_a_workdir_of_another_configuration_is_refused(tmp_path, field, value):
   # batch_size, prng_impl and loss used to be missing: a resumed run reused an iterator state
   # made for other batches.
   workdir = str(tmp_path / 'run')
-  train.train_and_evaluate(config(max_epochs=1), workdir)
-  with pytest.raises(train.WorkdirMismatchError, match=rf'{field}: .* there, .* here'):
-    train.train_and_evaluate(config(**{field: value}), workdir)
+  jobs.train(config(max_epochs=1), workdir)
+  with pytest.raises(workdir_lib.WorkdirMismatchError, match=rf'{field}: .* there, .* here'):
+    jobs.train(config(**{field: value}), workdir)
   # Limits and settings that compute the same function may change.
-  assert train.evaluate_checkpoint(
+  assert jobs.evaluate(
       config(max_epochs=5, eval_batch_size=128, attention_impl='xla', microbatches=2),
       workdir)['test']
 
 
 def test_microbatch_rows_are_spread_and_merge_back():
   x = np.arange(12).reshape(12, 1)
-  micro = np.asarray(train.split_microbatches(x, 3))
+  micro = np.asarray(microbatching.split_microbatches(x, 3))
   np.testing.assert_array_equal(micro[:, :, 0], [[0, 3, 6, 9], [1, 4, 7, 10], [2, 5, 8, 11]])
-  np.testing.assert_array_equal(train.merge_microbatches(micro), x)
+  np.testing.assert_array_equal(microbatching.merge_microbatches(micro), x)
 
 
 def test_microbatch_count_follows_the_backend():
   # CPU: ~2,048 positions a microbatch, a divisor of the rows; accelerators: the whole batch.
-  assert train.microbatches_for(256, 128, 'cpu') == 16
-  assert train.microbatches_for(96, 128, 'cpu') == 6
-  assert train.microbatches_for(64, 32, 'cpu') == 1
-  assert train.microbatches_for(256, 128, 'gpu') == 1
+  assert microbatching.microbatches_for(256, 128, 'cpu') == 16
+  assert microbatching.microbatches_for(96, 128, 'cpu') == 6
+  assert microbatching.microbatches_for(64, 32, 'cpu') == 1
+  assert microbatching.microbatches_for(256, 128, 'gpu') == 1
 
 
-def trainable_leaves(run: train.Run):
+def trainable_leaves(run: Trainer):
   # Key biases have a true gradient of zero (softmax ignores a constant added to a row of
   # logits): they hold rounding noise only, which Adam scales up.
   return [(jax.tree_util.keystr(path), leaf)
@@ -549,13 +558,13 @@ def trainable_leaves(run: train.Run):
 
 def test_microbatches_give_the_whole_batch_gradient(tmp_path):
   # Dropout on: each microbatch draws the masks of its rows in the whole batch.
-  runs = [train.Run(config(dropout=0.3, microbatches=n), str(tmp_path / str(n)))
+  runs = [Trainer.create(config(dropout=0.3, microbatches=n), str(tmp_path / str(n)))
           for n in (1, 4)]
-  assert [run.train_microbatches for run in runs] == [1, 4]
-  batches = [run._global_batch(b) for run in runs[:1] for b in run.inputs.epoch(0)][:3]
+  assert [run.placement.train_microbatches for run in runs] == [1, 4]
+  batches = [run.placement.shard_batch(b) for run in runs[:1] for b in run.inputs.epoch(0)][:3]
   for run in runs:
     for batch in batches:
-      run.state, metrics = run.step_fn(run.state, batch, run.dropout_rng)
+      run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng)
   for (path, a), (_, b) in zip(*map(trainable_leaves, runs)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
 
@@ -565,17 +574,17 @@ def test_length_sorted_microbatches_fill_their_positions_longest_first():
   # 16 wide, then four 8 wide, then the last two 8 wide filled up with no rows (-1).
   lengths = [5, 1, 9, 3, 2, 7, 4, 12]
   inputs = np.array([[0] * (16 - n) + [1] * n for n in lengths])
-  groups = train.length_sorted_microbatches(inputs, data_shards=1, positions=32, maxlen=16)
+  groups = microbatching.length_sorted_microbatches(inputs, data_shards=1, positions=32, maxlen=16)
   assert [(rows.tolist(), width) for rows, width in groups] == [
       ([7, 2], 16), ([5, 0, 6, 3], 8), ([4, 1, -1, -1], 8)]
   # Two data shards: each takes its share of every microbatch.
-  groups = train.length_sorted_microbatches(inputs, data_shards=2, positions=32, maxlen=16)
+  groups = microbatching.length_sorted_microbatches(inputs, data_shards=2, positions=32, maxlen=16)
   assert [(rows.tolist(), width) for rows, width in groups] == [
       ([7, 2, 5, 0], 16), ([6, 3, 4, 1, -1, -1, -1, -1], 8)]
   # Keeping a padding column: 8 items need a window of 16, 4 items one of 8.
   lengths = [5, 1, 9, 3, 2, 8, 4, 12]
   inputs = np.array([[0] * (16 - n) + [1] * n for n in lengths])
-  groups = train.length_sorted_microbatches(inputs, data_shards=1, positions=32, maxlen=16,
+  groups = microbatching.length_sorted_microbatches(inputs, data_shards=1, positions=32, maxlen=16,
                                             padding_column=True)
   assert [(rows.tolist(), width) for rows, width in groups] == [
       ([7, 2], 16), ([5, 0], 16), ([6, 3, 4, 1], 8)]
@@ -592,11 +601,12 @@ def test_length_sorted_microbatches_give_the_whole_batch_step(tmp_path, padding)
       overrides = {**overrides, **AUTHORS_PADDING}
     cfg = config(dropout=0.3, maxlen=32, **overrides)
     cfg.synthetic.min_length, cfg.synthetic.max_length = 2, 30
-    runs[name] = train.Run(cfg, str(tmp_path / name))
-  assert runs['sorted'].sorts_microbatches and not runs['whole'].sorts_microbatches
+    runs[name] = Trainer.create(cfg, str(tmp_path / name))
+  assert runs['sorted'].placement.sorts_microbatches
+  assert not runs['whole'].placement.sorts_microbatches
   batches = {name: list(run.inputs.epoch(0))[:3] for name, run in runs.items()}
   widths = {width for batch in batches['sorted']
-            for _, width in runs['sorted'].microbatches_of(batch['inputs'])}
+            for _, width in runs['sorted'].placement.microbatches_of(batch['inputs'])}
   assert len(widths) > 1 and max(widths) <= 32
   step_losses = {name: [float(run.train_on(batch)['loss_sum']) for batch in batches[name]]
                  for name, run in runs.items()}
@@ -608,11 +618,13 @@ def test_length_sorted_microbatches_give_the_whole_batch_step(tmp_path, padding)
 def test_bfloat16_loss_follows_float32(tmp_path):
   losses_by_dtype = {}
   for dtype in ('float32', 'bfloat16'):
-    run = train.Run(config(dropout=0.0, dtype=dtype, learning_rate=1e-2), str(tmp_path / dtype))
+    run = Trainer.create(config(dropout=0.0, dtype=dtype, learning_rate=1e-2),
+                         str(tmp_path / dtype))
     curve = []
     for epoch in range(6):
       for batch in run.inputs.epoch(epoch):
-        run.state, metrics = run.step_fn(run.state, run._global_batch(batch), run.dropout_rng)
+        run.state, metrics = run.placement.step_fn(
+            run.state, run.placement.shard_batch(batch), run.dropout_rng)
         curve.append(float(metrics['loss_sum'] / metrics['loss_count']))
     losses_by_dtype[dtype] = np.array(curve)
   full, half = losses_by_dtype['float32'], losses_by_dtype['bfloat16']
@@ -633,7 +645,7 @@ def test_one_finiteness_test_steps_as_optax_s_apply_if_finite():
   nan_bias['block']['bias'][1] = np.nan
   inf_table = jax.tree.map(np.copy, finite)
   inf_table['item_emb']['embedding'][2, 0] = np.inf
-  ours = train.apply_if_all_finite(optax.adam(0.1), max_consecutive_errors=1)
+  ours = optimizer.apply_if_all_finite(optax.adam(0.1), max_consecutive_errors=1)
   optax_s = optax.apply_if_finite(optax.adam(0.1), max_consecutive_errors=1)
   states = [(params, tx.init(params)) for tx in (ours, optax_s)]
   for grads in (finite, nan_bias, inf_table, finite):
@@ -652,4 +664,4 @@ def test_finiteness_is_one_reduction_besides_the_item_table_s():
   count = lambda tx: sum(eqn.primitive.name == 'reduce_and' for eqn in jaxprs.equations(
       jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr))
   assert count(optax.apply_if_finite(optax.adam(0.1), 1)) == 11 + 1
-  assert count(train.apply_if_all_finite(optax.adam(0.1), 1)) == 2
+  assert count(optimizer.apply_if_all_finite(optax.adam(0.1), 1)) == 2

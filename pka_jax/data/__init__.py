@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+from jax.experimental import multihost_utils
 import ml_collections
 
 from pka_jax.data import prepare, store, synthetic
@@ -30,3 +32,15 @@ def load_dataset(config: ml_collections.ConfigDict) -> SplitDataset:
   prepared = prepare.prepare_store('synthetic', config.data_dir, settings=settings,
                                    raw_files=[], split=split, build=build)
   return store.load_split(prepared.directory)
+
+
+def load_dataset_once(config: ml_collections.ConfigDict) -> SplitDataset:
+  """Process 0 prepares the dataset while the others wait, then they all load it."""
+  if jax.process_count() == 1:
+    return load_dataset(config)
+  if jax.process_index() == 0:
+    dataset = load_dataset(config)
+  multihost_utils.sync_global_devices('pka_jax: dataset prepared')
+  if jax.process_index() != 0:
+    dataset = load_dataset(config)
+  return dataset

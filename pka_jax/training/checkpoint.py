@@ -16,9 +16,14 @@ import logging as std_logging
 import os
 
 from absl import logging
+import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
+
+from pka_jax import sharding
+from pka_jax.model.encoder import create_model
 
 BEST_METRIC = 'valid/ndcg@10'
 ITEMS = ('state', 'progress', 'config')
@@ -174,3 +179,17 @@ def restore_params(workdir: str, params_target, step: int | str = 'best') -> tup
   finally:
     mngr.close()
   return number, restored.state['params']
+
+
+def params_target(config: ml_collections.ConfigDict, num_items: int,
+                  mesh: jax.sharding.Mesh | None = None):
+  """The parameters' shapes as a checkpoint restores them: on one device, or with the item
+  table's rows split over `mesh`'s 'model' axis."""
+  model = create_model(config, num_items, deterministic=True)
+  inputs_1xT = jnp.zeros((1, config.maxlen), jnp.int32)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), inputs_1xT)['params'])
+  placements = (jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.local_devices()[0]),
+                             shapes) if mesh is None else sharding.state_shardings(shapes, mesh))
+  return jax.tree.map(lambda a, placement: jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                                                sharding=placement),
+                      shapes, placements)

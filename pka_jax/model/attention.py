@@ -26,17 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pka_jax import pallas_attention
-from pka_jax import sharding
-from pka_jax.dropout import Dropout, StandIns, Window
+from pka_jax.kernels import attention as pallas_attention
+from pka_jax.kernels import dispatch
+from pka_jax.kernels import sharded
+from pka_jax.model.dropout import Dropout, StandIns, Window
 
 KERNEL_KINDS = ('none', 'toeplitz', 'full')
-# plain: our masked softmax (kernels on the logits where cheaper; any dropout, CoPE);
-# xla / cudnn: jax.nn.dot_product_attention, wherever attention weights see no dropout;
-# auto: cudnn on GPU for 16-bit activations, else plain;
-# pallas: auto, except that training with dropout on the weights runs one Pallas kernel a
-# sequence and head (pallas_attention.py) wherever it applies, else plain.
-ATTENTION_IMPLS = ('auto', 'plain', 'xla', 'cudnn', 'pallas')
 
 
 def _abs_normal(std: float):
@@ -241,18 +236,6 @@ def stand_in_logit_bias(stand_ins: StandIns) -> jax.Array:
   return jnp.where(stand_ins.columns_BxT, copies_B[:, None], 0.0)
 
 
-def resolve_impl(impl: str, dtype: Any, contextual: bool) -> str:
-  """The attention implementation `impl` ('auto' included) stands for on this backend."""
-  if impl not in ATTENTION_IMPLS:
-    raise ValueError(f'attention_impl {impl!r}: expected one of {ATTENTION_IMPLS}')
-  if contextual:
-    return 'plain'  # CoPE reads the logits
-  if impl == 'auto':
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    return 'cudnn' if jax.default_backend() == 'gpu' and half else 'plain'
-  return impl
-
-
 class CausalSelfAttention(nn.Module):
   """Multi-head causal attention with biases; PKA kernels, RoPE or CoPE on the logits.
 
@@ -265,12 +248,12 @@ class CausalSelfAttention(nn.Module):
   deterministic: bool
   rope: bool = False
   cope_maxlen: int = 0  # > 0 turns on contextual positions
-  impl: str = 'plain'  # an ATTENTION_IMPLS entry
+  impl: str = 'plain'  # a dispatch.ATTENTION_IMPLS entry
   dtype: Any = jnp.float32
   dropout_impl: str = 'hash'
   kernels_on_logits: bool | None = None  # None: wherever it costs no more FLOPs
   # The step's mesh: the Pallas kernel runs on each device's share of the rows
-  # (sharding.pallas_per_row_shard).
+  # (kernels/sharded.per_row_shard).
   mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
@@ -289,11 +272,9 @@ class CausalSelfAttention(nn.Module):
     if d % self.num_heads:
       raise ValueError(f'hidden size {d} is not divisible by {self.num_heads} heads')
     heads, head_dim = self.num_heads, d // self.num_heads
-    impl = resolve_impl(self.impl, self.dtype, bool(self.cope_maxlen))
-    weight_dropout = not self.deterministic and self.dropout > 0
-    if impl == 'pallas' and not weight_dropout:
-      impl = resolve_impl('auto', self.dtype, False)
-    fused = impl in ('xla', 'cudnn') and not weight_dropout and padding is None
+    impl = dispatch.attention(self.impl, self.dtype, contextual=bool(self.cope_maxlen),
+                              weight_dropout=not self.deterministic and self.dropout > 0)
+    fused = impl in ('xla', 'cudnn') and padding is None
     on_logits = not fused and (self.kernels_on_logits if self.kernels_on_logits is not None
                                else heads * num_queries <= d)
     k_on_logits = on_logits and k_kernel_TxT is not None
@@ -312,8 +293,10 @@ class CausalSelfAttention(nn.Module):
       bias = bias if bias_outside else bias.astype(self.dtype)
       return split_heads(y), bias.reshape(heads, head_dim)
 
-    pallas = impl == 'pallas' and self._pallas_applies(window, padding, on_logits, num_queries,
-                                                       size, head_dim)
+    pallas = impl == 'pallas' and dispatch.pallas_attention_fits(
+        dropout_impl=self.dropout_impl, stand_ins=padding is not None,
+        kernels_on_logits=on_logits, whole_batch=window is None or window.rows_B is None,
+        num_queries=num_queries, num_keys=size, head_dim=head_dim)
     # The Pallas kernel adds the query bias itself (one kernel fewer), unless RoPE turns the
     # queries first.
     query_bias_inside = pallas and not self.rope
@@ -378,13 +361,6 @@ class CausalSelfAttention(nn.Module):
       return mixed_BxQxD, out['kernel'], out['bias']
     return Projection(d, self.dtype, name='out')(mixed_BxQxD)[0]
 
-  def _pallas_applies(self, window, padding, on_logits, num_queries, size, head_dim) -> bool:
-    """Whether the fused kernel computes what the plain path would: hashed masks of the
-    whole batch's rows in order, no stand-in keys, kernels on the logits, tiles that fit."""
-    return (self.dropout_impl == 'hash' and padding is None and on_logits
-            and (window is None or window.rows_B is None)
-            and pallas_attention.supports(num_queries, size, head_dim))
-
   def _pallas(self, q, k, v, key_valid_BxT, window, k_kernel, v_kernel, value_bias, scale,
               query_bias):
     num_queries, size = q.shape[1], k.shape[1]
@@ -400,7 +376,7 @@ class CausalSelfAttention(nn.Module):
       return pallas_attention.fused_attention(*args[:-1], options=options,
                                               query_bias_HxK=args[-1], first_row=first_row)
 
-    return sharding.pallas_per_row_shard(
+    return sharded.per_row_shard(
         attend, options, self.mesh,
         (q, k, v, k_kernel, v_kernel, value_bias, key_valid_BxT, seed_2, query_bias),
         rows=(True,) * 3 + (False,) * 3 + (True, False, False))

@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
-from pka_jax import dropout as dropout_lib
-from pka_jax import sharding
+from pka_jax.kernels import sharded
+from pka_jax.model import dropout as dropout_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +226,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, options: Options):
 
 
 def _like(x, shape=None, dtype=None):
-  return sharding.varying_like(x, x.shape if shape is None else shape, dtype or x.dtype)
+  return sharded.varying_like(x, x.shape if shape is None else shape, dtype or x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(9,))

@@ -13,17 +13,16 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
+from absl import logging
 import jax
-import jax.numpy as jnp
 import numpy as np
 import tqdm
-from absl import logging
 
-from pka_jax import losses
-from pka_jax import metrics
-from pka_jax import sharding
 from pka_jax.data.sequences import (Events, SequenceStore, SplitDataset, power_of_two_at_least,
                                     window_width)
+from pka_jax.evaluation import metrics
+from pka_jax.evaluation import ranking
+
 
 ScoreFn = Callable[[jax.Array], jax.Array]
 
@@ -179,138 +178,6 @@ def successive_steps(dataset: SplitDataset, part: str, *, maxlen: int) -> Succes
       maxlen=maxlen)
 
 
-# Columns per group of `grouped_top_k`.
-TOP_K_GROUP = 16
-
-
-def grouped_top_k(scores_BxN: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`jax.lax.top_k(scores_BxN, k)`, values and indices alike (ties to the lower index), in
-  two smaller selections where that is faster (long rows on CPU, whose top_k costs more
-  than the scores' matrix product): the best of each group of TOP_K_GROUP columns, the `k`
-  best groups, then the `k` best of their columns. Exact: a column outside the `k` best
-  groups has `k` better columns ahead of it, one per group."""
-  batch, n = scores_BxN.shape
-  groups = -(-n // TOP_K_GROUP)
-  if jax.default_backend() != 'cpu' or groups < 4 * k:
-    return jax.lax.top_k(scores_BxN, k)
-  # Trailing -inf columns lose every tie to the real ones, which come first.
-  padded = jnp.pad(scores_BxN, ((0, 0), (0, groups * TOP_K_GROUP - n)),
-                   constant_values=-jnp.inf)
-  grouped_BxGxC = padded.reshape(batch, groups, TOP_K_GROUP)
-  _, best_BxK = jax.lax.top_k(grouped_BxGxC.max(axis=2), k)
-  best_BxK = jnp.sort(best_BxK, axis=1)  # candidates in column order, so ties go as in top_k
-  candidates = jnp.take_along_axis(grouped_BxGxC, best_BxK[:, :, None], axis=1)
-  values_BxK, at_BxK = jax.lax.top_k(candidates.reshape(batch, k * TOP_K_GROUP), k)
-  columns = best_BxK[:, :, None] * TOP_K_GROUP + jnp.arange(TOP_K_GROUP)[None, None]
-  return values_BxK, jnp.take_along_axis(columns.reshape(batch, -1), at_BxK, axis=1)
-
-
-def top_k_ranks(
-    scores_BxV: jax.Array, seen_BxS: jax.Array, targets_B: jax.Array, *, top_k: int
-) -> tuple[jax.Array, jax.Array]:
-  """Masks padding and seen items, then returns the top-k item ids and the target's rank.
-
-  Ranks are 0-based positions in the top-k list, -1 when the target is not in it. List slots
-  whose score is -inf (fewer than k items left unmasked) hold item 0 and never count as hits.
-  Row-wise throughout, so it runs on rows sharded over devices without communication.
-  """
-  rows_Bx1 = jnp.arange(scores_BxV.shape[0])[:, None]
-  scores_BxV = scores_BxV.at[rows_Bx1, seen_BxS].set(-jnp.inf).at[:, 0].set(-jnp.inf)
-  return _ranked(*grouped_top_k(scores_BxV, top_k), targets_B)
-
-
-def _ranked(top_scores_BxK, top_items_BxK, targets_B) -> tuple[jax.Array, jax.Array]:
-  top_items_BxK = jnp.where(top_scores_BxK > -jnp.inf, top_items_BxK, 0)
-  hit_BxK = top_items_BxK == targets_B[:, None]
-  ranks_B = jnp.where(hit_BxK.any(axis=1), jnp.argmax(hit_BxK, axis=1), -1)
-  return top_items_BxK.astype(jnp.int32), ranks_B.astype(jnp.int32)
-
-
-def pair_top_k_ranks(scores_BxV: jax.Array, seen_rows_P: jax.Array, seen_items_P: jax.Array,
-                     targets_B: jax.Array, *, top_k: int) -> tuple[jax.Array, jax.Array]:
-  """`top_k_ranks` with the seen items given as (row, item) pairs."""
-  scores_BxV = scores_BxV.at[seen_rows_P, seen_items_P].set(-jnp.inf).at[:, 0].set(-jnp.inf)
-  return _ranked(*grouped_top_k(scores_BxV, top_k), targets_B)
-
-
-_pair_top_k_ranks_jit = jax.jit(pair_top_k_ranks, static_argnames='top_k')
-
-
-# adjust(scores_BxK, item_K) -> scores_BxK: changes one block's scores before masking.
-Adjust = Callable[[jax.Array, jax.Array], jax.Array]
-
-
-def block_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Array,
-                seen_items_P: jax.Array, *, first: int | jax.Array, num_items: int,
-                top_k: int, block_size: int, adjust: Adjust | None = None,
-                ) -> tuple[jax.Array, jax.Array]:
-  """`(scores_BxK, items_BxK)`: the best of the table's rows `[first, first + R)` (global item
-  ids) for each row of `hidden`, best first; -inf (item 0 or any) where fewer remain.
-
-  Rows are scored `block_size` at a time, keeping a running top-k: no more than
-  `B × block_size` scores exist at once. Item 0, rows past `num_items` and the (row, item)
-  pairs seen are masked; `adjust` may change a block's scores first.
-  """
-  rows = table_RxD.shape[0]
-  size = losses.even_blocks(rows, block_size)
-  blocks = -(-rows // size)
-  keep = min(top_k, size)
-
-  def block_top(index):
-    # Sliced where it is scored: no padded copy of the table a batch.
-    at, block_KxD, item_K, real_K = losses.item_block(table_RxD, index, size, first,
-                                                      num_items, hidden_BxD.dtype)
-    scores_BxK = jnp.dot(hidden_BxD, block_KxD.T, preferred_element_type=jnp.float32)
-    if adjust is not None:
-      scores_BxK = adjust(scores_BxK, item_K)
-    scores_BxK = jnp.where(real_K[None, :], scores_BxK, -jnp.inf)
-    column_P = seen_items_P - (first + at)
-    in_block_P = (seen_items_P > 0) & (column_P >= 0) & (column_P < size)
-    scores_BxK = scores_BxK.at[seen_rows_P, jnp.where(in_block_P, column_P, size)].set(
-        -jnp.inf, mode='drop')
-    block_scores, block_columns = grouped_top_k(scores_BxK, keep)
-    return block_scores, item_K[block_columns].astype(jnp.int32)
-
-  def add_block(best, index):
-    merged_scores, merged_items = (jnp.concatenate([a, b], axis=1)
-                                   for a, b in zip(best, block_top(index)))
-    top_scores, top_index = jax.lax.top_k(merged_scores, top_k)
-    return (top_scores, jnp.take_along_axis(merged_items, top_index, axis=1)), None
-
-  # The first block seeds the running list (under shard_map it carries the right type).
-  first_scores, first_items = block_top(0)
-  start = (jnp.pad(first_scores, ((0, 0), (0, top_k - keep)), constant_values=-jnp.inf),
-           jnp.pad(first_items, ((0, 0), (0, top_k - keep))))
-  (scores_BxK, items_BxK), _ = jax.lax.scan(add_block, start, jnp.arange(1, blocks))
-  return scores_BxK, items_BxK
-
-
-def sharded_top_k(hidden_BxD: jax.Array, table_RxD: jax.Array, seen_rows_P: jax.Array,
-                  seen_items_P: jax.Array, targets_B: jax.Array, *, num_items: int, top_k: int,
-                  block_size: int) -> tuple[jax.Array, jax.Array]:
-  """Top-k items and target ranks, run inside shard_map over ('data', 'model').
-
-  This 'model' shard ranks its rows of the item table (`block_top_k`); the shards' lists
-  are gathered over 'model' and merged. No device holds more than `B × block_size` scores.
-  """
-  scores_BxK, items_BxK = block_top_k(
-      hidden_BxD, table_RxD, seen_rows_P, seen_items_P,
-      first=sharding.shard_range(table_RxD.shape[0]), num_items=num_items, top_k=top_k,
-      block_size=block_size)
-  return _ranked(*merge_shard_lists(scores_BxK, items_BxK, top_k), targets_B)
-
-
-def merge_shard_lists(scores_BxK: jax.Array, items_BxK: jax.Array, top_k: int
-                      ) -> tuple[jax.Array, jax.Array]:
-  """Inside shard_map: every 'model' shard's top-k list merged into the global one."""
-  # Gathered in shard order: ties keep the lower item id, as one top_k over all would.
-  all_scores, all_items = (
-      jax.lax.all_gather(x, sharding.MODEL, axis=1, tiled=True, to='invarying')
-      for x in (scores_BxK, items_BxK))
-  top_scores, top_index = jax.lax.top_k(all_scores, top_k)
-  return top_scores, jnp.take_along_axis(all_items, top_index, axis=1)
-
-
 # rank_fn(batch) -> (top_items_BxK, ranks_B): scoring, masking and top-k for one batch.
 RankFn = Callable[[EvalBatch], tuple[jax.Array, jax.Array]]
 
@@ -321,7 +188,7 @@ def ranker_from_scores(score_fn: ScoreFn, num_items: int, top_k: int) -> RankFn:
   def rank(batch: EvalBatch) -> tuple[jax.Array, jax.Array]:
     scores_BxV = score_fn(batch.inputs_BxT)
     _check_vocab(scores_BxV, num_items)
-    return _pair_top_k_ranks_jit(scores_BxV, batch.seen_rows_P, batch.seen_items_P,
+    return ranking.pair_top_k_ranks_jit(scores_BxV, batch.seen_rows_P, batch.seen_items_P,
                                  batch.targets_B, top_k=top_k)
 
   return rank

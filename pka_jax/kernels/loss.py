@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
-from pka_jax import sharding
+from pka_jax.kernels import sharded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +243,7 @@ def _forward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, count_1, nu
   row_vector = layout.row_block()
   return layout.call(
       _log_sum_exp_kernel, (layout.row_blocks,),
-      (sharding.varying_like(hidden_MxD, (layout.rows,), jnp.float32),) * 2,
+      (sharded.varying_like(hidden_MxD, (layout.rows,), jnp.float32),) * 2,
       [layout.row_block(layout.width), layout.whole(layout.items, layout.width), row_vector,
        layout.whole(1)],
       (row_vector, row_vector), num_items=num_items,
@@ -256,7 +256,7 @@ def _backward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, log_z_M, s
   row_vector = layout.row_block()
   grad_hidden_MxD = layout.call(
       _grad_hidden_kernel, (layout.row_blocks,),
-      sharding.varying_like(hidden_MxD, hidden_MxD.shape, hidden_MxD.dtype),
+      sharded.varying_like(hidden_MxD, hidden_MxD.shape, hidden_MxD.dtype),
       [layout.row_block(width), layout.whole(layout.items, width), row_vector, row_vector,
        row_vector, layout.whole(1)],
       layout.row_block(width), num_items=num_items, block_items=tiling.block_items,
@@ -265,7 +265,7 @@ def _backward_pass(layout: _Layout, hidden_MxD, items_NxD, classes_M, log_z_M, s
   splits = layout.row_splits
   grad_parts_SxNxD = layout.call(
       _grad_items_kernel, (layout.item_blocks, splits),
-      sharding.varying_like(items_NxD, (splits, *items_NxD.shape), jnp.float32),
+      sharded.varying_like(items_NxD, (splits, *items_NxD.shape), jnp.float32),
       [pl.BlockSpec((tiling.block_items, width), lambda i, s: (i, 0)),
        layout.whole(layout.rows, width), row_vectors, row_vectors, row_vectors,
        layout.whole(1)],

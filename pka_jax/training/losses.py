@@ -19,19 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
 from pka_jax import sharding
-
-# Logits of one chunk of rows: cache-sized on CPU, large enough to fill an accelerator. Real
-# targets come first and chunks without one are skipped, so smaller chunks waste less on the
-# last, partly real one; at ML-1M shapes 8 MiB (512 rows) and 16 ran the step equally fast.
-CHUNK_LOGIT_BYTES = {'cpu': 8 << 20}
-ACCELERATOR_CHUNK_LOGIT_BYTES = 1 << 30
-
+from pka_jax.model.item_table import chunk_rows_for, even_blocks, item_block
 
 def full_cross_entropy(
     hidden_BxTxD: jax.Array, item_emb_VxD: jax.Array, targets_BxT: jax.Array
@@ -108,15 +101,6 @@ class _Plan:
   axis: str | None
 
 
-def even_blocks(rows: int, block_size: int) -> int:
-  """Rows a block of a table of `rows` rows walked in blocks of at most `block_size`: the
-  fewest blocks, all of one size, so that the last (moved back to end with the table)
-  overlaps the one before by fewer rows than there are blocks (12,102 rows in blocks of at
-  most 8,192: two of 6,051, not 8,192 and 8,192 with 4,282 scored twice)."""
-  blocks = -(-rows // block_size)
-  return -(-rows // blocks)
-
-
 def _blockwise(hidden_BxTxD, table_VxD, targets_BxT, *, block_size, chunk_rows, num_items,
                axis):
   rows = chunk_rows or chunk_rows_for(block_size, targets_BxT.size)
@@ -131,19 +115,6 @@ def _blockwise(hidden_BxTxD, table_VxD, targets_BxT, *, block_size, chunk_rows, 
 def _first_item(table_VxD, plan: _Plan):
   """The item id of this device's first row of the table."""
   return 0 if plan.axis is None else sharding.shard_range(table_VxD.shape[0])
-
-
-def item_block(table_RxD, index, size: int, first, num_items: int, dtype):
-  """Block `index` of a table walked in blocks of `size` rows (`even_blocks`), whose first row
-  is item `first`: `(start, rows_KxD, items_K, scores_K)`, the rows in `dtype`. The last
-  block ends with the table; its rows that the block before holds do not score in it, nor
-  rows that are no item (`1..num_items`)."""
-  start = jnp.minimum(index * size, table_RxD.shape[0] - size)
-  row_K = start + jnp.arange(size)
-  item_K = first + row_K
-  scores_K = (row_K >= index * size) & (item_K >= 1) & (item_K <= num_items)
-  block_KxD = jax.lax.dynamic_slice_in_dim(table_RxD, start, size).astype(dtype)
-  return start, block_KxD, item_K, scores_K
 
 
 def _block_logits(hidden_RxD, block_KxD, scores_K):
@@ -253,16 +224,6 @@ def _blockwise_backward(plan: _Plan, residuals, grad_total):
 
 
 _blockwise_nll_sum.defvjp(_blockwise_forward, _blockwise_backward)
-
-
-def chunk_rows_for(num_items: int, num_rows: int, backend: str | None = None) -> int:
-  """Rows per chunk of `chunked_cross_entropy`: a power of two whose float32 logits come near
-  the backend's budget, at most all rows; at least 128, so that each chunk's products with the
-  item table stay compute-bound."""
-  budget = CHUNK_LOGIT_BYTES.get(backend or jax.default_backend(),
-                                 ACCELERATOR_CHUNK_LOGIT_BYTES)
-  rows = 1 << max(7, int(math.log2(max(budget // (4 * max(num_items, 1)), 1))))
-  return min(rows, num_rows)
 
 
 def chunked_cross_entropy(

@@ -10,16 +10,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from pka_jax import attention
-from pka_jax import pallas_ffn
-from pka_jax import pallas_layer_norm
 from pka_jax import sharding
-from pka_jax.dropout import DROPOUT_IMPLS, Dropout, StandIns, Window
+from pka_jax.kernels import dispatch
+from pka_jax.kernels import ffn as pallas_ffn
+from pka_jax.kernels import sharded
+from pka_jax.model import attention
+from pka_jax.model import item_table
+from pka_jax.model.dropout import DROPOUT_IMPLS, Dropout, StandIns, Window
 
 POSITION_MODES = ('none', 'absolute', 'absolute_all', 'rotary', 'contextual', 'kernel')
 DTYPES = ('float32', 'bfloat16')
-LAYER_NORM_IMPLS = ('xla', 'pallas')
-FFN_IMPLS = ('xla', 'pallas')
 LN_EPSILON = 1e-8
 
 
@@ -43,10 +43,10 @@ class ModelConfig:
   kernel_init_std: float = 0.02
   # Activations and matmuls; parameters, softmax and loss stay float32.
   dtype: str = 'float32'
-  attention_impl: str = 'auto'  # attention.ATTENTION_IMPLS
+  attention_impl: str = 'auto'  # dispatch.ATTENTION_IMPLS
   dropout_impl: str = 'hash'  # dropout.DROPOUT_IMPLS
-  layer_norm_impl: str = 'xla'  # LAYER_NORM_IMPLS: 'pallas' runs pallas_layer_norm's kernels
-  ffn_impl: str = 'xla'  # FFN_IMPLS: 'pallas' runs a block's second half as pallas_ffn's kernels
+  layer_norm_impl: str = 'xla'  # dispatch.LAYER_NORM_IMPLS
+  ffn_impl: str = 'xla'  # dispatch.FFN_IMPLS
   # Devices the item table's rows are split over (the mesh's 'model' axis; sharding.py).
   mesh_model: int = 1
   deterministic: bool = False
@@ -56,14 +56,14 @@ class ModelConfig:
       raise ValueError(f'position_mode {self.position_mode!r}: expected one of {POSITION_MODES}')
     if self.dtype not in DTYPES:
       raise ValueError(f'dtype {self.dtype!r}: expected one of {DTYPES}')
-    if self.attention_impl not in attention.ATTENTION_IMPLS:
+    if self.attention_impl not in dispatch.ATTENTION_IMPLS:
       raise ValueError(f'attention_impl {self.attention_impl!r}: expected one of '
-                       f'{attention.ATTENTION_IMPLS}')
-    if self.layer_norm_impl not in LAYER_NORM_IMPLS:
+                       f'{dispatch.ATTENTION_IMPLS}')
+    if self.layer_norm_impl not in dispatch.LAYER_NORM_IMPLS:
       raise ValueError(f'layer_norm_impl {self.layer_norm_impl!r}: expected one of '
-                       f'{LAYER_NORM_IMPLS}')
-    if self.ffn_impl not in FFN_IMPLS:
-      raise ValueError(f'ffn_impl {self.ffn_impl!r}: expected one of {FFN_IMPLS}')
+                       f'{dispatch.LAYER_NORM_IMPLS}')
+    if self.ffn_impl not in dispatch.FFN_IMPLS:
+      raise ValueError(f'ffn_impl {self.ffn_impl!r}: expected one of {dispatch.FFN_IMPLS}')
     if self.dropout_impl not in DROPOUT_IMPLS:
       raise ValueError(f'dropout_impl {self.dropout_impl!r}: expected one of {DROPOUT_IMPLS}')
     for side in ('q', 'k', 'v'):
@@ -84,7 +84,7 @@ class ModelConfig:
   @property
   def table_rows(self) -> int:
     """Rows of the item table: padding, the items, unused rows filling the last shard."""
-    return sharding.table_rows(self.num_items, self.mesh_model)
+    return item_table.table_rows(self.num_items, self.mesh_model)
 
   @property
   def trims_exactly(self) -> bool:
@@ -134,41 +134,9 @@ def _kernel(config: ModelConfig, side: str, name: str):
 
 
 def _layer_norm(name: str, config: ModelConfig, mesh: jax.sharding.Mesh | None) -> nn.Module:
-  """flax's LayerNorm, or in training with `layer_norm_impl='pallas'` the kernels' (an
-  evaluated, served or exported model keeps flax's: it runs anywhere, a CPU included)."""
-  if config.layer_norm_impl == 'pallas' and not config.deterministic:
-    return PallasLayerNorm(config.compute_dtype, mesh=mesh, name=name)
-  return nn.LayerNorm(epsilon=LN_EPSILON, dtype=config.compute_dtype, name=name)
-
-
-class PallasLayerNorm(nn.Module):
-  """flax's `nn.LayerNorm` (the same parameters, so checkpoints are interchangeable) by the
-  Pallas kernels: Triton where the program is compiled for a GPU, Pallas's interpreter
-  elsewhere; flax's own where the rows do not fit the kernels' tiles. On several devices
-  each normalises its own rows (`shard_map`)."""
-
-  dtype: jnp.dtype
-  mesh: jax.sharding.Mesh | None = None
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    width = x.shape[-1]
-    params = {'scale': self.param('scale', nn.initializers.ones, (width,)),
-              'bias': self.param('bias', nn.initializers.zeros, (width,))}
-    shards = sharding.row_shards(self.mesh, x.shape[0])
-    rows = x.size // width // shards  # a device's
-    if x.shape[0] % shards or not pallas_layer_norm.supports(rows, width):
-      return nn.LayerNorm(epsilon=LN_EPSILON, dtype=self.dtype).apply({'params': params}, x)
-    options = pallas_layer_norm.Options(LN_EPSILON, pallas_layer_norm.block_rows_for(rows))
-
-    def normalise(x, scale, bias, first_row, options):
-      del first_row  # rows are normalised alike wherever they sit
-      return pallas_layer_norm.layer_norm(x.reshape(-1, width), scale, bias, options
-                                          ).reshape(x.shape)
-
-    return sharding.pallas_per_row_shard(
-        normalise, options, self.mesh, (x, params['scale'], params['bias']),
-        rows=(True, False, False)).astype(self.dtype)
+  return dispatch.layer_norm(impl=config.layer_norm_impl, deterministic=config.deterministic,
+                             epsilon=LN_EPSILON, dtype=config.compute_dtype, mesh=mesh,
+                             name=name)
 
 
 def _dense(features: int, name: str, dtype):
@@ -179,7 +147,7 @@ def _dense(features: int, name: str, dtype):
 
 def _rows_then_zeros(init, rows: int):
   """`init` of the first `rows` rows, zeros below: the item table starts the same whatever
-  rows pad it (sharding.table_rows)."""
+  rows pad it (item_table.table_rows)."""
 
   def padded(key, shape, dtype=jnp.float32):
     return jnp.pad(init(key, (rows, *shape[1:]), dtype), ((0, shape[0] - rows), (0, 0)))
@@ -224,7 +192,12 @@ class Block(nn.Module):
     # The feed-forward kernels run the attention's output projection themselves (three
     # kernels fewer in the longest chain: the product and its bias forward, the product
     # backward).
-    fused_ffn = self._pallas_ffn_applies(q_in_BxQxD.shape, window)
+    fused_ffn = dispatch.fused_second_half(
+        impl=config.ffn_impl, deterministic=config.deterministic,
+        hashed_masks=config.dropout_impl == 'hash' or config.dropout == 0.0,
+        whole_batch=window is None or window.rows_B is None,
+        batch=q_in_BxQxD.shape[0], queries=num_queries, width=config.hidden_units,
+        mesh=self.mesh)
     attended = attention.CausalSelfAttention(
         num_heads=config.num_heads, dropout=config.dropout,
         deterministic=config.deterministic, rope=config.position_mode == 'rotary',
@@ -245,17 +218,6 @@ class Block(nn.Module):
     hidden = drop(nn.relu(_dense(config.hidden_units, 'ffn_in', dtype)(y_BxQxD)), window)
     z_BxQxD = y_BxQxD + drop(_dense(config.hidden_units, 'ffn_out', dtype)(hidden), window)
     return z_BxQxD * valid_BxQ[..., None].astype(dtype)
-
-  def _pallas_ffn_applies(self, shape: tuple[int, ...], window: Window | None) -> bool:
-    """Whether pallas_ffn's kernels compute what the XLA path would: in training, hashed
-    masks of the whole batch's rows in order, each device's rows in blocks that fit."""
-    config = self.config
-    batch, queries, width = shape
-    shards = sharding.row_shards(self.mesh, batch)
-    return (config.ffn_impl == 'pallas' and not config.deterministic
-            and (config.dropout_impl == 'hash' or config.dropout == 0.0)
-            and (window is None or window.rows_B is None) and batch % shards == 0
-            and pallas_ffn.supports(batch * queries // shards, width))
 
   def _pallas_ffn(self, q_in_BxQxD, mixed_BxQxD, w_proj_DxD, b_proj_D, valid_BxQ,
                   window: Window | None) -> jax.Array:
@@ -286,7 +248,7 @@ class Block(nn.Module):
       return pallas_ffn.feed_forward(rows(q_in), rows(mixed), w_proj, b_proj, valid.reshape(-1),
                                      *params, options, first_row).reshape(q_in.shape)
 
-    return sharding.pallas_per_row_shard(
+    return sharded.per_row_shard(
         second_half, options, self.mesh, (q_in_BxQxD, mixed_BxQxD, valid_BxQ, *params),
         rows=(True,) * 3 + (False,) * len(params))
 

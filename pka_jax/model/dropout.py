@@ -98,7 +98,7 @@ def _hashed_keep(seed_2: jax.Array, rate: float, shape: tuple[int, ...],
 class StandIns:
   """Key columns of a trimmed window that stand for more keys of the full one: in row `b`,
   the columns `columns_BxT` marks stand, together, for the first `count_B[b]` key positions
-  of its maxlen wide window (identical padding keys, models.Encoder)."""
+  of its maxlen wide window (identical padding keys, encoder.Encoder)."""
 
   columns_BxT: jax.Array
   count_B: jax.Array

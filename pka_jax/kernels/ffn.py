@@ -1,6 +1,6 @@
 """A block's second half as one Pallas kernel forward and one backward (GPU, Triton).
 
-After attention, each block computes, row by row (models.Block):
+After attention, each block computes, row by row (encoder.Block):
 
     h = q_in + (o Wo + bo),  y = LayerNorm(h),  a = y W1 + b1,  u = dropout(relu(a)),
     f = u W2 + b2,  z = (y + dropout(f)) · valid
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
 
-from pka_jax import dropout as dropout_lib
-from pka_jax import pallas_layer_norm
+from pka_jax.kernels import layer_norm as pallas_layer_norm
+from pka_jax.model import dropout as dropout_lib
 
 MAX_WIDTH = 128  # the three weights on chip
 SHARES = 5  # per-block gradient shares: LayerNorm's scale and bias, three projections' biases

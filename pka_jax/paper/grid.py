@@ -4,7 +4,7 @@ A run lives in `<root>/<dataset>/<model>[-<layout>]/seed<k>`, where `<dataset>` 
 its config file (`configs/ml1m.py` -> `ml1m`). Seed `k` sets `config.seed` (parameters, dropout
 and data order) and nothing else: the synthetic generator's seed stays fixed, so every seed
 sees the same data. A run with `results.json` is read back; one with checkpoints only is
-resumed by `train.train_and_evaluate`; either way its saved config must match the cell's.
+resumed by `jobs.train`; either way its saved config must match the cell's.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import numpy as np
 from scipy import stats
 
 from configs import default
-from pka_jax import checkpoint
 from pka_jax import config_check
-from pka_jax import train
+from pka_jax import files
+from pka_jax import jobs
+from pka_jax.training import checkpoint
 
 METRICS = ('ndcg@10', 'hr@10', 'mrr@10', 'cov@10')
 DISPLAY = {'pka': 'PKA', 'sasrec': 'SASRec', 'nope': 'NoPE', 'all_ape': 'ALL-APE',
@@ -189,13 +190,6 @@ def config_differences(wanted: ml_collections.ConfigDict, saved: ml_collections.
           if f.split('.')[0] not in BOOKKEEPING_FIELDS and a[f] != b[f]}
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def read_metrics(workdir: str) -> list[dict]:
   """Every record of a run's `metrics.jsonl`, in the order written."""
   path = os.path.join(workdir, 'metrics.jsonl')
@@ -211,7 +205,7 @@ def wall_seconds(records: Iterable[dict]) -> float:
                                                        'time/other_s'))
 
 
-def run_one(spec: Spec, train_fn: Callable = train.train_and_evaluate) -> tuple[dict, str]:
+def run_one(spec: Spec, train_fn: Callable = jobs.train) -> tuple[dict, str]:
   """Reads back, resumes or trains one run; returns its row and what was done."""
   workdir, config = spec.workdir, spec.config()
   has_results = os.path.exists(os.path.join(workdir, 'results.json'))
@@ -231,7 +225,7 @@ def run_one(spec: Spec, train_fn: Callable = train.train_and_evaluate) -> tuple[
     action = 'read back' if has_results and not differences else 'resumed'
   if action != 'read back':
     os.makedirs(workdir, exist_ok=True)
-    _write_atomic(os.path.join(workdir, 'config.json'), config.to_json(indent=2, sort_keys=True))
+    files.write_text(os.path.join(workdir, 'config.json'), config.to_json(indent=2, sort_keys=True))
     train_fn(config, workdir)
   return read_row(spec), action
 
@@ -401,7 +395,7 @@ def _dataset_section(dataset: str, dataset_cells: list[Cell],
 
 
 def run_grid(grid_specs: Sequence[Spec], root: str, command: str,
-             train_fn: Callable = train.train_and_evaluate) -> list[dict]:
+             train_fn: Callable = jobs.train) -> list[dict]:
   """Every run of the grid in order; runs.csv and table.md rewritten after each."""
   rows = []
   varying = varying_fields(grid_specs)
@@ -414,6 +408,6 @@ def run_grid(grid_specs: Sequence[Spec], root: str, command: str,
     logging.info('[%d/%d] %s/%s seed %d: %s in %.0f s; %d epochs, test NDCG@10 %.4f (%s)',
                  index, len(grid_specs), spec.cell.dataset, spec.cell.name, spec.seed, action,
                  time.perf_counter() - start, row['epochs'], row['test/ndcg@10'], spec.workdir)
-    _write_atomic(os.path.join(root, 'runs.csv'), runs_csv(rows))
-    _write_atomic(os.path.join(root, 'table.md'), table_markdown(rows, grid_specs, command))
+    files.write_text(os.path.join(root, 'runs.csv'), runs_csv(rows))
+    files.write_text(os.path.join(root, 'table.md'), table_markdown(rows, grid_specs, command))
   return rows

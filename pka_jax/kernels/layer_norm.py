@@ -22,10 +22,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pallas_triton
+
+from pka_jax import sharding
+from pka_jax.kernels import sharded
 
 
 MAX_BLOCK_ROWS = 64
@@ -138,3 +142,33 @@ def _backward(options, residuals, dy):
 
 
 _layer_norm.defvjp(_forward, _backward)
+
+
+class PallasLayerNorm(nn.Module):
+  """flax's `nn.LayerNorm` (the same parameters, so checkpoints are interchangeable) by the
+  Pallas kernels: Triton where the program is compiled for a GPU, Pallas's interpreter
+  elsewhere; flax's own where the rows do not fit the kernels' tiles. On several devices
+  each normalises its own rows (`shard_map`)."""
+
+  epsilon: float
+  dtype: jnp.dtype
+  mesh: jax.sharding.Mesh | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    params = {'scale': self.param('scale', nn.initializers.ones, (width,)),
+              'bias': self.param('bias', nn.initializers.zeros, (width,))}
+    shards = sharding.row_shards(self.mesh, x.shape[0])
+    rows = x.size // width // shards  # a device's
+    if x.shape[0] % shards or not supports(rows, width):
+      return nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype).apply({'params': params}, x)
+    options = Options(self.epsilon, block_rows_for(rows))
+
+    def normalise(x, scale, bias, first_row, options):
+      del first_row  # rows are normalised alike wherever they sit
+      return layer_norm(x.reshape(-1, width), scale, bias, options).reshape(x.shape)
+
+    return sharded.per_row_shard(
+        normalise, options, self.mesh, (x, params['scale'], params['bias']),
+        rows=(True, False, False)).astype(self.dtype)

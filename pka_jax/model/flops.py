@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pka_jax.models import ModelConfig
+from pka_jax.model.encoder import ModelConfig
 
 
 def _kernel_flops(config: ModelConfig, num_queries: int, size: int) -> int:

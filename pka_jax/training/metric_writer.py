@@ -8,6 +8,8 @@ import os
 import jax
 import tensorboardX
 
+from pka_jax import files
+
 
 class MetricWriter:
   """Writes scalars from process 0 only; every other process gets a no-op writer.
@@ -50,10 +52,7 @@ def _drop_records_after(path: str, step: int) -> None:
   kept = [line for line in lines if _record_step(line) <= step]
   if len(kept) == len(lines):
     return
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  files.write_text(path, ''.join(kept))
 
 
 def _record_step(line: str) -> float:

@@ -1,0 +1,1 @@
+"""Evaluation: the successive protocol, ranking, metrics and their tables."""
