@@ -1,7 +1,8 @@
 """The train and evaluation steps compiled from shapes alone, for devices this machine may
 not have: a GPU (jax's CUDA plugin), a Cloud TPU slice (libtpu's topologies) or simulated
 CPU devices. The program is the one XLA would run there, built by the run's own `Placement`;
-gpu_kernels.py counts a GPU's kernels, plan.py sizes a mesh's memory."""
+experiments/kernels/gpu_kernels.py counts a GPU's kernels, experiments/scale/plan.py sizes a
+mesh's memory."""
 
 import contextlib
 import dataclasses

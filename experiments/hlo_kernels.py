@@ -5,8 +5,9 @@ kernel) and copy of the entry computation into one kernel launch; views, tuples,
 and constants launch nothing. A loop's body launches once per trip, and a CUDA graph may run
 independent kernels side by side, but never two that feed one another: the longest chain of
 kernels, each consuming the one before, bounds the step's time from below whatever the
-concurrency. experiments/gpu_kernels.py counts them in a program compiled without a GPU;
-trace_breakdown.py times the chain of a profiled one.
+concurrency. `python -m experiments.kernels.gpu_kernels` counts them in a program compiled
+without a GPU; `python -m experiments.speed.trace_breakdown` times the chain of a profiled one.
+Both place each kernel in the model by its `op_name` (`part_of`).
 
 Each kernel also carries the bytes one launch reads and writes: its results and each of its
 operands once, whole. A kernel that reads only a slice of an operand is over-counted, one
@@ -28,6 +29,7 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([\w\-]+)\((.*)')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _ARRAY = re.compile(r'\b([a-z][a-z0-9]*)\[([\d,]*)\]')
 _ITEM_BITS = {'pred': 8, 'token': 0}
+_JAX_SCOPE = re.compile(r'while|body|cond|closed_call|checkpoint|remat|branch_\d+_fun')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,3 +149,26 @@ def census(hlo_text: str) -> Census:
 
 def _chain_length(chain: list[Kernel]) -> int:
   return len(chain)
+
+
+def part_of(op_name: str) -> tuple[str, str]:
+  """`(part, pass)` of an op from its `op_name` (the first, where XLA joined several
+  with `;`)."""
+  op_name = op_name.split(';')[0]
+  scopes = op_name.split('/')[1:]  # after `jit(train_step)`
+  direction = ('backward' if 'transpose(' in op_name
+               else 'forward' if 'jvp(' in op_name else '')
+  for i, scope in enumerate(scopes):
+    if 'Encoder' in scope:
+      # Flax module names up to the primitive (`mul`, `dot_general`) that ends the path,
+      # without JAX's own scopes (`while/body`, `cond/branch_1_fun`, `jit(_where)`).
+      modules = [re.sub(r'_\d+$', '', s) for s in scopes[i + 1:-1]
+                 if re.fullmatch(r'\w+', s) and not _JAX_SCOPE.fullmatch(s)]
+      return 'encoder/' + '/'.join(modules[:3] or ['(its own ops)']), direction
+  if direction:
+    return 'loss', direction
+  if not op_name:
+    return '(no op_name)', ''
+  # Outside the gradient: the sum over microbatches inside the step's loop, else the update.
+  return ('gradient sum over microbatches' if '/while/' in op_name
+          else 'optimizer and update'), ''

@@ -8,10 +8,12 @@
   python experiments/reproduce.py --config=configs/test.py --seeds=2 --root=runs/grid_test \
       --override=max_epochs=1
 
-Each run trains in `<root>/<dataset>/<model>[-<layout>]/seed<k>` (pka_jax/paper/grid.py). Rerunning
-the command reads finished runs back and resumes interrupted ones. `<root>/runs.csv` (one row
-per run) and `<root>/table.md` (mean ± 95% interval over seeds, per dataset) are rewritten
-after every run. Figures of the grid: `python -m pka_jax.figures --figure=all --root=<root>`.
+Also `python -m experiments.reproduce` with the same flags: it imports only pka_jax and
+configs, so it runs as a file too. Each run trains in
+`<root>/<dataset>/<model>[-<layout>]/seed<k>` (pka_jax/paper/grid.py). Rerunning the command
+reads finished runs back and resumes interrupted ones. `<root>/runs.csv` (one row per run) and
+`<root>/table.md` (mean ± 95% interval over seeds, per dataset) are rewritten after every run.
+Figures of the grid: `python -m pka_jax.figures --figure=all --root=<root>`.
 """
 
 import functools

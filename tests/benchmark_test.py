@@ -1,4 +1,6 @@
-"""The benchmark script runs on the tiny config and writes the figures other tools read."""
+"""The benchmarks run on the tiny config and write the figures other tools read:
+experiments.speed.benchmark with experiments.speed.trace_breakdown on its trace, and
+experiments.kernels.benchmark for each kernel."""
 
 import json
 import os
@@ -6,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import test as test_config
@@ -18,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_benchmark_writes_its_json_contract(tmp_path):
   out = tmp_path / 'bench.json'
   result = subprocess.run(
-      [sys.executable, 'experiments/benchmark.py', '--config=configs/test.py',
+      [sys.executable, '-m', 'experiments.speed.benchmark', '--config=configs/test.py',
        f'--config.data_dir={tmp_path / "data"}', f'--workdir={tmp_path / "work"}',
        '--steps=3', '--warmup=1', '--eval_repeats=1', '--epochs=1', f'--json={out}',
        '--cpu_devices=2',  # XLA counts one device's FLOPs: the figures must add them up
@@ -65,7 +68,7 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   assert list((tmp_path / 'trace').glob('plugins/profile/*/*.xplane.pb'))
   # Beside it, the HLO of the traced step: every traced op of the step is one of its own.
   breakdown = subprocess.run(
-      [sys.executable, 'experiments/trace_breakdown.py', str(tmp_path / 'trace')],
+      [sys.executable, '-m', 'experiments.speed.trace_breakdown', str(tmp_path / 'trace')],
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert breakdown.returncode == 0, breakdown.stderr[-3000:]
   matched = re.search(r'([\d.]+)% of the time matched', breakdown.stdout)
@@ -98,12 +101,12 @@ def test_loss_benchmark_refuses_a_tile_that_is_no_power_of_two():
 
 
 def loss_benchmark(*flags):
-  return run_script('loss_benchmark.py', '--rows=200', '--items=70', '--width=24',
-                    '--dtype=float32', '--steps=2', '--interpret', *flags)
+  return run_module('kernels.benchmark', '--kernel=loss', '--rows=200', '--items=70',
+                    '--width=24', '--dtype=float32', '--steps=2', '--interpret', *flags)
 
 
 def test_benchmark_refuses_a_config_this_backend_cannot_run_in_one_line(tmp_path):
-  result = run_script('benchmark.py', '--config=configs/test.py', '--config.ce_impl=pallas',
+  result = run_module('speed.benchmark', '--config=configs/test.py', '--config.ce_impl=pallas',
                       f'--config.data_dir={tmp_path / "data"}', f'--workdir={tmp_path}')
   assert result.returncode != 0
   assert 'Traceback' not in result.stderr
@@ -111,17 +114,21 @@ def test_benchmark_refuses_a_config_this_backend_cannot_run_in_one_line(tmp_path
   assert last.startswith('invalid configuration (1 problem): ce_impl:'), last
 
 
-def run_script(name, *flags):
-  """experiments/`name` with `flags`, in a process of its own."""
-  return subprocess.run([sys.executable, f'experiments/{name}', *flags], cwd=ROOT,
+def run_module(name, *flags):
+  """experiments.`name` with `flags`, in a process of its own at the repository's root."""
+  return subprocess.run([sys.executable, '-m', f'experiments.{name}', *flags], cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
 
 
-def pallas_figures(tmp_path, name, baseline, *flags):
-  """The Pallas kernels' figures from a kernel benchmark (`kernel_timing.against_pallas`)
-  run in the interpreter for 2 steps: it timed the baseline, then the kernels."""
+def kernel_benchmark(kernel, *flags):
+  return run_module('kernels.benchmark', f'--kernel={kernel}', *flags)
+
+
+def pallas_figures(tmp_path, kernel, baseline, *flags):
+  """The Pallas kernels' figures from the kernel benchmark of `kernel` run in the
+  interpreter for 2 steps: it timed the baseline, then the kernels."""
   out = tmp_path / 'report.json'
-  result = run_script(name, *flags, '--steps=2', '--interpret', f'--json={out}')
+  result = kernel_benchmark(kernel, *flags, '--steps=2', '--interpret', f'--json={out}')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(out.read_text())
   assert list(report['implementations']) == [baseline, 'pallas']
@@ -131,33 +138,54 @@ def pallas_figures(tmp_path, name, baseline, *flags):
 
 
 def test_attention_benchmark_times_both_paths_and_checks_the_kernel_against_plain(tmp_path):
-  pallas = pallas_figures(tmp_path, 'attention_benchmark.py', 'plain', '--batch=4',
+  pallas = pallas_figures(tmp_path, 'attention', 'plain', '--batch=4',
                           '--maxlen=16', '--width=32', '--heads=2', '--dtype=float32')
   assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
 
 
 def test_layer_norm_benchmark_times_both_and_checks_the_kernels_against_flax(tmp_path):
-  pallas = pallas_figures(tmp_path, 'layer_norm_benchmark.py', 'xla', '--rows=96',
+  pallas = pallas_figures(tmp_path, 'layer_norm', 'xla', '--rows=96',
                           '--width=32', '--dtype=float32')
   assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
   assert set(pallas['difference']) == {'value', 'rows', 'scale', 'bias'}
 
 
 def test_ffn_benchmark_times_both_and_checks_the_kernels_against_xla(tmp_path):
-  pallas = pallas_figures(tmp_path, 'ffn_benchmark.py', 'xla', '--batch=4', '--maxlen=16',
+  pallas = pallas_figures(tmp_path, 'ffn', 'xla', '--batch=4', '--maxlen=16',
                           '--width=16', '--blocks=2', '--items=30', '--dtype=float32')
   assert set(pallas['difference']) == {'outputs', 'gradients'}
   assert max(pallas['difference'].values()) < 1e-5, pallas['difference']
 
 
 def test_ffn_benchmark_refuses_shapes_the_kernels_cannot_take():
-  result = run_script('ffn_benchmark.py', '--batch=3', '--maxlen=10', '--width=16',
-                      '--interpret')
+  result = kernel_benchmark('ffn', '--batch=3', '--maxlen=10', '--width=16', '--interpret')
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert '--batch=3 --maxlen=10' in result.stderr
 
 
 def test_layer_norm_benchmark_refuses_rows_the_kernels_cannot_take():
-  result = run_script('layer_norm_benchmark.py', '--rows=100', '--interpret')
+  result = kernel_benchmark('layer_norm', '--rows=100', '--interpret')
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert '--rows=100' in result.stderr
+
+
+@pytest.mark.parametrize('kernel, flags, message', [
+    ('attention', ('--maxlen=10', '--interpret'), '--maxlen=10 --width=128 --heads=1'),
+    ('attention', ('--rows=100',), '--rows: not a flag of --kernel=attention'),
+    ('loss', ('--blocks=2',), '--blocks: not a flag of --kernel=loss'),
+])
+def test_kernel_benchmark_refuses_in_one_line(kernel, flags, message):
+  result = kernel_benchmark(kernel, *flags)
+  assert result.returncode != 0 and 'Traceback' not in result.stderr
+  assert message in result.stderr.strip().splitlines()[-1], result.stderr[-3000:]
+
+
+@pytest.mark.skipif(jax.default_backend() == 'gpu', reason='the kernels run on a GPU')
+def test_off_a_gpu_without_interpret_only_the_xla_path_runs(tmp_path):
+  # 100 rows the kernels could not take: not refused, since they do not run.
+  out = tmp_path / 'report.json'
+  result = kernel_benchmark('layer_norm', '--rows=100', '--width=32', '--dtype=float32',
+                            '--steps=1', f'--json={out}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'pallas  skipped' in result.stdout
+  assert list(json.loads(out.read_text())['implementations']) == ['xla']

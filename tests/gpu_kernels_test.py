@@ -1,6 +1,6 @@
-"""experiments/hlo_kernels.py and gpu_kernels.py: the kernels an optimised GPU program
-launches, and their longest chain, counted from its HLO text; a train step compiled for a
-GPU without one."""
+"""experiments.hlo_kernels and experiments.kernels.gpu_kernels: the kernels an optimised GPU
+program launches, and their longest chain, counted from its HLO text; a train step compiled
+for a GPU without one."""
 
 import importlib.util
 import json
@@ -10,13 +10,10 @@ import sys
 
 import pytest
 
+from experiments import hlo_kernels
+from experiments.kernels import gpu_kernels
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))  # gpu_kernels imports its neighbours
-_SPEC = importlib.util.spec_from_file_location(
-    'gpu_kernels', os.path.join(ROOT, 'experiments', 'gpu_kernels.py'))
-gpu_kernels = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(gpu_kernels)
-hlo_kernels = gpu_kernels.hlo_kernels
 
 _FWD = 'metadata={op_name="jit(train_step)/jvp(Encoder)/block_0/ln_attn/reduce_sum"}'
 _BWD = 'metadata={op_name="jit(train_step)/transpose(jvp(Encoder))/block_1/ffn_in/dot_general"}'
@@ -138,8 +135,9 @@ def has_cuda_plugin() -> bool:
 def test_the_train_step_compiles_for_a_gpu_without_one(tmp_path):
   out = tmp_path / 'kernels.json'
   result = subprocess.run(
-      [sys.executable, 'experiments/gpu_kernels.py', '--config=configs/test.py',
-       '--config.attention_impl=pallas', '--config.hidden_units=32', '--num_items=60', f'--json={out}'],
+      [sys.executable, '-m', 'experiments.kernels.gpu_kernels', '--config=configs/test.py',
+       '--config.attention_impl=pallas', '--config.hidden_units=32', '--num_items=60',
+       f'--json={out}'],
       cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   figures = json.loads(out.read_text())

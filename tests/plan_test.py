@@ -1,4 +1,4 @@
-"""experiments/plan.py: a train step's per-device bytes on a mesh of simulated CPU devices or
+"""experiments.scale.plan: a train step's per-device bytes on a mesh of simulated CPU devices or
 a Cloud TPU slice's chips, compiled without the machines."""
 
 import importlib.util
@@ -21,7 +21,7 @@ def plan(tmp_path, *flags) -> dict:
 
 
 def run_plan(*flags):
-  return subprocess.run([sys.executable, 'experiments/plan.py', *flags], cwd=ROOT,
+  return subprocess.run([sys.executable, '-m', 'experiments.scale.plan', *flags], cwd=ROOT,
                         capture_output=True, text=True, timeout=600, check=False)
 
 

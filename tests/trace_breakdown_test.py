@@ -1,17 +1,10 @@
-"""experiments/trace_breakdown.py: a profiled step's ops matched to HLO and split by part."""
-
-import importlib.util
-import os
-import sys
+"""experiments.speed.trace_breakdown: a profiled step's ops matched to HLO and split by part
+(experiments.hlo_kernels.part_of)."""
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))  # it imports hlo_kernels
-_SPEC = importlib.util.spec_from_file_location(
-    'trace_breakdown', os.path.join(ROOT, 'experiments', 'trace_breakdown.py'))
-trace_breakdown = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(trace_breakdown)
+from experiments import hlo_kernels
+from experiments.speed import trace_breakdown
 
 # Two GEMMs XLA compiled once (one kernel, launched for each in turn), a cuBLAS call, and
 # ops of the forward pass, the loss and the optimizer.
@@ -139,7 +132,7 @@ def test_cpu_thunks_count_once_inside_loops_and_on_the_first_device():
     ('', ('(no op_name)', '')),
 ])
 def test_parts_come_from_the_op_names(op_name, part):
-  assert trace_breakdown.part_of(op_name) == part
+  assert hlo_kernels.part_of(op_name) == part
 
 
 def test_an_op_xla_made_without_a_name_takes_its_nearest_operands():

@@ -2,8 +2,8 @@
 
   pip install jax-cuda12-plugin==$JAX jax-cuda12-pjrt==$JAX  # JAX: the installed jax version
   pip install nvidia-cuda-nvcc-cu12  # optional: ptxas, for the Pallas kernels' registers
-  python experiments/gpu_kernels.py --config=configs/ml1m.py --config.dtype=bfloat16
-  python experiments/gpu_kernels.py --config=configs/ml1m.py --config.dtype=bfloat16 \
+  python -m experiments.kernels.gpu_kernels --config=configs/ml1m.py --config.dtype=bfloat16
+  python -m experiments.kernels.gpu_kernels --config=configs/ml1m.py --config.dtype=bfloat16 \
       --config.attention_impl=pallas --config.ce_impl=pallas --gpu=h200 --json=/tmp/k.json
 
 XLA compiles for a GPU it is only described (deviceless compilation: jax's CUDA plugin and a
@@ -12,10 +12,11 @@ or H200 would run: the same fusions, hence the same kernels, and the Pallas kern
 by Triton for that GPU. On a GPU a small model's step is bound by its kernels' count and
 chains rather than by FLOPs (an H200 trace of ML-1M's bfloat16 step: 445 kernels, 248 of
 them under 3 us; its longest chain of kernels, each waiting on the one before, took 1.56 ms
-of the 2.4 ms step), so this counts them (hlo_kernels.py): all of them, by part of the model
-and pass (trace_breakdown.part_of), and the longest chain, which no concurrency in a CUDA
-graph shortens. With ptxas it also assembles the Pallas kernels for `sm_90a` and reports
-their registers and spills.
+of the 2.4 ms step), so this counts them (experiments/hlo_kernels.py): all of them, by part
+of the model and pass (hlo_kernels.part_of), and the longest chain, which no concurrency in a
+CUDA graph shortens; also the bytes each kernel moves, by part, and the time they take at the
+GPU's bandwidth (`--chain` lists the chain kernel by kernel). With ptxas it also assembles the
+Pallas kernels for `sm_90a` and reports their registers and spills.
 
 Two differences from a real device: without one XLA does not autotune, so every matrix
 product is a Triton GEMM here where cuBLAS may win on the device (one kernel either way, bar
@@ -28,6 +29,7 @@ no data is read.
 import collections
 import glob
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -39,10 +41,9 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-import deviceless
-import hlo_kernels
-import kernel_timing
-import trace_breakdown
+from experiments import deviceless
+from experiments import hlo_kernels
+from pka_jax import files
 
 # Public figures of each GPU (NVIDIA's data sheets; CUDA's device queries for the per-SM
 # limits, which Hopper shares): what XLA's fusion and tiling heuristics read.
@@ -140,7 +141,7 @@ def registers(ptx_dir: str, names: set[str], ptxas: str, arch: str = 'sm_90a') -
 
 
 def part(kernel: hlo_kernels.Kernel) -> str:
-  where, direction = trace_breakdown.part_of(kernel.op_name)
+  where, direction = hlo_kernels.part_of(kernel.op_name)
   return f'{where} ({direction})' if direction else where
 
 
@@ -205,7 +206,7 @@ def main(argv):
       figures['registers'] = registers(dump, set(figures['triton']), ptxas)
   print_report(figures)
   if _JSON.value:
-    kernel_timing.write_json(figures, _JSON.value)
+    files.write_text(_JSON.value, json.dumps(figures, indent=2))
 
 
 FLAGS = flags.FLAGS

@@ -1,6 +1,6 @@
 """Which item-sharded loss compiles to the least communication: shard_map or XLA's partitioner.
 
-  python experiments/loss_communication.py --num_items=100000 --devices=8 --mesh_model=4
+  python -m experiments.scale.loss_communication --num_items=100000 --devices=8 --mesh_model=4
 
 Compiles the gradient of the full-catalog cross-entropy, the item table's rows split over the
 'model' axis of a (data, model) mesh of simulated CPU devices, two ways: losses.
@@ -15,7 +15,8 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from pka_jax import sharding

@@ -1,10 +1,11 @@
 """How close a config's training and evaluation come to the machine's peak.
 
-  python experiments/benchmark.py --config=configs/ml1m.py --synthetic_items=3416
-  python experiments/benchmark.py --config=configs/ml1m.py:model=sasrec --synthetic_items=3416
-  python experiments/benchmark.py --config=configs/ml1m.py --synthetic_items=3416 \
+  python -m experiments.speed.benchmark --config=configs/ml1m.py --synthetic_items=3416
+  python -m experiments.speed.benchmark --config=configs/ml1m.py:model=sasrec \
+      --synthetic_items=3416
+  python -m experiments.speed.benchmark --config=configs/ml1m.py --synthetic_items=3416 \
       --config.dtype=bfloat16 --json=/tmp/bench.json
-  python experiments/benchmark.py --config=configs/ml1m.py --synthetic_items=3416 \
+  python -m experiments.speed.benchmark --config=configs/ml1m.py --synthetic_items=3416 \
       --profile_dir=/tmp/trace  # and a profiler trace of the step and evaluation
 
 Measures, in one process on the default backend: the dense-matmul peak in float32 and
@@ -14,8 +15,10 @@ microbatches or loss chunks, whose loops XLA would count once), MFU against the 
 peak of the config's dtype (and against the peak probed again beside each timed step, which
 follows a shared machine's drift), peak memory; the successive evaluation's pairs/s (the whole
 protocol, host batches included, and the device alone) and its MFU; with `--epochs`, the
-share of an epoch spent outside training steps and validation. Real-dataset configs run
-without their data on a synthetic catalog of `--synthetic_items` items.
+share of an epoch spent outside training steps and validation; with `--profile_dir`, a
+profiler trace and the traced step's HLO, which `python -m experiments.speed.trace_breakdown`
+reads. Real-dataset configs run without their data on a synthetic catalog of
+`--synthetic_items` items.
 """
 
 import collections
@@ -34,7 +37,9 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from experiments.speed import trace_breakdown
 from pka_jax import config_check
+from pka_jax import files
 from pka_jax import sharding
 from pka_jax.model import flops
 from pka_jax.model.encoder import Encoder
@@ -42,8 +47,6 @@ from pka_jax.training import checkpoint
 from pka_jax.training import metric_writer
 from pka_jax.training import steps
 from pka_jax.training.loop import Trainer
-import kernel_timing
-import trace_breakdown
 
 config_flags.DEFINE_config_file('config', 'configs/synthetic.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed train steps after the warm-up.')
@@ -230,7 +233,7 @@ def time_eval(run: Trainer, probe: flops.MatmulProbe) -> dict:
 def write_trace(run: Trainer, directory: str,
                 steps: int = trace_breakdown.TRACED_STEPS) -> None:
   """A profiler trace of `steps` train steps and as many evaluation batches, compiled first,
-  and the train step's optimised HLO beside it, for experiments/trace_breakdown.py. The
+  and the train step's optimised HLO beside it, for trace_breakdown.py. The
   steps all run the first batch: one program, the one the HLO describes (batches of other
   widths or microbatch splits compile to others, whose ops have other names)."""
   batches = [next(iter(run.inputs.epoch(0)))] * steps
@@ -375,7 +378,7 @@ def main(argv):
   run.checkpoints.close()
   print_report(report)
   if _JSON.value:
-    kernel_timing.write_json(report, _JSON.value)
+    files.write_text(_JSON.value, json.dumps(report, indent=2))
   logging.info('Done.')
 
 

@@ -1,8 +1,8 @@
 """Where a profiled train step's time goes, part by part of the model.
 
-  python experiments/benchmark.py --config=configs/ml1m.py --synthetic_items=3416 \
+  python -m experiments.speed.benchmark --config=configs/ml1m.py --synthetic_items=3416 \
       --profile_dir=/tmp/trace
-  python experiments/trace_breakdown.py /tmp/trace
+  python -m experiments.speed.trace_breakdown /tmp/trace
 
 Reads the newest profiler trace under the directory (`*.trace.json.gz`) and the optimised HLO
 of the traced train step that `benchmark.py --profile_dir` writes beside it
@@ -11,8 +11,9 @@ thunk) is matched by name to its HLO instruction, whose `op_name` says where it 
 the forward or the backward pass (JAX's `transpose(...)`), the part of the model
 (`Encoder/block_1/attention/...`, block numbers dropped: XLA shares one op between blocks),
 the loss (under `jvp()` outside the encoder), or outside both the optimizer and the sum of
-the microbatches' gradients. A fusion counts where its root op comes from. Prints the time
-a step by part, forward and backward, then the costliest ops.
+the microbatches' gradients (hlo_kernels.part_of). A fusion counts where its root op comes
+from. Prints the time a step by part, forward and backward, then the costliest ops, and the
+time of the longest chain of ops each consuming the one before (hlo_kernels.census).
 """
 
 import collections
@@ -26,7 +27,7 @@ import re
 from absl import app
 from absl import flags
 
-import hlo_kernels
+from experiments import hlo_kernels
 
 HLO_FILE = 'train_step.hlo.txt'
 TRACED_STEPS = 3  # benchmark.py's
@@ -37,7 +38,6 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _DEDUPLICATED = re.compile(r'deduplicated_name="([^"]*)"')
 _LIBRARY_CALL = re.compile(r'custom_call_target="__(cublas|cudnn)')
 _COPY = re.compile(r'^(memcpy|memset|Memcpy|Memset)')
-_JAX_SCOPE = re.compile(r'while|body|cond|closed_call|checkpoint|remat|branch_\d+_fun')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,29 +100,6 @@ def _nearest_op_name(name: str, op_names: dict[str, str], operands: dict[str, li
   return ''
 
 
-def part_of(op_name: str) -> tuple[str, str]:
-  """`(part, pass)` of an op from its `op_name` (the first, where XLA joined several
-  with `;`)."""
-  op_name = op_name.split(';')[0]
-  scopes = op_name.split('/')[1:]  # after `jit(train_step)`
-  direction = ('backward' if 'transpose(' in op_name
-               else 'forward' if 'jvp(' in op_name else '')
-  for i, scope in enumerate(scopes):
-    if 'Encoder' in scope:
-      # Flax module names up to the primitive (`mul`, `dot_general`) that ends the path,
-      # without JAX's own scopes (`while/body`, `cond/branch_1_fun`, `jit(_where)`).
-      modules = [re.sub(r'_\d+$', '', s) for s in scopes[i + 1:-1]
-                 if re.fullmatch(r'\w+', s) and not _JAX_SCOPE.fullmatch(s)]
-      return 'encoder/' + '/'.join(modules[:3] or ['(its own ops)']), direction
-  if direction:
-    return 'loss', direction
-  if not op_name:
-    return '(no op_name)', ''
-  # Outside the gradient: the sum over microbatches inside the step's loop, else the update.
-  return ('gradient sum over microbatches' if '/while/' in op_name
-          else 'optimizer and update'), ''
-
-
 def device_ops(trace: dict, module: str) -> list[dict]:
   """The first device's ops of `module`: kernels on an accelerator's streams, or the CPU's
   thunks without the loops and calls that enclose other thunks."""
@@ -164,12 +141,12 @@ def breakdown(trace: dict, hlo_text: str, steps: int) -> dict:
     group, instruction = program.ops.get(op['name']), None
     if group:
       instruction = group[runs[op['name']] % len(group)]
-      key = part_of(instruction.op_name)
+      key = hlo_kernels.part_of(instruction.op_name)
     elif _COPY.match(op['name']):
       key = (COPIES, '')
     elif library:
       instruction = library[library_runs % len(library)]
-      key = part_of(instruction.op_name)
+      key = hlo_kernels.part_of(instruction.op_name)
       library_runs += 1
     else:
       key = (UNMATCHED, '')
@@ -216,13 +193,13 @@ def print_breakdown(result: dict, top: int) -> None:
 
 def main(argv):
   if len(argv) != 2:
-    raise app.UsageError('usage: trace_breakdown.py PROFILE_DIR')
+    raise app.UsageError('usage: python -m experiments.speed.trace_breakdown PROFILE_DIR')
   traces = sorted(glob.glob(os.path.join(argv[1], '**', '*.trace.json.gz'), recursive=True),
                   key=os.path.getmtime)
   hlo_path = os.path.join(argv[1], HLO_FILE)
   if not traces or not os.path.exists(hlo_path):
     raise app.UsageError(f'{argv[1]}: expected a *.trace.json.gz and {HLO_FILE} (written by '
-                         'benchmark.py --profile_dir)')
+                         'python -m experiments.speed.benchmark --profile_dir)')
   with gzip.open(traces[-1]) as f:
     trace = json.load(f)
   with open(hlo_path) as f:

@@ -1,10 +1,10 @@
 """Sizes a config's train step on a mesh before paying for the machines: per-device bytes.
 
-  python experiments/plan.py --config=configs/yambda_listens.py --num_items=10_000_000 \
+  python -m experiments.scale.plan --config=configs/yambda_listens.py --num_items=10_000_000 \
       --devices=8 --config.mesh_model=8
-  python experiments/plan.py --config=configs/yambda_listens.py --num_items=10_000_000 \
+  python -m experiments.scale.plan --config=configs/yambda_listens.py --num_items=10_000_000 \
       --devices=1
-  python experiments/plan.py --config=configs/ml1m.py --num_items=3416 \
+  python -m experiments.scale.plan --config=configs/ml1m.py --num_items=3416 \
       --config.dtype=bfloat16 --tpu=v5p:2x2x2  # pip install 'libtpu==0.0.42.*' first
 
 Builds the (data, model) mesh of `config.mesh_model` over `--devices` simulated CPU devices,
@@ -21,6 +21,7 @@ evaluation batches are 512 sequences on a CPU, 4,096 elsewhere). `--json` writes
 figures.
 """
 
+import json
 import re
 
 from absl import app
@@ -29,8 +30,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-import deviceless
-import kernel_timing
+from experiments import deviceless
+from pka_jax import files
 from pka_jax import sharding
 from pka_jax.model import flops
 
@@ -130,7 +131,7 @@ def main(argv):
   found = figures(config, _NUM_ITEMS.value, devices, backend)
   print_figures(found, config)
   if _JSON.value:
-    kernel_timing.write_json(found, _JSON.value)
+    files.write_text(_JSON.value, json.dumps(found, indent=2))
 
 
 if __name__ == '__main__':

@@ -1,6 +1,6 @@
 """Recommendations per second from a trained workdir, at a few batch sizes.
 
-  python experiments/recommend_throughput.py --workdir=runs/synthetic --batch_sizes=1,512
+  python -m experiments.speed.recommend_throughput --workdir=runs/synthetic --batch_sizes=1,512
 
 Times three paths on users' real histories (cycled), after one untimed call per shape:
 `Recommender.recommend` (raw ids in and out, the Python API), `recommend_dense` (dense ids,

@@ -1,6 +1,6 @@
 """Times the successive evaluation on a random SplitDataset with a trivial jitted scorer.
 
-  python experiments/eval_benchmark.py --num_steps=50000 --num_users=20000 --num_items=3000
+  python -m experiments.speed.eval_benchmark --num_steps=50000 --num_users=20000 --num_items=3000
 
 Reports the time to index the steps, to build every batch on the host alone, and to run
 `evaluate` end to end (first call, with compilation, and a second, warm call).
@@ -8,12 +8,14 @@ Reports the time to index the steps, to build every batch on the host alone, and
 
 import time
 
+from absl import app
+from absl import flags
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
 
-from pka_jax.data.sequences import Events, SequenceStore, SplitDataset
+from pka_jax.data import sequences
 from pka_jax.evaluation import protocol
 
 _NUM_USERS = flags.DEFINE_integer('num_users', 20_000, 'Users.')
@@ -26,20 +28,20 @@ _DIM = flags.DEFINE_integer('dim', 64, 'Embedding width of the scorer.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed.')
 
 
-def random_dataset(rng: np.random.Generator) -> SplitDataset:
+def random_dataset(rng: np.random.Generator) -> sequences.SplitDataset:
   num_users, num_items = _NUM_USERS.value, _NUM_ITEMS.value
   lengths = rng.poisson(_MEAN_LENGTH.value, size=num_users)
   train_user = np.repeat(np.arange(num_users), lengths)
   train_item = rng.integers(1, num_items + 1, size=len(train_user), dtype=np.int32)
 
-  def events(n: int) -> Events:
-    return Events(
+  def events(n: int) -> sequences.Events:
+    return sequences.Events(
         user=rng.integers(0, num_users, size=n, dtype=np.int32),
         item=rng.integers(1, num_items + 1, size=n, dtype=np.int32),
         timestamp=np.arange(n, dtype=np.int64))
 
-  return SplitDataset(
-      train=SequenceStore.from_sorted(train_user, train_item, num_users),
+  return sequences.SplitDataset(
+      train=sequences.SequenceStore.from_sorted(train_user, train_item, num_users),
       valid=events(_NUM_STEPS.value),
       test=events(_NUM_STEPS.value),
       item_ids=np.arange(num_items),

@@ -1,7 +1,7 @@
 """Compares the fused attention implementations with the plain path on this backend.
 
-  python experiments/attention_check.py --config=configs/ml1m.py --synthetic_items=3416
-  python experiments/attention_check.py --config=configs/ml1m.py --config.dtype=bfloat16
+  python -m experiments.kernels.attention_check --config=configs/ml1m.py --synthetic_items=3416
+  python -m experiments.kernels.attention_check --config=configs/ml1m.py --config.dtype=bfloat16
 
 For each position mode that can use jax.nn.dot_product_attention (all but CoPE), builds the
 encoder once, then scores the same left-padded batch with `attention_impl` plain and with each

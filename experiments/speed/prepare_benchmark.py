@@ -1,7 +1,7 @@
 """Times `python -m pka_jax.data` on generated raw files shaped like the real ones.
 
-  python experiments/prepare_benchmark.py                      # 1M-row ML-1M, 20M-row Yambda
-  python experiments/prepare_benchmark.py --parquet_rows=46_000_000
+  python -m experiments.speed.prepare_benchmark                 # 1M-row ML-1M, 20M-row Yambda
+  python -m experiments.speed.prepare_benchmark --parquet_rows=46_000_000
 
 Writes an ML-1M-shaped `ml-1m.zip` (`UserID::MovieID::Rating::Timestamp`, 6,040 users, 3,706
 movies) and a Yambda-listens-shaped parquet (`uid, timestamp, item_id, is_organic,
@@ -30,7 +30,7 @@ _WORK_DIR = flags.DEFINE_string('work_dir', None, 'Where to write the files (def
 _ML1M_ROWS = flags.DEFINE_integer('ml1m_rows', 1_000_209, 'Ratings in the ML-1M-shaped file.')
 _PARQUET_ROWS = flags.DEFINE_integer('parquet_rows', 20_000_000, 'Rows in the Yambda parquet.')
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _ML1M_START, _ML1M_END = 956_703_932, 1_046_454_590  # first and last ML-1M timestamps
 
 
