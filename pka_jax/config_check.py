@@ -157,7 +157,7 @@ def _data_shards(config: ml_collections.ConfigDict, devices: int) -> int:
 # Evaluation sequences per batch where the config leaves it to the backend (eval_batch_size 0).
 # A CPU scores a batch in cache-sized microbatches, and larger ones ran slower; an accelerator
 # needs large batches to fill it: an H200 scored 2x the pairs/s with 4,096 as with 512 (ML-1M
-# PKA shape, experiments/benchmark.py). Not that many per device on a pod: a pass's last batch
+# PKA shape, experiments/speed/benchmark.py). Not that many per device on a pod: a pass's last batch
 # is padded to the full size and each batch runs in the window of its longest context, so a
 # batch near a split's whole count of pairs would be mostly padding.
 CPU_EVAL_BATCH = 512

@@ -124,7 +124,7 @@ def split_cpu(devices: int) -> None:
   """Makes the CPU backend `devices` XLA devices, data-parallel over the 'data' axis (choose
   with `config_check.cpu_devices_for`). Call it before any JAX operation.
 
-  Measured on 2 cores (experiments/benchmark.py), 2 devices ran the validation pass
+  Measured on 2 cores (experiments/speed/benchmark.py), 2 devices ran the validation pass
   1.15-1.5x faster (ML-1M PKA, ML-100K SASRec), but the train step 1.15x (PKA) and 1.3x
   (SASRec d 256) slower: its microbatches, grouped over both devices' rows, cut fewer
   columns, and the devices' large products contend for the cores. A program on one device

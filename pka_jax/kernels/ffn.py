@@ -7,7 +7,7 @@ After attention, each block computes, row by row (encoder.Block):
 
 (`o` the attention's heads, `Wo, bo` its output projection), which XLA runs on a GPU as
 about a dozen kernels forward and as many backward, eight of them links a block in the
-longest chain of dependent kernels (experiments/gpu_kernels.py). Here a program takes a
+longest chain of dependent kernels (experiments/kernels/gpu_kernels.py). Here a program takes a
 block of rows through all of it with its three weights on chip, in the activations' dtype
 where the XLA path rounds to it, LayerNorm's statistics in float32 as flax computes them,
 and the very dropout masks of `dropout.Dropout` (each element's place in the step's batch).

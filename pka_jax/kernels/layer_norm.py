@@ -2,8 +2,8 @@
 
 XLA runs flax's LayerNorm on a GPU as three kernels forward (the row sums, `rsqrt` of the
 variance, the normalised rows) and four or five backward, most of them links in the longest
-chain of dependent kernels (experiments/gpu_kernels.py: 40 of the 98 in ML-1M's bfloat16 step
-with the Pallas loss and attention). Here each program normalises a block of rows:
+chain of dependent kernels (experiments/kernels/gpu_kernels.py: 40 of the 98 in ML-1M's
+bfloat16 step with the Pallas loss and attention). Here each program normalises a block of rows:
 
     y = (x - mean) · scale · rsqrt(var + eps) + bias,   var = mean(x²) - mean²
 

@@ -15,7 +15,8 @@ Rows with a target come first (a stable sort of the rows, undone by the gradient
 and every kernel skips the blocks of rows past them: a third of ML-1M's positions are
 padding. The two gradient kernels recompute their tiles of logits (5 products of
 `rows × N × D` against XLA's 3), so this is a trade of FLOPs for memory traffic that only a
-GPU profile can judge (`experiments/loss_benchmark.py`, `benchmark.py --config.ce_impl=pallas`). Exact: the
+GPU profile can judge (`experiments/kernels/benchmark.py --kernel=loss`,
+`experiments/speed/benchmark.py --config.ce_impl=pallas`). Exact: the
 same loss and gradients as `losses.full_cross_entropy` to float tolerance. Off a GPU the
 kernels run in Pallas's interpreter, slowly, for checks.
 """

@@ -13,7 +13,7 @@ from pka_jax.data.sequences import window_width
 
 # Positions per microbatch on CPU: a block's activations then stay in cache. Measured at the
 # ML-1M PKA shape on 2 cores, 1,024 to 4,096 positions all ran the step ~30% faster than the
-# whole batch of 32,768 at once (experiments/benchmark.py).
+# whole batch of 32,768 at once (experiments/speed/benchmark.py).
 CPU_MICROBATCH_POSITIONS = 2048
 
 

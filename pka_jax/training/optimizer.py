@@ -45,7 +45,7 @@ def apply_if_all_finite(inner: optax.GradientTransformation, max_consecutive_err
   """`optax.apply_if_finite`, state and all (checkpoints are the same), with its finiteness
   test done once over every gradient (`all_finite`): optax reduces each leaf on its own,
   which on a GPU is a kernel a leaf, 70 of the 382 kernels of ML-1M's PKA step
-  (experiments/gpu_kernels.py)."""
+  (experiments/kernels/gpu_kernels.py)."""
   wrapped = optax.apply_if_finite(inner, max_consecutive_errors)
 
   def update(updates, state, params=None):
