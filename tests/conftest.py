@@ -1,11 +1,19 @@
-"""Test-wide settings: eight CPU devices, strict rank promotion, and one XLA compile cache for
-the whole test run, shared by every pytest-xdist worker and every subprocess a test starts."""
+"""Test-wide settings: eight CPU devices, strict rank promotion, one XLA compile cache for the
+whole test run (shared by every pytest-xdist worker and every subprocess a test starts), and
+what is expensive to make and only read by tests, made once per run."""
 
+from collections.abc import Iterator
+import contextlib
+import fcntl
+import functools
 import os
+import pathlib
 import shutil
 import tempfile
+import types
 
 import jax
+import pytest
 
 jax.config.update('jax_num_cpu_devices', 8)
 jax.config.update('jax_numpy_rank_promotion', 'raise')
@@ -34,3 +42,54 @@ def pytest_unconfigure(config):
   if cache is not None:
     shutil.rmtree(cache, ignore_errors=True)
     os.environ.pop(_CACHE_VARIABLE, None)
+
+
+@pytest.fixture(scope='session')
+def shared_dir(tmp_path_factory, worker_id) -> pathlib.Path:
+  """A directory every xdist worker of this test run sees (this run's own, never an earlier
+  run's)."""
+  base = tmp_path_factory.getbasetemp()
+  return base if worker_id == 'master' else base.parent
+
+
+@contextlib.contextmanager
+def _once_per_run(shared_dir: pathlib.Path, name: str) -> Iterator[tuple[pathlib.Path, bool]]:
+  directory = shared_dir / name
+  with open(shared_dir / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    done = directory / '.built'
+    yield directory, not done.exists()
+    done.touch()
+
+
+@pytest.fixture(scope='session')
+def once_per_run(shared_dir):
+  """`with once_per_run(name) as (directory, build):` the first worker of the run to come
+  builds `directory` in the block (`build` True) while the others wait on a lock; later
+  comers find it built. For what tests only read."""
+  return functools.partial(_once_per_run, shared_dir)
+
+
+@pytest.fixture(scope='session')
+def trained_test_run(once_per_run):
+  """configs/test.py trained for two epochs, once per test run for every test that only reads
+  a trained workdir. Trained with a relative data_dir, as the README's commands do, then
+  moved away from the directory it was trained in: whoever reads it has no dataset beside
+  it. Never write into it (copy it first)."""
+  from configs import test as test_config  # pylint: disable=g-import-not-at-top
+  from pka_jax import data, jobs  # pylint: disable=g-import-not-at-top
+  config = test_config.get_config()
+  config.max_epochs = 2
+  config.data_dir = 'data'  # relative: only valid in the training directory
+  with once_per_run('trained_test_run') as (root, build):
+    train_cwd, workdir = root / 'train_cwd', root / 'moved' / 'run'
+    if build:
+      train_cwd.mkdir(parents=True, exist_ok=True)
+      with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(train_cwd)
+        jobs.train(config, 'run')
+      shutil.copytree(train_cwd / 'run', workdir)
+      shutil.rmtree(train_cwd / 'run')
+  config.data_dir = str(train_cwd / 'data')
+  return types.SimpleNamespace(workdir=str(workdir), config=config, root=root,
+                               train_cwd=train_cwd, dataset=data.load_dataset(config))

@@ -14,9 +14,15 @@ from pka_jax.serving import export
 from pka_jax.serving import recommender as recommender_lib
 import recommend_test
 
-# The trained model and its recommender, one per module (fixtures shared with recommend_test).
-trained = recommend_test.trained
-recommender = recommend_test.recommender
+
+@pytest.fixture(scope='module')
+def trained(trained_test_run):
+  return trained_test_run
+
+
+@pytest.fixture(scope='module')
+def recommender(trained):
+  return recommender_lib.Recommender.from_workdir(trained.workdir)
 
 K = 7
 

@@ -7,22 +7,16 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import test as test_config
 from pka_jax import data
-from pka_jax import figures
-from pka_jax import jobs
 from pka_jax.evaluation import protocol
+from pka_jax.paper import figures
 from pka_jax.paper import grid
 from pka_jax.training import checkpoint
 
 
 @pytest.fixture(scope='module')
-def workdir(tmp_path_factory):
-  config = test_config.get_config()
-  config.max_epochs = 2
-  path = str(tmp_path_factory.mktemp('figures') / 'pka')
-  jobs.train(config, path)
-  return path
+def workdir(trained_test_run):
+  return trained_test_run.workdir
 
 
 def _check_png(path: str, command: str) -> None:

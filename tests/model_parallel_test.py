@@ -1,9 +1,6 @@
 """The item table split over a 'model' mesh axis: the same losses, parameters and top-k lists."""
 
 import functools
-import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,56 +14,43 @@ from pka_jax.evaluation import ranking
 from pka_jax.model import encoder
 from pka_jax.model import item_table
 from pka_jax.training import losses
-
-SCRIPT = r'''
-import json, sys
-import jax
-jax.config.update('jax_num_cpu_devices', int(sys.argv[1]))
-import numpy as np
-from configs import test
 from pka_jax.training.loop import Trainer
-config = test.get_config()
-config.dropout = 0.0  # dropout bits may depend on the sharding; the arithmetic must not
-# Histories of at most 16 items in 32-wide windows: every batch, training and evaluation,
-# runs trimmed (to 16 or 8 columns) on every mesh.
-config.maxlen, config.synthetic.max_length = 32, 16
-# Two microbatches a step: on one host they are length-sorted (Trainer.train_on), their
-# rows grouped differently on each mesh.
-config.microbatches = 2
-config.mesh_model = int(sys.argv[2])
-config.data_dir = sys.argv[3]
-run = Trainer.create(config, sys.argv[4])
-losses, widths = [], []
-for batch in list(run.inputs.epoch(0))[:3]:
-  widths.append(batch['inputs'].shape[1])
-  metrics = run.train_on(batch)
-  losses.append(float(metrics['loss_sum'] / metrics['loss_count']))
-steps = run.evaluator.steps('valid')
-shards = run.placement.mesh.shape['data']
-top = []
-for batch in steps.batches(config.eval_batch_size, shards=shards):
-  items, _ = run.placement.rank(run.placement.eval_params(run.state.params), batch)
-  top.append(np.asarray(items)[batch.valid_B])
-leaves = jax.tree_util.tree_flatten_with_path(run.state.params)[0]
-np.savez(sys.argv[4] + '.npz', top=np.concatenate(top),
-         **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
-table = run.state.params['item_emb']['embedding']
-print(json.dumps({'losses': losses, 'widths': widths, 'mesh': dict(run.placement.mesh.shape),
-                  'sorts_microbatches': run.placement.sorts_microbatches,
-                  'table_shard_rows': table.addressable_shards[0].data.shape[0],
-                  'valid': run.evaluate('valid')}))
-'''
 
 
 def run_with(devices: int, mesh_model: int, tmp_path) -> dict:
-  workdir = tmp_path / f'run{devices}x{mesh_model}'
-  result = subprocess.run(
-      [sys.executable, '-c', SCRIPT, str(devices), str(mesh_model), str(tmp_path / 'data'),
-       str(workdir)], capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(result.stdout.strip().splitlines()[-1])
-  report['arrays'] = dict(np.load(str(workdir) + '.npz'))
-  return report
+  """Three steps and a validation pass of configs/test.py on the first `devices` of this
+  process's eight CPU devices, the item table split `mesh_model` ways."""
+  config = test_config.get_config()
+  config.dropout = 0.0  # dropout bits may depend on the sharding; the arithmetic must not
+  # Histories of at most 16 items in 32-wide windows: every batch, training and evaluation,
+  # runs trimmed (to 16 or 8 columns) on every mesh.
+  config.maxlen, config.synthetic.max_length = 32, 16
+  # Two microbatches a step: on one host they are length-sorted (Trainer.train_on), their
+  # rows grouped differently on each mesh.
+  config.microbatches = 2
+  config.mesh_model = mesh_model
+  config.data_dir = str(tmp_path / 'data')
+  run = Trainer.create(config, str(tmp_path / f'run{devices}x{mesh_model}'),
+                       devices=jax.devices()[:devices])
+  step_losses, widths = [], []
+  for batch in list(run.inputs.epoch(0))[:3]:
+    widths.append(batch['inputs'].shape[1])
+    metrics = run.train_on(batch)
+    step_losses.append(float(metrics['loss_sum'] / metrics['loss_count']))
+  steps = run.evaluator.steps('valid')
+  params = run.placement.eval_params(run.state.params)
+  top = []
+  for batch in steps.batches(config.eval_batch_size, shards=run.placement.mesh.shape['data']):
+    items, _ = run.placement.rank(params, batch)
+    top.append(np.asarray(items)[batch.valid_B])
+  leaves = jax.tree_util.tree_flatten_with_path(run.state.params)[0]
+  table = run.state.params['item_emb']['embedding']
+  return {'losses': step_losses, 'widths': widths, 'mesh': dict(run.placement.mesh.shape),
+          'sorts_microbatches': run.placement.sorts_microbatches,
+          'table_shard_rows': table.addressable_shards[0].data.shape[0],
+          'valid': run.evaluate('valid'),
+          'arrays': {'top': np.concatenate(top),
+                     **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}}}
 
 
 def test_meshes_with_a_model_axis_train_and_rank_like_one_device(tmp_path):

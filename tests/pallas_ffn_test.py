@@ -25,6 +25,7 @@ def inputs(width: int = MAXLEN):
   return jnp.where(position >= width - lengths, 1 + (position * 7 + lengths) % 29, 0)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def outputs_and_grads(config, inputs_BxT, params):
   """The encoder's outputs, and the gradients of their weighted sum with respect to every
   parameter, under one dropout rng."""

@@ -1,11 +1,12 @@
 """Recommendations from a workdir alone: the evaluation's top-k, in raw ids, from any directory.
 
-One tiny model is trained per module with a relative data_dir (as the README's commands do);
-its workdir is then copied elsewhere and the training directory's copy removed, so every test
-below reads a moved workdir with no dataset beside it.
+The tests' one trained workdir (conftest's `trained_test_run`: trained with a relative
+data_dir, as the README's commands do, then moved elsewhere) is what every test below reads:
+a moved workdir with no dataset beside it.
 """
 
 import collections
+import functools
 import json
 import logging
 import os
@@ -35,24 +36,10 @@ K = 10
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """A trained workdir moved away from where it was trained; the dataset stays there."""
-  root = tmp_path_factory.mktemp('recommend')
-  train_cwd = root / 'train_cwd'
-  train_cwd.mkdir()
-  config = test_config.get_config()
-  config.max_epochs = 2
-  config.data_dir = 'data'  # relative, as in the README: only valid in the training directory
-  with pytest.MonkeyPatch.context() as patch:
-    patch.chdir(train_cwd)
-    jobs.train(config, 'run')
-    serving_files.write_serving_files('run', data.load_dataset(config))
-  workdir = root / 'moved' / 'run'
-  shutil.copytree(train_cwd / 'run', workdir)
-  shutil.rmtree(train_cwd / 'run')
-  config.data_dir = str(train_cwd / 'data')
-  return SimpleNamespace(workdir=str(workdir), config=config, root=root, train_cwd=train_cwd,
-                         dataset=data.load_dataset(config))
+def trained(trained_test_run):
+  """The tests' trained workdir (conftest), moved away from where it was trained; the
+  dataset stays there."""
+  return trained_test_run
 
 
 @pytest.fixture(scope='module')
@@ -383,7 +370,8 @@ def test_visible_alike_padding_keys_score_trimmed_windows_as_full_ones(tmp_path)
   config.data_dir = str(tmp_path / 'data')
   dataset = data.load_dataset(config)
   model = create_model(config, dataset.num_items, deterministic=True)
-  params = optimizer.create_train_state(model, config, jax.random.key(3)).params
+  params = jax.jit(functools.partial(optimizer.create_train_state, model, config))(
+      jax.random.key(3)).params
   recommender = recommender_lib.Recommender(
       config=config, params=params, served=serving_files.ServingData.from_dataset(dataset), step=0)
   widths = []
@@ -392,6 +380,7 @@ def test_visible_alike_padding_keys_score_trimmed_windows_as_full_ones(tmp_path)
     widths.append(inputs_BxT.shape[1])
     return top_k(params, inputs_BxT, *args, **kwargs)
   recommender._top_k = spied
+  score_last = jax.jit(functools.partial(recommender.model.apply, method=Encoder.score_last))
   rng = np.random.default_rng(0)
   # Longest 16, a power of two: without the padding column its window would have none.
   batches = [[16, 5, 1, 9], [3], [40, 2]]
@@ -400,8 +389,7 @@ def test_visible_alike_padding_keys_score_trimmed_windows_as_full_ones(tmp_path)
                  for n in lengths]
     got = recommender.recommend([raw(recommender, h) for h in histories], k=K)
     inputs_BxT = recommender_lib.left_padded(histories, len(histories), config.maxlen)
-    scores_BxV = np.asarray(recommender.model.apply(
-        {'params': params}, inputs_BxT, method=Encoder.score_last))
+    scores_BxV = np.asarray(score_last({'params': params}, inputs_BxT))
     seen = np.zeros((len(histories), dataset.num_items + 1), bool)
     for row, history in enumerate(histories):
       seen[row, history] = True

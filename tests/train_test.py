@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import re
+import shutil
 
 import chex
 import jax
@@ -352,6 +353,7 @@ def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_p
     assert np.all(real < cut['inputs'].shape[1]) or padding == 'masked'
   state = runs[False].state
 
+  @jax.jit
   def loss_and_grads(batch):
     def loss(params):
       total, count = steps.loss_sums(params, state.apply_fn, batch, runs[False].dropout_rng,
@@ -517,14 +519,25 @@ def pallas_step(run: Trainer, ce_impl: str, mesh):
                               'ce_impl': ce_impl})
 
 
+@pytest.fixture(scope='module')
+def one_epoch_run(once_per_run):
+  """A workdir of `config(max_epochs=1)`, trained once for the tests that copy it."""
+  with once_per_run('train_test_one_epoch') as (root, build):
+    if build:
+      cfg = test_config.get_config()  # config(max_epochs=1), its data in the shared directory
+      cfg.max_epochs, cfg.data_dir = 1, str(root / 'data')
+      jobs.train(cfg, str(root / 'run'))
+  return root / 'run'
+
+
 @pytest.mark.parametrize('field,value', [
     ('hidden_units', 32), ('batch_size', 16), ('prng_impl', 'threefry2x32'), ('loss', 'bce'),
     ('learning_rate', 0.5), ('dtype', 'bfloat16')])
-def test_a_workdir_of_another_configuration_is_refused(tmp_path, field, value):
+def test_a_workdir_of_another_configuration_is_refused(tmp_path, field, value, one_epoch_run):
   # batch_size, prng_impl and loss used to be missing: a resumed run reused an iterator state
   # made for other batches.
   workdir = str(tmp_path / 'run')
-  jobs.train(config(max_epochs=1), workdir)
+  shutil.copytree(one_epoch_run, workdir)
   with pytest.raises(workdir_lib.WorkdirMismatchError, match=rf'{field}: .* there, .* here'):
     jobs.train(config(**{field: value}), workdir)
   # Limits and settings that compute the same function may change.

@@ -52,13 +52,16 @@ class Trainer:
 
   @classmethod
   def create(cls, config: ml_collections.ConfigDict, workdir: str, *,
-             train_devices: int | None = None) -> Trainer:
-    """Checks `config` for this machine (filling in what it leaves to the backend) and the
-    workdir before any work, then loads the dataset (prepared by process 0 once)."""
-    config_check.settle(config, devices=jax.device_count(), processes=jax.process_count())
+             train_devices: int | None = None, devices=None) -> Trainer:
+    """Checks `config` for the machine (filling in what it leaves to the backend) and the
+    workdir before any work, then loads the dataset (prepared by process 0 once).
+    `devices` (all by default) and `train_devices`: as `Placement`'s."""
+    devices = jax.devices() if devices is None else devices
+    config_check.settle(config, devices=len(devices), processes=jax.process_count())
     workdir_lib.check_writable(workdir)
     dataset = data.load_dataset_once(config)
-    placement = Placement(config, dataset.num_items, train_devices=train_devices)
+    placement = Placement(config, dataset.num_items, train_devices=train_devices,
+                          devices=devices)
     return cls(config, workdir, dataset, placement)
 
   # ---- checkpoints ----
