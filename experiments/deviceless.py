@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from pka_jax import config_check
 from pka_jax import sharding
 from pka_jax.data.sequences import power_of_two_at_least
-from pka_jax.training.placement import Placement
+from pka_jax.training.placement import Placement, ProgramSpec
 
 # What jax.jit lowers for, by the name `jax.default_backend()` would give there.
 LOWERING_PLATFORMS = {'cpu': 'cpu', 'gpu': 'cuda', 'tpu': 'tpu'}
@@ -80,17 +80,17 @@ def checked(config, devices: list, backend: str):
   return config
 
 
-def placement_for(config, num_items: int, devices: list, backend: str) -> Placement:
-  """The run's `Placement` on `devices` of `backend`, its backend-dependent choices made
-  for that backend."""
+def placement_for(config, num_items: int, devices: list, backend: str):
+  """`(config, placement)`: the config checked for `devices` of `backend`, and the run's
+  `Placement` there, its backend-dependent choices made for that backend (built anew: it is
+  not this process's backend, so it is not one `Placement.of` keeps)."""
   config = checked(config, devices, backend)
   with backend_answers(backend):
-    return Placement(config, num_items, devices=devices)
+    return config, Placement(ProgramSpec.of(config, num_items), devices=devices)
 
 
 def abstract_train_step(config, num_items: int, devices: list, backend: str) -> AbstractStep:
-  placement = placement_for(config, num_items, devices, backend)
-  config = placement.config
+  config, placement = placement_for(config, num_items, devices, backend)
   key = jax.random.key(config.seed, impl=config.prng_impl)
   state = placement.abstract_state(key)
   batch = {name: jax.ShapeDtypeStruct((config.batch_size, config.maxlen), jnp.int32,
@@ -109,8 +109,7 @@ def compile_eval_step(config, num_items: int, devices: list, backend: str):
   """The config's evaluation step (`ranking.rank_on_mesh`: the newest position's hidden
   state, then each 'model' shard's top-k) for `devices`, compiled from shapes alone, on a
   batch of full windows; and the batch's size."""
-  placement = placement_for(config, num_items, devices, backend)
-  config = placement.config
+  config, placement = placement_for(config, num_items, devices, backend)
   key = jax.random.key(config.seed, impl=config.prng_impl)
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         placement.abstract_state(key).params, placement.eval_param_shardings)

@@ -60,8 +60,8 @@ class Trainer:
     config_check.settle(config, devices=len(devices), processes=jax.process_count())
     workdir_lib.check_writable(workdir)
     dataset = data.load_dataset_once(config)
-    placement = Placement(config, dataset.num_items, train_devices=train_devices,
-                          devices=devices)
+    placement = Placement.of(config, dataset.num_items, train_devices=train_devices,
+                             devices=devices)
     return cls(config, workdir, dataset, placement)
 
   # ---- checkpoints ----

@@ -8,15 +8,15 @@ import functools
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from pka_jax import sharding
 from pka_jax.model.encoder import Encoder
 
 
-def create_train_state(model: Encoder, config: ml_collections.ConfigDict,
-                       rng: jax.Array) -> train_state.TrainState:
+def create_train_state(model: Encoder, config, rng: jax.Array) -> train_state.TrainState:
+  """Parameters for windows of `config.maxlen` and Adam's state (`config`: a ConfigDict or a
+  placement.ProgramSpec)."""
   rows = sharding.data_shards(model.mesh)  # one per shard
   params = model.init(rng, jnp.zeros((rows, config.maxlen), jnp.int32))['params']
   # A step whose gradient is not finite leaves parameters and moments as they were; the loop

@@ -10,6 +10,8 @@ does not have) all go through it.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import functools
 
 from absl import logging
@@ -23,46 +25,82 @@ from pka_jax import sharding
 from pka_jax.data.sequences import window_width
 from pka_jax.evaluation import ranking
 from pka_jax.evaluation.protocol import EvalBatch
-from pka_jax.model.encoder import create_model
+from pka_jax.model.encoder import Encoder, ModelConfig
 from pka_jax.training import microbatching
 from pka_jax.training import optimizer
 from pka_jax.training import steps
 
 
+# Placements kept built (their programs compiled), the most recently used.
+BUILT_PLACEMENTS = 8
+_BUILT: collections.OrderedDict = collections.OrderedDict()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+  """What a run's programs depend on, and nothing else: runs whose configs differ only in
+  their seed, data, length or bookkeeping have one spec, and share one `Placement`."""
+
+  model: ModelConfig  # for training (deterministic False)
+  maxlen: int
+  batch_size: int
+  microbatches: int
+  trim_windows: bool
+  mesh_model: int
+  prng_impl: str
+  learning_rate: float
+  adam_b1: float
+  adam_b2: float
+  loss: str
+  ce_block_size: int
+  ce_chunk_rows: int
+  ce_impl: str
+  eval_batch_size: int
+  top_k: int
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, num_items: int) -> ProgramSpec:
+    fields = {f.name for f in dataclasses.fields(cls)} - {'model'}
+    return cls(model=ModelConfig.from_config(config, num_items),
+               **{name: config[name] for name in fields})
+
+
 class Placement:
-  """A config's meshes, shardings, models and jitted programs for a catalog of `num_items`.
+  """A run's meshes, shardings, models and jitted programs, for its `ProgramSpec`.
 
   Evaluation takes every one of `devices` (all by default); training the first
   `train_devices` of them (on one process; all by default): a CPU split into one device per
-  core evaluates faster on all, but trains faster on one (sharding.devices_to_train). The
-  config must be settled (config_check.settle).
+  core evaluates faster on all, but trains faster on one (sharding.devices_to_train).
+  `Placement.of` builds one from a settled config (config_check.settle), or returns the one
+  built already for the same spec and devices: its programs are compiled once a process,
+  however many runs (seeds of a grid, trials of a search) use them.
   """
 
-  def __init__(self, config: ml_collections.ConfigDict, num_items: int, *,
-               train_devices: int | None = None, devices=None):
-    self.config, self.num_items = config, num_items
+  def __init__(self, spec: ProgramSpec, *, train_devices: int | None = None, devices=None):
+    self.spec, self.num_items = spec, spec.model.num_items
     devices = list(jax.devices() if devices is None else devices)
-    self.eval_mesh = sharding.make_mesh(config.mesh_model, devices)
+    self.eval_mesh = sharding.make_mesh(spec.mesh_model, devices)
     self.mesh = self.eval_mesh  # training's
     if train_devices is not None and train_devices < len(devices):
       if jax.process_count() > 1:
         raise ValueError('train_devices: training on some devices only needs one process')
-      self.mesh = sharding.make_mesh(config.mesh_model, devices[:train_devices])
+      self.mesh = sharding.make_mesh(spec.mesh_model, devices[:train_devices])
       logging.info('Training on %d of the %d devices, evaluating on all.', train_devices,
                    len(devices))
     logging.info('Training mesh: %s.', self.describe())
     self.replicated = NamedSharding(self.mesh, P())
     self.batch_sharding = NamedSharding(self.mesh, P(sharding.DATA))
     self.eval_batch_sharding = NamedSharding(self.eval_mesh, P(sharding.DATA))
-    self.model = create_model(config, num_items, deterministic=False, mesh=self.mesh)
-    self.eval_model = create_model(config, num_items, deterministic=True, mesh=self.eval_mesh)
-    self._init = functools.partial(optimizer.create_train_state, self.model, config)
-    abstract = jax.eval_shape(self._init, jax.random.key(0, impl=config.prng_impl))
+    self.model = Encoder(dataclasses.replace(spec.model, deterministic=False), mesh=self.mesh)
+    self.eval_model = Encoder(dataclasses.replace(spec.model, deterministic=True),
+                              mesh=self.eval_mesh)
+    self._init = functools.partial(optimizer.create_train_state, self.model, spec)
+    abstract = jax.eval_shape(self._init, jax.random.key(0, impl=spec.prng_impl))
     self.state_shardings = sharding.state_shardings(abstract, self.mesh)
     self.eval_param_shardings = sharding.state_shardings(abstract.params, self.eval_mesh)
-    # Of a maxlen-wide batch; a trimmed one may be split in fewer (step.train_step).
-    self.train_microbatches = config.microbatches or microbatching.microbatches_for(
-        config.batch_size // self.data_shards, config.maxlen)
+    # Of a maxlen-wide batch; a trimmed one may be split in fewer (steps.train_step).
+    self.train_microbatches = spec.microbatches or microbatching.microbatches_for(
+        spec.batch_size // self.data_shards, spec.maxlen)
     # On one host, where windows trim: microbatches of rows of similar length, each cut to
     # its own window (train_on). Several hosts would have to agree on every width.
     self.sorts_microbatches = (self.trims_windows and self.train_microbatches > 1
@@ -70,11 +108,24 @@ class Placement:
     self.host_index, self.host_count = sharding.host_slice(self.mesh)
     self._build_programs()
 
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, num_items: int, *,
+         train_devices: int | None = None, devices=None) -> Placement:
+    devices = tuple(jax.devices() if devices is None else devices)
+    key = (ProgramSpec.of(config, num_items), train_devices, devices)
+    if key in _BUILT:
+      _BUILT.move_to_end(key)
+    else:
+      _BUILT[key] = cls(key[0], train_devices=train_devices, devices=devices)
+      while len(_BUILT) > BUILT_PLACEMENTS:
+        _BUILT.popitem(last=False)
+    return _BUILT[key]
+
   def _build_programs(self) -> None:
-    config, loss = self.config, steps.loss_options(self.config, self.num_items)
+    spec, loss = self.spec, steps.loss_options(self.spec, self.num_items)
     self.init_fn = jax.jit(self._init, out_shardings=self.state_shardings)
     self.step_fn = jax.jit(
-        functools.partial(steps.train_step, microbatches=config.microbatches,
+        functools.partial(steps.train_step, microbatches=spec.microbatches,
                           mesh=self.mesh, **loss),
         in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
@@ -83,7 +134,7 @@ class Placement:
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     # Evaluation scores, masks and ranks each device's rows; only the top-k leave it.
     self.rank_fn = jax.jit(
-        functools.partial(ranking.rank_on_mesh, config=config, mesh=self.eval_mesh,
+        functools.partial(ranking.rank_on_mesh, config=spec, mesh=self.eval_mesh,
                           model=self.eval_model, num_items=self.num_items),
         in_shardings=(self.eval_param_shardings,) + (self.eval_batch_sharding,) * 4,
         out_shardings=NamedSharding(self.eval_mesh, P()))
@@ -99,14 +150,14 @@ class Placement:
   @property
   def trims_windows(self) -> bool:
     """Whether batches are cut to the columns they need (config.trim_windows, where exact)."""
-    return self.config.trim_windows and self.model.config.trims_in_training
+    return self.spec.trim_windows and self.model.config.trims_in_training
 
   @property
   def evaluation_windows(self) -> dict[str, bool]:
     """How evaluation cuts its windows (`SuccessiveSteps.batch`'s options): as training does
     or, with visible padding keys that are all alike, keeping a padding column, even where
     training keeps its windows (masks drawn by jax.random); `ModelConfig.evaluation_windows`."""
-    return self.eval_model.config.evaluation_windows(self.config.trim_windows)
+    return self.eval_model.config.evaluation_windows(self.spec.trim_windows)
 
   @property
   def padding_column(self) -> bool:
@@ -151,24 +202,24 @@ class Placement:
   def _microbatch_positions(self) -> int:
     """Positions per device of a length-sorted microbatch: those of one of
     `train_microbatches` maxlen-wide microbatches."""
-    rows_per_device = self.config.batch_size // self.data_shards
-    return rows_per_device * self.config.maxlen // self.train_microbatches
+    rows_per_device = self.spec.batch_size // self.data_shards
+    return rows_per_device * self.spec.maxlen // self.train_microbatches
 
   def microbatches_of(self, inputs_BxT: np.ndarray) -> list[tuple[np.ndarray, int]]:
     """`train_on`'s length-sorted microbatches of a batch, as `(rows, width)`."""
     return microbatching.length_sorted_microbatches(
-        inputs_BxT, data_shards=self.data_shards, maxlen=self.config.maxlen,
+        inputs_BxT, data_shards=self.data_shards, maxlen=self.spec.maxlen,
         positions=self._microbatch_positions, padding_column=self.padding_column)
 
   @functools.cached_property
   def _stack_layout(self) -> dict[str, dict[int, int]]:
     """`microbatch_stacks`' shapes, the same every step: for each width `window_width` can
     give, the rows of a microbatch and as many slots as a batch could fill."""
-    maxlen = self.config.maxlen
+    maxlen = self.spec.maxlen
     widths = sorted({window_width(n, maxlen) for n in range(1, maxlen + 1)})
     rows_at = {w: microbatching.microbatch_rows(w, positions=self._microbatch_positions,
                                                 data_shards=self.data_shards) for w in widths}
-    capacity = {w: -(-self.config.batch_size // rows) for w, rows in rows_at.items()}
+    capacity = {w: -(-self.spec.batch_size // rows) for w, rows in rows_at.items()}
     return {'rows_at': rows_at, 'capacity': capacity}
 
   def sorted_microbatches(self, local_batch: dict[str, np.ndarray]) -> dict[int, dict]:

@@ -10,7 +10,6 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-import ml_collections
 
 from pka_jax import sharding
 from pka_jax.kernels import dispatch
@@ -56,10 +55,10 @@ def loss_sums(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Array,
   raise ValueError(f'Unknown loss {loss_name!r}: expected ce or bce')
 
 
-def loss_options(config: ml_collections.ConfigDict, num_items: int) -> dict[str, Any]:
-  """`train_step`'s loss arguments from `config`."""
+def loss_options(config, num_items: int) -> dict[str, Any]:
+  """`train_step`'s loss arguments from `config` (a ConfigDict or a placement.ProgramSpec)."""
   return {'loss_name': config.loss, 'ce_block_size': config.ce_block_size,
-          'ce_chunk_rows': config.ce_chunk_rows, 'ce_impl': config.get('ce_impl', 'xla'),
+          'ce_chunk_rows': config.ce_chunk_rows, 'ce_impl': config.ce_impl,
           'num_items': num_items}
 
 
