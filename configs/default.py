@@ -145,6 +145,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 512 on CPU, 4,096 on accelerators). The metrics do not depend on it.
   config.eval_batch_size = 0
 
+  # ---- hyper-parameter search (python -m pka_jax.tune) ----
+  # Config fields and the values a search tries (a nested field in a nested group, e.g.
+  # search_space.synthetic.noise). The authors' space for every model (docs/design.md §2);
+  # maxlen and num_heads stay as set. Datasets of long sessions search smaller batches. From
+  # the command line: --config.search_space.dropout='(0.1, 0.2, 0.3)'.
+  config.search_space = ml_collections.ConfigDict({
+      'batch_size': (128, 256),
+      'num_blocks': (1, 2, 3),
+      'hidden_units': (64, 128, 256),
+      'learning_rate': (3e-4, 1e-3),
+      'dropout': (0.1, 0.3),
+  })
+
   apply_variant(config, arg)
   return config
 

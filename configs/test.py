@@ -1,5 +1,7 @@
 """A tiny configuration for tests on CPU: a small synthetic catalog and a small model."""
 
+import ml_collections
+
 from configs import default
 
 
@@ -20,5 +22,8 @@ def get_config(arg: str | None = None):
   config.patience = 2
   config.log_every_steps = 2
   config.eval_batch_size = 64
+  # A tiny search (python -m pka_jax.tune) of four points.
+  config.search_space = ml_collections.ConfigDict(
+      {'learning_rate': (1e-3, 1e-2), 'dropout': (0.0, 0.1)})
   default.apply_variant(config, arg)
   return config

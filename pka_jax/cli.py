@@ -13,6 +13,7 @@ from absl import flags
 import ml_collections
 
 from pka_jax import config_check
+from pka_jax import sharding
 
 USER_ERROR_STATUS = 1
 
@@ -102,3 +103,17 @@ def nearest(name: str, fields: Sequence[str], count: int = 3) -> list[str]:
               if ''.join(word[0] for word in re.split(r'[_.]', f) if word) == name]
   close = difflib.get_close_matches(name, fields, n=count, cutoff=0.6)
   return list(dict.fromkeys(initials + close))[:count]
+
+
+def split_cpu(asked: int | None, configs: Sequence[ml_collections.ConfigDict], *,
+              distributed: bool = False) -> int | None:
+  """Splits a CPU into XLA devices as the commands do, before any device is used; returns
+  the split asked for (None: the default one), for `sharding.devices_to_train` once the
+  devices are up. `asked` is `--cpu_devices` (0: one per core). Without it, a split that the
+  environment makes (XLA_FLAGS, JAX_NUM_CPU_DEVICES) stays, and is trained on whole; else
+  one device per core (the most that divide every config's batch sizes), evaluating on all
+  and training on one, which is faster. No effect on accelerators."""
+  cpu_devices = asked if asked is not None else sharding.cpu_devices_requested()
+  if asked is not None or (cpu_devices is None and not distributed):
+    sharding.split_cpu(asked or config_check.cpu_devices_for(configs))
+  return cpu_devices

@@ -211,16 +211,22 @@ def _synthetic_problems(config: ml_collections.ConfigDict) -> list[str]:
   return problems
 
 
-def problems(config: ml_collections.ConfigDict, *, devices: int = 1,
-             processes: int = 1) -> list[str]:
-  """Every problem of `config`, each starting with the field it concerns."""
+def field_problems(config: ml_collections.ConfigDict) -> list[str]:
+  """The problems of `config`'s fields each on its own (a value of the wrong type or range),
+  each starting with the field."""
   found = []
   for name, test, expected in _rules():
     if name not in config:
       found.append(f'{name}: missing; expected {expected}')
     elif not test(config[name]):
       found.append(f'{name}: expected {expected}, got {config[name]!r}')
-  return found + _relations(config, devices, processes)
+  return found
+
+
+def problems(config: ml_collections.ConfigDict, *, devices: int = 1,
+             processes: int = 1) -> list[str]:
+  """Every problem of `config`, each starting with the field it concerns."""
+  return field_problems(config) + _relations(config, devices, processes)
 
 
 def check(config: ml_collections.ConfigDict, *, devices: int = 1, processes: int = 1) -> None:

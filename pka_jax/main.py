@@ -56,15 +56,11 @@ USER_ERRORS = (DataError, FileNotFoundError, workdir_lib.WorkdirMismatchError,
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}')
-  checkpoint.quiet_orbax_logging()
-  distributed = FLAGS.distributed or FLAGS.coordinator_address
+  checkpoint.quiet_orbax_logging(tracebacks=FLAGS.verbosity >= 1)
+  distributed = bool(FLAGS.distributed or FLAGS.coordinator_address)
   # Rankings do not depend on the split, and evaluation gains from it; training by default
-  # keeps one device of it (sharding.devices_to_train). A split the user made stays.
-  cpu_devices = FLAGS.cpu_devices
-  if cpu_devices is None:
-    cpu_devices = sharding.cpu_devices_requested()
-  if FLAGS.cpu_devices is not None or (cpu_devices is None and not distributed):
-    sharding.split_cpu(FLAGS.cpu_devices or config_check.cpu_devices_for([FLAGS.config]))
+  # keeps one device of it. A split the user made stays.
+  cpu_devices = cli.split_cpu(FLAGS.cpu_devices, [FLAGS.config], distributed=distributed)
   if distributed:
     sharding.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
                                     FLAGS.process_id)

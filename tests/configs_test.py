@@ -92,3 +92,19 @@ def test_bad_variants_are_named():
     default.get_config('model=pka,kernel=diagonal')
   with pytest.raises(ValueError, match='expected model=NAME or kernel=LAYOUT'):
     default.get_config('lr=1')
+
+
+# The authors' search (docs/design.md §2 and docs/tuning.md): every model, every dataset.
+AUTHORS_SPACE = {'batch_size': (128, 256), 'num_blocks': (1, 2, 3),
+                 'hidden_units': (64, 128, 256), 'learning_rate': (3e-4, 1e-3),
+                 'dropout': (0.1, 0.3)}
+
+
+@pytest.mark.parametrize('name', DATASET_CONFIGS)
+@pytest.mark.parametrize('model', ['pka', 'sasrec'])
+def test_the_search_space_is_the_authors(name, model):
+  config = importlib.import_module(f'configs.{name}').get_config(f'model={model}')
+  space = {field: tuple(choices) for field, choices in config.search_space.items()}
+  # Sessions of thousands of listens: the authors searched batches of 32 there.
+  batches = (32,) if name in ('zvuk', 'yambda_listens') else (128, 256)
+  assert space == {**AUTHORS_SPACE, 'batch_size': batches}

@@ -13,7 +13,7 @@ SOURCE_DIRS = ('pka_jax', 'configs', 'experiments', 'tests', 'docs', '.ci')
 
 
 # Markdown reports that runs write (under a run's root), not files of the repository.
-RUN_REPORTS = ('table.md',)
+RUN_REPORTS = ('table.md', 'summary.md')  # written by the grid runner and the tuner
 # Paths of a developer's machine, none of which a user has (spelled in pieces, so that this
 # file does not name them itself).
 MACHINE_PATHS = re.compile('|'.join(map(re.escape, ('/' + 'work/', '.' + 'library/',

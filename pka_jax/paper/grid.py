@@ -37,7 +37,7 @@ DISPLAY = {'pka': 'PKA', 'sasrec': 'SASRec', 'nope': 'NoPE', 'all_ape': 'ALL-APE
 BOOKKEEPING_FIELDS = frozenset({'data_dir', 'log_every_steps', 'checkpoint_every_steps',
                                 'checkpoint_interval_s', 'eval_batch_size', 'ce_block_size',
                                 'ce_chunk_rows', 'ce_impl', 'attention_impl',
-                                'layer_norm_impl', 'ffn_impl'})
+                                'layer_norm_impl', 'ffn_impl', 'search_space'})
 # Fields that only say how long to train: a run that differs in them is resumed, not refused.
 BUDGET_FIELDS = frozenset({'max_epochs', 'patience'})
 
@@ -225,7 +225,8 @@ def run_one(spec: Spec, train_fn: Callable = jobs.train) -> tuple[dict, str]:
     action = 'read back' if has_results and not differences else 'resumed'
   if action != 'read back':
     os.makedirs(workdir, exist_ok=True)
-    files.write_text(os.path.join(workdir, 'config.json'), config.to_json(indent=2, sort_keys=True))
+    files.write_text(os.path.join(workdir, 'config.json'),
+                     config.to_json(indent=2, sort_keys=True))
     train_fn(config, workdir)
   return read_row(spec), action
 

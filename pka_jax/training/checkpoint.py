@@ -38,9 +38,18 @@ def _orbax_errors_only(record: std_logging.LogRecord) -> bool:
   return record.levelno >= std_logging.ERROR or '/orbax/' not in record.pathname
 
 
-def quiet_orbax_logging() -> None:
-  """Orbax logs every checkpoint step at INFO: keep its warnings only."""
-  logging.get_absl_handler().addFilter(_orbax_warnings_only)
+def _orbax_without_tracebacks(record: std_logging.LogRecord) -> bool:
+  return record.exc_info is None or '/orbax/' not in record.pathname
+
+
+def quiet_orbax_logging(tracebacks: bool = False) -> None:
+  """Orbax logs every checkpoint step at INFO: keep its warnings only. A save failing in its
+  background thread is logged with a traceback there and raised again where the run waits
+  for its saves, which reports it: drop the log unless `tracebacks`."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(_orbax_warnings_only)
+  if not tracebacks:
+    handler.addFilter(_orbax_without_tracebacks)
 
 
 @contextlib.contextmanager

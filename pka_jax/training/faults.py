@@ -58,18 +58,20 @@ class PreemptionWatch:
       return False
 
 
-# Kill points for the crash tests: PKA_JAX_DIE_AT='save:2' SIGKILLs the process the second time
-# it reaches `die_here('save')` (points: 'step', 'save', 'eval_batch').
+# Fault points for the crash tests: PKA_JAX_DIE_AT='save:2' SIGKILLs the process the second time
+# it reaches `die_here('save')`, and PKA_JAX_TERM_AT='step:10' sends it SIGTERM (a preemption
+# notice) the tenth time it reaches `die_here('step')` (points: 'step', 'save', 'eval_batch').
 _DIE_AT = 'PKA_JAX_DIE_AT'
+_TERM_AT = 'PKA_JAX_TERM_AT'
 _reached = collections.Counter()
 
 
 def die_here(point: str) -> None:
-  wanted = os.environ.get(_DIE_AT)
-  if not wanted:
+  wanted = {variable: os.environ.get(variable) for variable in (_DIE_AT, _TERM_AT)}
+  if not any(wanted.values()):
     return
-  name, _, count = wanted.partition(':')
-  if name == point:
-    _reached[point] += 1
-    if _reached[point] == int(count or 1):
-      os.kill(os.getpid(), signal.SIGKILL)
+  _reached[point] += 1
+  for variable, signum in ((_DIE_AT, signal.SIGKILL), (_TERM_AT, signal.SIGTERM)):
+    name, _, count = (wanted[variable] or '').partition(':')
+    if name == point and _reached[point] == int(count or 1):
+      signal.raise_signal(signum)  # its Python handler has run when this returns

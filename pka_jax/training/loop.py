@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 
 from absl import logging
 import jax
@@ -205,9 +206,11 @@ class Trainer:
       files.write_json(os.path.join(self.workdir, 'results.json'), results)
     return results
 
-  def train_and_test(self) -> dict:
+  def train_and_test(self, on_validation: Callable[[int, dict[str, float]], None] | None = None
+                     ) -> dict:
     """Trains until early stopping (resuming from the latest checkpoint), then tests the
-    best checkpoint; closes the checkpoints."""
+    best checkpoint; closes the checkpoints. `on_validation(epoch, metrics)` is called after
+    each epoch's validation (and checkpoint); an exception it raises stops the run there."""
     self.restore_latest()
     # Records past the restored step come from work the resumed run does again.
     writer = metric_writer.MetricWriter(self.workdir, after_step=int(self.state.step))
@@ -220,6 +223,8 @@ class Trainer:
           logging.info('epoch %d: valid ndcg@10 %.4f (best %.4f at step %d)',
                        self.progress.epoch, metrics[checkpoint.BEST_METRIC],
                        self.progress.best_ndcg, self.progress.best_step)
+          if on_validation is not None:
+            on_validation(self.progress.epoch, metrics)
         checkpoint.wait(self.checkpoints)
         results = self.test_best()
       writer.write(self.progress.best_step,
