@@ -1,8 +1,10 @@
 """Position schemes against their formulas: masks, RoPE's relative property, CoPE positions."""
 
 import dataclasses
+import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,6 +160,105 @@ def test_one_query_row_equals_the_last_row_of_all_queries():
   every = module.apply(params, x, x, x, VALID, **kernels)
   last = module.apply(params, x[:, -1:], x, x, VALID, **kernels)
   np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=2e-5, atol=2e-5)
+
+
+def _authors_cape_logits(query_TxBxE, key_TxBxE, in_proj_weight, in_proj_bias, num_heads,
+                         pre_proj_weight, pre_proj_bias, pos_emb, max_len):
+  """The authors' CoPE attention logits, transcribed to numpy from anonymcode/IJCAI2026,
+  models/SASRec_custom.py: `MultiheadAttentionCAPE.forward` up to the softmax, with
+  `CAPE.forward` inlined, as `SASRec.log2feats` calls it (causal `attn_mask`, no
+  `key_padding_mask`: padding keys are visible). Torch layouts: `Linear` weights are
+  `out × in`, `pos_emb` is `1 × head_dim × max_len`. Returns the logits `B×H×T×T` and the
+  clamped positions."""
+  tgt_len, bsz, embed_dim = query_TxBxE.shape
+  src_len = key_TxBxE.shape[0]
+  head_dim = embed_dim // num_heads
+  q = query_TxBxE @ in_proj_weight[:embed_dim].T + in_proj_bias[:embed_dim]
+  k_rows = slice(embed_dim, 2 * embed_dim)
+  k = key_TxBxE @ in_proj_weight[k_rows].T + in_proj_bias[k_rows]
+  q = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(1, 0, 2)
+  k = k.reshape(src_len, bsz * num_heads, head_dim).transpose(1, 0, 2)
+  attn_mask = ~np.tril(np.ones((tgt_len, src_len), bool))
+  combined_mask = np.where(attn_mask, -np.inf, 0.0)[None]
+  attn_weights = q @ k.transpose(0, 2, 1) / math.sqrt(head_dim)
+  causal_mask_bool = np.triu(np.ones((tgt_len, src_len), bool), k=1)
+  attn_weights = attn_weights + combined_mask
+  # CAPE.forward(q, attn_weights, causal_mask=causal_mask_bool)
+  G = 1 - 1 / (1 + np.exp(-attn_weights))
+  G = np.where(causal_mask_bool, 0.0, G)
+  P = np.flip(np.cumsum(np.flip(G, -1), axis=-1), -1)
+  P = np.minimum(P, max_len - 1)
+  P_ceil = np.ceil(P).astype(np.int64)
+  P_floor = np.floor(P).astype(np.int64)
+  pre = q @ pre_proj_weight.T + pre_proj_bias
+  query = pre / (1 + np.exp(-pre))  # SiLU
+  E = query @ pos_emb
+  E_ceil = np.take_along_axis(E, P_ceil, axis=-1)
+  E_floor = np.take_along_axis(E, P_floor, axis=-1)
+  P_frac = P - P_floor
+  E = P_frac * E_ceil + (1 - P_frac) * E_floor
+  attn_weights = attn_weights + E
+  shape = (bsz, num_heads, tgt_len, src_len)
+  return attn_weights.reshape(shape), P.reshape(shape)
+
+
+@pytest.mark.parametrize('mask_padding_keys', [True, False])
+def test_contextual_logits_equal_the_authors_cape(mask_padding_keys):
+  heads, cope_maxlen = 2, 4  # positions reach past the table: the clamp is exercised
+  x = jax.random.normal(jax.random.key(0), (B, T, D)) * VALID[..., None]  # as theirs feeds
+  q_in = jax.random.normal(jax.random.key(1), (B, T, D))
+  key_valid = VALID if mask_padding_keys else None
+  module = attention.CausalSelfAttention(num_heads=heads, dropout=0.0, deterministic=True,
+                                         cope_maxlen=cope_maxlen)
+  params = module.init(jax.random.key(2), q_in, x, x, key_valid)
+  # Every parameter random, the zero-initialised biases and position table included.
+  leaves, tree = jax.tree.flatten(params)
+  draws = jax.random.split(jax.random.key(3), len(leaves))
+  params = jax.tree.unflatten(tree, [leaf + 0.1 * jax.random.normal(draw, leaf.shape)
+                                     for leaf, draw in zip(leaves, draws)])
+
+  seen = {}
+
+  def keep_contextual_call(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, attention.ContextualPosition):
+      # The logits it reads plus what it returns: what the attention then masks and softmaxes.
+      seen['logits'] = np.asarray(args[1] + out)
+    return out
+
+  # Full float32 products wherever this runs (GPUs otherwise take float32 products as TF32).
+  with nn.intercept_methods(keep_contextual_call), jax.default_matmul_precision('float32'):
+    module.apply(params, q_in, x, x, key_valid)
+
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params['params'])
+  in_proj_weight = np.concatenate([p[name]['kernel'].T for name in ('query', 'key', 'value')])
+  in_proj_bias = np.concatenate([p[name]['bias'] for name in ('query', 'key', 'value')])
+  theirs, positions = _authors_cape_logits(
+      np.asarray(q_in, np.float64).transpose(1, 0, 2),
+      np.asarray(x, np.float64).transpose(1, 0, 2), in_proj_weight, in_proj_bias, heads,
+      p['cope']['query']['kernel'].T, p['cope']['query']['bias'],
+      p['cope']['positions'].T[None], cope_maxlen)
+
+  # Compared: each query at its visible keys (key <= query; theirs puts -inf on the rest,
+  # ours masks them after). With padding keys visible to ours too, every such pair. Masked,
+  # their gates are 0 in ours and counted in theirs; but left padding lies before every
+  # real key, and a key's position sums the gates from that key up to the query only, so
+  # real keys' positions, and real queries' logits at them, are the same. Only those pairs
+  # are compared then: padding keys sit at other positions in the two, and a padding query
+  # (whose output the block zeroes) sees no key in ours.
+  causal = np.tril(np.ones((T, T), bool))
+  valid = np.asarray(VALID)
+  real_pairs = (valid[:, :, None] & valid[:, None, :] if mask_padding_keys
+                else np.ones((B, T, T), bool))
+  compared = np.broadcast_to((causal & real_pairs)[:, None], theirs.shape)
+  np.testing.assert_allclose(seen['logits'][compared], theirs[compared], rtol=1e-6, atol=1e-6)
+  assert (positions[compared] == cope_maxlen - 1).any()
+  assert (positions[compared] % 1 != 0).any()  # interpolated between table rows
+  if mask_padding_keys:
+    # Where theirs counts padding gates, the two do differ.
+    padding_keys = np.broadcast_to(
+        (causal & valid[:, :, None] & ~valid[:, None, :])[:, None], theirs.shape)
+    assert not np.allclose(seen['logits'][padding_keys], theirs[padding_keys], atol=1e-3)
 
 
 def _library_fusions_summing_products(hlo_text: str) -> list[str]:

@@ -56,9 +56,30 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   assert set(at_width) <= {8, 16}  # window_width's choices at maxlen 16
   assert eval_figures['model_flops'] == sum(
       pairs * flops.eval_pair_flops(model_config, width) for width, pairs in at_width.items())
-  assert 0 < eval_figures['mfu'] and 0 < train_figures['mfu']
-  assert 0 < eval_figures['mfu_probed'] and 0 < train_figures['mfu_probed']
-  assert 0 < train_figures['back_to_back_mfu'] and train_figures['back_to_back_step_seconds'] > 0
+  assert eval_figures['model_flops_per_pair'] == flops.eval_pair_flops(model_config)
+  # Every MFU is model FLOPs over seconds over the measured peak of the config's dtype,
+  # recomputed here from the report's own figures, and a share of that peak.
+  peak = report['peak_flops'][report['config']['dtype']]
+  assert train_figures['mfu'] == pytest.approx(
+      train_figures['model_flops'] / train_figures['step_seconds'] / peak, rel=1e-9)
+  assert train_figures['back_to_back_step_seconds'] > 0
+  assert train_figures['back_to_back_mfu'] == pytest.approx(
+      train_figures['model_flops'] / train_figures['back_to_back_step_seconds'] / peak,
+      rel=1e-9)
+  assert train_figures['sequences_per_second'] == pytest.approx(
+      config.batch_size / train_figures['step_seconds'], rel=1e-9)
+  eval_seconds = eval_figures['pairs'] / eval_figures['pairs_per_second']
+  assert eval_figures['mfu'] == pytest.approx(
+      eval_figures['model_flops'] / eval_seconds / peak, rel=1e-9)
+  assert eval_figures['device_mfu'] == pytest.approx(
+      eval_figures['device_pairs_per_second'] * eval_figures['model_flops_per_pair'] / peak,
+      rel=1e-9)
+  # The probed MFUs divide each timing by a peak probed beside it, which the report keeps
+  # no record of: only their range is checked.
+  for figures, names in ((train_figures, ('mfu', 'back_to_back_mfu', 'mfu_probed')),
+                         (eval_figures, ('mfu', 'device_mfu', 'mfu_probed'))):
+    for name in names:
+      assert 0 < figures[name] < 1, (name, figures[name])
   assert len(report['epochs']['epochs']) == 1
   # The epoch's own batches timed alone, to set its loop's time against.
   assert len(report['epochs']['steps_seconds']) == 1 and report['epochs']['steps_seconds'][0] > 0

@@ -5,12 +5,14 @@ import io
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from pka_jax import config_check
 from pka_jax import jobs
 from pka_jax.paper import grid
+from pka_jax.training import checkpoint
 from pka_jax.training.loop import Trainer
 
 TEST_CONFIG = 'configs/test.py'
@@ -89,6 +91,15 @@ def interrupt_after_first_epoch(monkeypatch):
   return monkeypatch
 
 
+def _latest_params(workdir: str) -> list:
+  """The latest checkpoint's parameters, leaf by leaf, restored as a run would."""
+  run = Trainer.create(checkpoint.restore_config(workdir), workdir)
+  assert run.restore_latest()
+  params = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, run.state.params))[0]
+  run.checkpoints.close()
+  return params
+
+
 def _validated_epochs(workdir: str) -> list[int]:
   return [r['epoch'] for r in grid.read_metrics(workdir) if 'valid/ndcg@10' in r]
 
@@ -105,16 +116,39 @@ def test_runner_resumes_interrupted_runs_and_reads_back_finished_ones(
   assert not os.path.exists(os.path.join(first, 'results.json'))
   interrupt_after_first_epoch.undo()
 
-  trained = []
+  trained, restored = [], []
+  restore_latest = Trainer.restore_latest
+
+  def restore_and_record(self):
+    found = restore_latest(self)
+    restored.append((self.workdir, self.progress.epoch))
+    return found
+
+  interrupt_after_first_epoch.setattr(Trainer, 'restore_latest', restore_and_record)
 
   def train_and_record(config, workdir):
     trained.append(workdir)
     return jobs.train(config, workdir)
 
   rows = grid.run_grid(specs, root, 'reproduce', train_and_record)
+  interrupt_after_first_epoch.undo()
   assert trained == [first, specs[1].workdir]
-  assert _validated_epochs(first) == [1, 2]  # went on from epoch 1, not from scratch
+  # Went on from its checkpoint of epoch 1, not from scratch, and ended as the same cell run
+  # without a stop: results and parameters exactly.
+  assert restored[0] == (first, 1)
+  assert _validated_epochs(first) == [1, 2]
   assert [r['epochs'] for r in rows] == [2, 2]
+  uninterrupted = str(tmp_path / 'uninterrupted')
+  reference_specs = grid.specs(grid.cells([TEST_CONFIG], ['pka']), range(1), uninterrupted,
+                               [('max_epochs', '2'), ('patience', '5')])
+  grid.run_grid(reference_specs, uninterrupted, 'reproduce')
+  reference = reference_specs[0].workdir
+  with open(os.path.join(first, 'results.json')) as f, \
+       open(os.path.join(reference, 'results.json')) as g:
+    assert json.load(f) == json.load(g)
+  resumed_params, reference_params = (_latest_params(w) for w in (first, reference))
+  for (path, a), (_, b) in zip(reference_params, resumed_params, strict=True):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
 
   def must_not_train(config, workdir):
     raise AssertionError(f'{workdir} was trained again')

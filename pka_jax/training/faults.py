@@ -19,6 +19,10 @@ class Preempted(Exception):
   """The run saved its state and stopped for a preemption; the same command resumes it."""
 
 
+class PreemptionSyncError(RuntimeError):
+  """The hosts could not ask each other whether a preemption notice has come."""
+
+
 class NonFiniteLoss(FloatingPointError):
   """A training step's loss or gradient was not finite; its update was not applied."""
 
@@ -54,8 +58,13 @@ class PreemptionWatch:
       return self.signalled
     try:
       return multihost_utils.reached_preemption_sync_point(step)
-    except RuntimeError:  # the distributed runtime has no preemption service
-      return False
+    except RuntimeError as error:
+      # Without the sync, a notice that reached one host would be lost: an error, not a
+      # silent "no preemption".
+      raise PreemptionSyncError(
+          f'the hosts could not agree on a preemption at step {step} (jax.distributed\'s '
+          f'preemption service): {str(error).splitlines()[0] if str(error) else error!r}'
+      ) from error
 
 
 # Fault points for the crash tests: PKA_JAX_DIE_AT='save:2' SIGKILLs the process the second time
