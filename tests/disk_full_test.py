@@ -15,6 +15,7 @@ from pka_jax.training import checkpoint
 # after the run has moved on, and the run learns of it when it next waits for its saves (at
 # step 12).
 DISK_FULL_IN_THE_BACKGROUND = '''
+import asyncio
 import errno
 from orbax.checkpoint._src.handlers import json_checkpoint_handler as json_handler
 
@@ -22,10 +23,12 @@ failed = []
 write = json_handler.JsonCheckpointHandler._save_fn
 
 async def disk_full_in_step_8(self, item, directory):
-  if '/8.orbax-checkpoint-tmp' in str(directory) and not failed:
-    failed.append(directory)
-    (directory / 'metadata').write_text('{"half": ')
-    raise OSError(errno.ENOSPC, 'No space left on device', str(directory / 'metadata'))
+  if '/8.orbax-checkpoint-tmp' in str(directory):
+    if not failed:
+      failed.append(directory)
+      (directory / 'metadata').write_text('{"half": ')
+      raise OSError(errno.ENOSPC, 'No space left on device', str(directory / 'metadata'))
+    await asyncio.sleep(1.0)  # the save's other item is still being written when it fails
   return await write(self, item, directory)
 
 json_handler.JsonCheckpointHandler._save_fn = disk_full_in_step_8

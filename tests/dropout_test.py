@@ -121,7 +121,8 @@ def loss_at_step(run: Trainer, local_batch, step: int) -> float:
 ])
 def test_the_same_parameters_and_batch_lose_differently_at_the_next_step(
     tmp_path, program, overrides):
-  for rate in (0.3, 0.0):
+  # Dropout 0 once, on the whole batch: the counter then changes nothing.
+  for rate in ((0.3, 0.0) if program == 'whole batch' else (0.3,)):
     run = trainer(tmp_path, f'dropout {rate}', dropout=rate, **overrides)
     assert run.placement.sorts_microbatches == (program == 'length-sorted microbatches')
     batch = next(iter(run.inputs.epoch(0)))

@@ -415,10 +415,10 @@ def test_the_data_parallel_pallas_step_lowers_to_its_kernels_for_a_gpu(tmp_path)
   assert text.count('custom_call @__gpu$xla.gpu.triton') == 3
 
 
-# One device; the tests' eight, data-parallel; and data 2 x model 4, the item table split,
-# where each of the eight still encodes its own rows (sharding.row_axes).
-MESHES = [pytest.param(None, id='one_device'), pytest.param(1, id='data_8'),
-          pytest.param(4, id='data_2_model_4')]
+# The tests' eight devices as data 2 x model 4, the item table split, where each of the
+# eight still encodes its own rows (sharding.row_axes): each device's kernels run on its share
+# of the batch, the one-device case of every kernel (tests/pallas_*_test.py) on a mesh.
+MESHES = [pytest.param(4, id='data_2_model_4')]
 
 
 def run_on(tmp_path, mesh_model: int | None, **overrides) -> Trainer:

@@ -207,8 +207,6 @@ def run_tune(tmp_path, *flags, env=None):
 
 @pytest.mark.parametrize('flags, message', [
     (['--trials=2', '--storage=nosuchdb://host/db'], 'error: --storage=nosuchdb://host/db: '),
-    (['--trials=2', "--config.search_space.dropout=(1.5,)"],
-     'error: search_space.dropout: the choice 1.5 is refused'),
     (['--trials=0'], 'error: flag --trials=0: '),
 ])
 def test_a_bad_command_is_one_line(tmp_path, flags, message):
@@ -218,32 +216,31 @@ def test_a_bad_command_is_one_line(tmp_path, flags, message):
   assert len(lines) == 1 and lines[0].startswith(message), result.stderr[-3000:]
 
 
-@pytest.mark.parametrize('variable, status, message', [
-    (faults._DIE_AT, -signal.SIGKILL, ''),  # pylint: disable=protected-access
-    (faults._TERM_AT, faults.PREEMPTED_EXIT_STATUS,  # pylint: disable=protected-access
-     'preempted: saved step 10 in '),
-])
-def test_stopped_in_a_trial_the_rerun_resumes_it_from_its_checkpoint(tmp_path, variable,
-                                                                       status, message):
-  # Epoch 1 ends at step 6 (saved), step 4 and 8 are saved mid-epoch; the fault comes at the
-  # 10th step, in trial 0's second epoch: SIGKILL (step 8's save may still be being written),
-  # or SIGTERM, which saves step 10 and exits with the preemption status.
+def test_preempted_then_killed_in_a_trial_the_rerun_resumes_it_from_its_checkpoint(tmp_path):
+  # Trial 0 runs 3 epochs of 6 steps, saved at each epoch's end and every 4 steps.
   flags = ['--trials=2', '--config.checkpoint_every_steps=4', '--verbosity=0']
-  stopped = run_tune(tmp_path, *flags, env={variable: 'step:10'})
-  assert stopped.returncode == status, stopped.stderr[-3000:]
-  assert message in stopped.stderr
   search = tuning.Search(base=base(tmp_path), root=str(tmp_path / 'tune'), trials=2)
+  # SIGTERM in its 10th step: step 10 is saved and the search exits for a restart.
+  preempted = run_tune(tmp_path, *flags, env={faults._TERM_AT: 'step:10'})  # pylint: disable=protected-access
+  assert preempted.returncode == faults.PREEMPTED_EXIT_STATUS, preempted.stderr[-3000:]
+  assert 'preempted: saved step 10 in ' in preempted.stderr
+  assert [t.state for t in load(search).trials] == [TrialState.RUNNING]
+  # Rerun, it resumes the trial at step 10; SIGKILL in its 4th step (step 14, after the
+  # save of step 12 was asked for; that save may be unfinished).
+  killed = run_tune(tmp_path, *flags, env={faults._DIE_AT: 'step:4'})  # pylint: disable=protected-access
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert 'Resuming trial 0' in killed.stderr and 'Resumed from step 10 ' in killed.stderr
   assert [t.state for t in load(search).trials] == [TrialState.RUNNING]
   resumed = run_tune(tmp_path, *flags)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resuming trial 0' in resumed.stderr
-  expected = r'Resumed from step 10 ' if message else r'Resumed from step [68] '
-  assert re.search(expected, resumed.stderr), resumed.stderr[-3000:]  # not from scratch
+  # From the latest complete checkpoint: step 12 if its save had finished, else one before.
+  assert re.search(r'Resumed from step (6|10|12) ', resumed.stderr), resumed.stderr[-3000:]
   study = load(search)
   assert len(study.trials) == 2
   assert not study.get_trials(states=(TrialState.RUNNING,))
   epochs = epochs_recorded(tmp_path / 'tune' / 'trials' / '0')
-  assert epochs == sorted(set(epochs))  # no epoch recorded twice
+  assert epochs == [1, 2, 3]  # each epoch recorded once, none trained from scratch again
 
 
 def test_two_processes_share_one_study_and_train_no_trial_twice(tmp_path):

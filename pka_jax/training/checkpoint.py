@@ -131,8 +131,21 @@ def wait(mngr: ocp.CheckpointManager) -> None:
   try:
     mngr.wait_until_finished()
   except OSError as error:
+    _let_the_failed_save_end(mngr)
     raise CheckpointError(f'could not finish saving a checkpoint in {mngr.directory}: '
                           f'{error}') from error
+
+
+def _let_the_failed_save_end(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the other writes of a save that failed in the background: orbax stops waiting
+  at the first failure, and a write still in flight when the run exits prints tracebacks from
+  its closed event loop. Reaches into orbax's async manager; without it, does nothing."""
+  async_manager = getattr(getattr(mngr, '_checkpointer', None), '_async_manager', None)
+  for commit in getattr(async_manager, '_commit_futures', None) or ():
+    try:
+      commit.result()
+    except BaseException:  # pylint: disable=broad-except  # the first failure is reported
+      pass
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, state_target) -> tuple[object, dict]:
