@@ -129,6 +129,23 @@ def test_a_checkpoint_every_epoch_end_step_keeps_the_best(tmp_path):
   assert jobs.evaluate(config(), workdir)['test'] == results['test']
 
 
+def test_an_epoch_end_step_due_a_checkpoint_is_saved_once_with_its_validation(
+    tmp_path, monkeypatch):
+  # Saved before its validation too, the step's first checkpoint had to be deleted for the
+  # validated one, and a kill between the two left neither (nor the one before, which the
+  # first had replaced as the latest).
+  real_save, saves = Trainer.save, []
+
+  def recording_save(self, metrics=None):
+    saves.append((int(self.state.step), metrics is not None))
+    return real_save(self, metrics)
+
+  monkeypatch.setattr(Trainer, 'save', recording_save)
+  # 6 steps an epoch, a checkpoint due every 4: steps 4 and 8 inside epochs, 12 at the end.
+  jobs.train(config(max_epochs=2, patience=100, checkpoint_every_steps=4), str(tmp_path))
+  assert saves == [(4, False), (6, True), (8, False), (12, True)]
+
+
 # Validation NDCG@10 by epoch: bests at 1 and 3, then two epochs without one.
 SCRIPTED_NDCG = {1: 0.30, 2: 0.20, 3: 0.40, 4: 0.35, 5: 0.10}
 

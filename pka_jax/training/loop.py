@@ -115,17 +115,20 @@ class Trainer:
                     disable=jax.process_index() != 0 or not logging.level_info(), leave=False)
     log = _TrainLog(writer, bar, config.batch_size)
     step = int(self.state.step)  # counted on the host: reading the state would block
+    index = (self.progress.data_iterator or {}).get('next_index', 0)  # batches of the epoch
     try:
       for local_batch in iterator:
         metrics = self.train_on(local_batch)
-        step += 1
+        step, index = step + 1, index + 1
         faults.die_here('step')
         log.add(step, metrics)
         if step % config.log_every_steps == 0:
           log.write(step)
         preempted = self.watch.reached(step)
-        if preempted or (config.checkpoint_every_steps
-                         and step % config.checkpoint_every_steps == 0):
+        # A save due at the epoch's last step waits for its validation (save_due): saved
+        # twice, the step's first checkpoint had to be deleted before the second was written,
+        # and a kill in between lost both.
+        if preempted or (self.save_due(step) and index < self.inputs.steps_per_epoch):
           log.flush()  # no state is saved before its step's loss is known to be finite
           self.progress.data_iterator = iterator.get_state()
           if preempted:
@@ -169,9 +172,14 @@ class Trainer:
     # H200, ML-1M's 0.2 s against 0.3 s): waiting had the loop stall for half of each epoch,
     # and a save's writing slows the next epoch's steps. A skipped save costs only a resume's
     # redoing the epochs since the latest checkpoint, which gives the same result.
-    if improved or self.finished() or self.checkpoints.should_save(step):
+    if improved or self.finished() or self.save_due(step) or self.checkpoints.should_save(step):
       self.save(metrics)
     return metrics
+
+  def save_due(self, step: int) -> bool:
+    """Whether `checkpoint_every_steps` asks for a checkpoint of `step`."""
+    every = self.config.checkpoint_every_steps
+    return bool(every) and step % every == 0
 
   def run_epoch(self, writer: metric_writer.MetricWriter) -> dict[str, float]:
     """Trains one epoch, validates and checkpoints; writes where its time went
