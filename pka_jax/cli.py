@@ -3,10 +3,11 @@ traceback (unless `--verbosity=1` or more asks for it)."""
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from absl import app
 from absl import flags
@@ -14,6 +15,7 @@ import ml_collections
 
 from pka_jax import config_check
 from pka_jax import sharding
+from pka_jax.training import faults
 
 USER_ERROR_STATUS = 1
 
@@ -22,6 +24,24 @@ def fail(message: str, status: int = USER_ERROR_STATUS) -> None:
   """Prints `error: message` (its first line) on stderr and exits with `status`."""
   print(f'error: {message}', file=sys.stderr)
   sys.exit(status)
+
+
+@contextlib.contextmanager
+def reported_failures(user_errors: tuple[type[Exception], ...]) -> Iterator[None]:
+  """How a command ends on a failure it expects: a preemption prints its message and exits
+  with the restart status; one of `user_errors` is one line and status 1. `--verbosity=1`
+  or more shows the traceback instead."""
+  try:
+    yield
+  except faults.Preempted as preempted:
+    if flags.FLAGS.verbosity >= 1:
+      raise
+    print(preempted, file=sys.stderr)
+    sys.exit(faults.PREEMPTED_EXIT_STATUS)
+  except user_errors as error:
+    if flags.FLAGS.verbosity >= 1:
+      raise
+    fail(str(error))
 
 
 def run(main: Callable[[list[str]], None]) -> None:

@@ -10,7 +10,6 @@
   python -m pka_jax.main ... --coordinator_address=host0:1234 --num_processes=n --process_id=i
 """
 
-import sys
 
 from absl import flags
 from absl import logging
@@ -66,18 +65,9 @@ def main(argv):
                                     FLAGS.process_id)
   logging.info('%s', sharding.describe_process())
   run = jobs.train if FLAGS.mode == 'train' else jobs.evaluate
-  try:
+  with cli.reported_failures(USER_ERRORS):
     results = run(FLAGS.config, FLAGS.workdir,
                   train_devices=sharding.devices_to_train(cpu_devices))
-  except faults.Preempted as preempted:
-    if FLAGS.verbosity >= 1:
-      raise
-    print(preempted, file=sys.stderr)
-    sys.exit(faults.PREEMPTED_EXIT_STATUS)
-  except USER_ERRORS as error:
-    if FLAGS.verbosity >= 1:
-      raise
-    cli.fail(str(error))
   if jax.process_index() == 0:
     print(report.results_table({FLAGS.config.model: results}))
 

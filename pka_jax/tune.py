@@ -28,7 +28,6 @@ from pka_jax import sharding
 from pka_jax.data.errors import DataError
 from pka_jax.paper import tuning
 from pka_jax.training import checkpoint
-from pka_jax.training import faults
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Configuration file, its search_space included.',
@@ -80,7 +79,7 @@ def main(argv):
   search = tuning.Search(base=base, root=FLAGS.root, trials=FLAGS.trials, seed=FLAGS.seed,
                          pruner=FLAGS.pruner, storage=FLAGS.storage,
                          study_name=FLAGS.study_name)
-  try:
+  with cli.reported_failures(USER_ERRORS):
     # The CPU is split before anything asks the backend (the checks below do): for every
     # batch size the search may try.
     choices = [tuning.with_params(base, {field: choice})
@@ -107,13 +106,6 @@ def main(argv):
       table = tuning.final_seeds(search, study, FLAGS.final_seeds, command)
       with open(table) as f:
         print(f.read())
-  except faults.Preempted as preempted:
-    print(preempted, file=sys.stderr)
-    sys.exit(faults.PREEMPTED_EXIT_STATUS)
-  except USER_ERRORS as error:
-    if FLAGS.verbosity >= 1:
-      raise
-    cli.fail(str(error))
 
 
 if __name__ == '__main__':
