@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from configs import test as test_config
+import fault_runs
 from pka_jax.training import checkpoint
 from pka_jax.training import faults
-from pka_jax.training.loop import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,9 +133,7 @@ def test_the_command_on_two_processes_preempted_and_killed_ends_as_one_process(t
   # rounding, not bit for bit.
   for part in ('valid', 'test'):
     assert results[1][part] == pytest.approx(results[0][part], abs=1e-6)
-  config = test_config.get_config()
-  config.data_dir = str(tmp_path / 'data')
-  single_params, multi_params = (latest_params(config, tmp_path / name)
+  single_params, multi_params = (fault_runs.latest_state(tmp_path / name, tmp_path / 'data')[1]
                                  for name in ('single', 'multi'))
   steps = 2 * 6  # two epochs of 6 steps
   for (path, a), (_, b) in zip(single_params, multi_params, strict=True):
@@ -144,15 +142,8 @@ def test_the_command_on_two_processes_preempted_and_killed_ends_as_one_process(t
       # Its gradient is zero in exact arithmetic (it shifts every logit of a query's row
       # alike), so Adam's steps on it follow rounding, whichever order it comes in: only
       # their bound holds, a learning rate a step from its start at zero.
-      bound = steps * config.learning_rate
+      bound = steps * test_config.get_config().learning_rate
       assert np.abs(a).max() <= bound and np.abs(b).max() <= bound, name
       continue
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
 
-
-def latest_params(config, workdir):
-  run = Trainer.create(config, str(workdir))
-  assert run.restore_latest()
-  params = jax.tree_util.tree_flatten_with_path(jax.tree.map(np.asarray, run.state.params))[0]
-  run.checkpoints.close()
-  return params

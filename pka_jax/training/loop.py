@@ -109,13 +109,12 @@ class Trainer:
     """Runs the rest of the current epoch, checkpointing every `checkpoint_every_steps`."""
     config = self.config
     iterator = self.inputs.epoch(self.progress.epoch, self.progress.data_iterator)
-    bar = tqdm.tqdm(total=self.inputs.steps_per_epoch,
-                    initial=(self.progress.data_iterator or {}).get('next_index', 0),
+    index = (self.progress.data_iterator or {}).get('next_index', 0)  # batches of the epoch
+    bar = tqdm.tqdm(total=self.inputs.steps_per_epoch, initial=index,
                     desc=f'epoch {self.progress.epoch + 1}',
                     disable=jax.process_index() != 0 or not logging.level_info(), leave=False)
     log = _TrainLog(writer, bar, config.batch_size)
     step = int(self.state.step)  # counted on the host: reading the state would block
-    index = (self.progress.data_iterator or {}).get('next_index', 0)  # batches of the epoch
     try:
       for local_batch in iterator:
         metrics = self.train_on(local_batch)
