@@ -10,7 +10,6 @@
   python -m pka_jax.main ... --coordinator_address=host0:1234 --num_processes=n --process_id=i
 """
 
-
 from absl import flags
 from absl import logging
 import jax
