@@ -90,10 +90,11 @@ def test_the_best_config_file_trains_as_a_config(tmp_path):
   assert {k: config[k] for k in best['params']} == best['params']
   assert config.model == 'pka' and config.max_epochs == 1
   # On the eight CPU devices the trial trained on (conftest): the same run, exactly.
+  eight_devices = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"
   result = subprocess.run(
       [sys.executable, '-m', 'pka_jax.main', f'--config={path}', f'--workdir={tmp_path}/w'],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+      env={**os.environ, 'XLA_FLAGS': eight_devices})
   assert result.returncode == 0, result.stderr[-3000:]
   with open(tmp_path / 'w' / 'results.json') as f:  # the best trial's run, again
     assert json.load(f)['valid']['ndcg@10'] == best['value']
