@@ -122,7 +122,8 @@ def test_a_bucket_url_workdir_is_refused_before_any_work(tmp_path):
 
 
 def test_a_cpu_split_the_user_made_is_kept_and_the_item_table_splits_over_it(tmp_path):
-  user_split = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"  # + conftest's
+  # The user's split, beside the suite's own compile flags (conftest).
+  user_split = f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=8"
   result = run_main('--config=configs/test.py', '--config.mesh_model=4',
                     '--config.max_epochs=1', f'--workdir={tmp_path}/run',
                     f'--config.data_dir={tmp_path}/data', env={'XLA_FLAGS': user_split})
