@@ -94,6 +94,17 @@ def test_prepare_builds_then_reuses(tmp_path):
   assert dataset.train.items.sum() > 0 and len(dataset.test) == split['test']
 
 
+def test_every_entry_names_a_reader_and_records_it_as_stores_made_before_did():
+  # A prepared store keeps the reader's dotted name among its settings, and a store whose
+  # settings differ is rebuilt: the names must stay those the functions themselves give.
+  from pka_jax.data import readers  # pylint: disable=g-import-not-at-top
+  for dataset in registry.DATASETS.values():
+    reader = getattr(readers, dataset.reader)
+    assert callable(reader), dataset.name
+    assert dataset.settings()['reader'] == f'{reader.__module__}.{reader.__qualname__}'
+  assert registry.get('ml1m').settings()['reader'] == 'pka_jax.data.readers.read_grouplens'
+
+
 def test_prepare_rebuilds_when_raw_file_or_settings_change(tmp_path):
   _write_ml1m(tmp_path, _ml1m_text(seed=0))
   first = prepare.prepare('ml1m', str(tmp_path))

@@ -127,7 +127,7 @@ def read_and_filter(dataset: registry.Dataset, raw_path: str) -> tuple[Interacti
   options: dict[str, Any] = dict(dataset.reader_options)
   if dataset.min_rating is not None:
     options['min_rating'] = dataset.min_rating
-  raw = dataset.reader(raw_path, **options)
+  raw = dataset.read(raw_path, **options)
   logging.info('%s: read %d interactions from %s', dataset.name, len(raw), raw_path)
   kept = filter_min_counts(raw, dataset.min_user_interactions, dataset.min_item_interactions)
   if not len(kept):

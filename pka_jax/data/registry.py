@@ -25,10 +25,9 @@ What the authors did (`anonymcode/IJCAI2026`, read for facts only):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from pka_jax.data import readers
 from pka_jax.data.errors import DataError
 from pka_jax.data.interactions import Interactions
 
@@ -55,7 +54,7 @@ class Dataset:
   name: str
   title: str
   raw: RawFile
-  reader: Callable[..., Interactions]  # reader(path, **reader_options[, min_rating=...])
+  reader: str  # a function of readers.py: reader(path, **reader_options[, min_rating=...])
   reader_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   interaction: str = 'every rating'  # what counts as an interaction, in words
   min_rating: float | None = None  # keep ratings >= this; None keeps all (readers with ratings)
@@ -63,10 +62,17 @@ class Dataset:
   min_item_interactions: int = 1  # ... and items, repeated until both hold
   licence: str = ''
 
+  def read(self, path: str, **options) -> Interactions:
+    """The raw file at `path`, read by this entry's reader."""
+    # Imported here, not above: pyarrow takes a fifth of a second to import, and every
+    # command imports this registry while only preparing a dataset reads a raw file.
+    from pka_jax.data import readers  # pylint: disable=g-import-not-at-top
+    return getattr(readers, self.reader)(path, **options)
+
   def settings(self) -> dict:
     """The preprocessing settings that define the prepared data (JSON-serialisable)."""
     return {
-        'reader': f'{self.reader.__module__}.{self.reader.__qualname__}',
+        'reader': f'pka_jax.data.readers.{self.reader}',
         'reader_options': dict(self.reader_options),
         'min_rating': self.min_rating,
         'min_user_interactions': self.min_user_interactions,
@@ -84,21 +90,21 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
     Dataset(
         name='ml1m', title='MovieLens-1M',
         raw=RawFile('ml-1m.zip', urls=(_GROUPLENS + 'ml-1m.zip',)),
-        reader=readers.read_grouplens,
+        reader='read_grouplens',
         reader_options={'member': 'ml-1m/ratings.dat', 'layout': 'dat'},
         interaction='every rating (authors: no threshold, no k-core)',
         licence=_GROUPLENS_LICENCE),
     Dataset(
         name='ml100k', title='MovieLens-100K',
         raw=RawFile('ml-100k.zip', urls=(_GROUPLENS + 'ml-100k.zip',)),
-        reader=readers.read_grouplens,
+        reader='read_grouplens',
         reader_options={'member': 'ml-100k/u.data', 'layout': 'tsv'},
         interaction='every rating (as for ML-1M)',
         licence=_GROUPLENS_LICENCE),
     Dataset(
         name='ml20m', title='MovieLens-20M',
         raw=RawFile('ml-20m.zip', urls=(_GROUPLENS + 'ml-20m.zip',)),
-        reader=readers.read_grouplens,
+        reader='read_grouplens',
         reader_options={'member': 'ml-20m/ratings.csv', 'layout': 'csv'},
         interaction='every rating (as for ML-1M)',
         licence=_GROUPLENS_LICENCE),
@@ -106,13 +112,13 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         name='beauty', title='Amazon Beauty (2014, 5-core)',
         raw=RawFile('reviews_Beauty_5.json.gz',
                     urls=(_SNAP_AMAZON + 'reviews_Beauty_5.json.gz',)),
-        reader=readers.read_amazon_reviews,
+        reader='read_amazon_reviews',
         interaction='every review of the 5-core file as shipped, any rating (authors)',
         licence='Amazon review data (McAuley et al.): research use, no redistribution'),
     Dataset(
         name='beauty_ratings', title='Amazon Beauty (2014 ratings CSV, made 5-core)',
         raw=RawFile('ratings_Beauty.csv', urls=(_SNAP_AMAZON + 'ratings_Beauty.csv',)),
-        reader=readers.read_amazon_ratings,
+        reader='read_amazon_ratings',
         interaction='every rating, then 5-core (the standard that made the 5-core file)',
         min_user_interactions=5, min_item_interactions=5,
         licence='Amazon review data (McAuley et al.): research use, no redistribution'),
@@ -123,7 +129,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
             how_to_get=('Yelp licenses the academic dataset only after a sign-up at '
                         'https://www.yelp.com/dataset; extract the review file from the '
                         'archive')),
-        reader=readers.read_yelp_reviews,
+        reader='read_yelp_reviews',
         interaction='every review, any rating; 5-core (our choice: not in the authors\' code)',
         min_user_interactions=5, min_item_interactions=5,
         licence='Yelp dataset terms: no redistribution'),
@@ -131,7 +137,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         name='gowalla', title='Gowalla (SNAP check-ins)',
         raw=RawFile('loc-gowalla_totalCheckins.txt.gz',
                     urls=('https://snap.stanford.edu/data/loc-gowalla_totalCheckins.txt.gz',)),
-        reader=readers.read_snap_checkins,
+        reader='read_snap_checkins',
         interaction='every check-in; 5-core (our choice: not in the authors\' code)',
         min_user_interactions=5, min_item_interactions=5,
         licence='SNAP: free for research'),
@@ -141,7 +147,7 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
             'zvuk-interactions.parquet',
             how_to_get=('get zvuk-interactions.parquet from the Zvuk dataset release '
                         '(Sber/Zvuk music listening data); its licence forbids mirroring')),
-        reader=readers.read_zvuk,
+        reader='read_zvuk',
         reader_options={'min_play_duration': None},
         interaction='every play, any duration; 5-core (our choice: not in the authors\' code)',
         min_user_interactions=5, min_item_interactions=5,
@@ -149,14 +155,14 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
     Dataset(
         name='yambda_likes', title='Yambda-50M likes',
         raw=RawFile('likes.parquet', urls=(_YAMBDA + 'likes.parquet',)),
-        reader=readers.read_yambda,
+        reader='read_yambda',
         reader_options={'organic_only': False, 'min_played_ratio_pct': None},
         interaction='every like, organic or recommended (authors, as for listens)',
         licence='Apache-2.0'),
     Dataset(
         name='yambda_listens', title='Yambda-50M listens',
         raw=RawFile('listens.parquet', urls=(_YAMBDA + 'listens.parquet',)),
-        reader=readers.read_yambda,
+        reader='read_yambda',
         reader_options={'organic_only': False, 'min_played_ratio_pct': None},
         interaction='every listen, any played ratio, organic or recommended (authors)',
         licence='Apache-2.0'),
