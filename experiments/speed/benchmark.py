@@ -295,16 +295,15 @@ def main(argv):
                        _SYNTHETIC_MIN_LENGTH.value, _SYNTHETIC_MAX_LENGTH.value)
   sharding.split_cpu(_CPU_DEVICES.value or config_check.cpu_devices_for([config]))
   device = jax.devices()[0]
-  probes = {name: flops.MatmulProbe(jnp.dtype(name)) for name in ('float32', 'bfloat16')}
-  peaks = {name: probe() for name, probe in probes.items()}
-  peak, probe = peaks[config.dtype], probes[config.dtype]
-
   workdir = _WORKDIR.value or tempfile.mkdtemp(prefix='pka_jax_benchmark_')
-  try:
+  try:  # first: a config this machine cannot run is refused before the peak is timed
     run = Trainer.create(config, workdir,
                     train_devices=sharding.devices_to_train(_CPU_DEVICES.value))
   except config_check.ConfigError as error:
     raise SystemExit(str(error)) from None  # a user's mistake: one line, no traceback
+  probes = {name: flops.MatmulProbe(jnp.dtype(name)) for name in ('float32', 'bfloat16')}
+  peaks = {name: probe() for name, probe in probes.items()}
+  peak, probe = peaks[config.dtype], probes[config.dtype]
   model_config = run.placement.model.config
   logging.info('Timing the train step.')
   train_figures = time_train(run, probe)
