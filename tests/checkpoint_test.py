@@ -1,10 +1,14 @@
 """Which checkpoints survive (the latest, and the best by validation NDCG@10, earliest on ties),
 and what a failing save leaves."""
 
+import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from configs import test as test_config
 from pka_jax import jobs
@@ -83,3 +87,28 @@ def test_a_failing_save_stops_the_run_and_keeps_the_earlier_checkpoints(tmp_path
   assert run.restore_latest()
   assert int(run.state.step) == saves[0] and run.progress.epoch == 1
   assert run.progress.history[-1]['step'] == saves[0]
+
+
+def test_a_state_orbax_wrote_in_replica_slices_restores_as_it_was(tmp_path):
+  # Earlier versions let orbax cut each replicated array into one slice per device; one
+  # process now writes them whole. A workdir of theirs restores the same values.
+  replicated = NamedSharding(jax.make_mesh((8,), ('data',)), P())
+  rng = np.random.default_rng(0)
+  state = {'table': rng.standard_normal((64, 16), np.float32),
+           'kernel': rng.standard_normal((8, 8), np.float32), 'step': np.int32(7)}
+  on_devices = jax.device_put(state, replicated)
+  config = ml_collections.ConfigDict({'model': 'pka'})
+  manager = checkpoint.manager(str(tmp_path))  # registers the whole-array writer
+  try:
+    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+        array_metadata_store=array_metadata_store.Store()), override=True)  # orbax's default
+    checkpoint.save(manager, 1, state=on_devices, progress={'epoch': 1}, config=config)
+    checkpoint.wait(manager)
+  finally:
+    checkpoint.save_replicas_whole_in_one_process.__wrapped__()
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                        on_devices)
+  restored, _ = checkpoint.restore(checkpoint.manager(str(tmp_path), read_only=True), 1, target)
+  for name, value in state.items():
+    np.testing.assert_array_equal(restored[name], value, err_msg=name)
+    assert restored[name].sharding == replicated, name
