@@ -1,5 +1,8 @@
 """How the commands fail: a user's mistake is one line on stderr and a non-zero exit, never a
-traceback (unless `--verbosity=1` or more asks for it)."""
+traceback (unless `--verbosity=1` or more asks for it).
+
+This module imports no JAX, so that a command whose own imports wait for its flags (as
+`pka_jax.main` does) reports a mistake in them at once, not after two seconds of loading."""
 
 from __future__ import annotations
 
@@ -13,9 +16,7 @@ from absl import app
 from absl import flags
 import ml_collections
 
-from pka_jax import config_check
-from pka_jax import sharding
-from pka_jax.training import faults
+from pka_jax import config_files
 
 USER_ERROR_STATUS = 1
 
@@ -31,6 +32,7 @@ def reported_failures(user_errors: tuple[type[Exception], ...]) -> Iterator[None
   """How a command ends on a failure it expects: a preemption prints its message and exits
   with the restart status; one of `user_errors` is one line and status 1. `--verbosity=1`
   or more shows the traceback instead."""
+  from pka_jax.training import faults  # pylint: disable=g-import-not-at-top  # imports JAX
   try:
     yield
   except faults.Preempted as preempted:
@@ -93,7 +95,7 @@ def _unknown_config_field(argv: Sequence[str]) -> str | None:
     return None
   path, _, variant = spec.partition(':')
   try:
-    fields = config_fields(config_check.load_file(path, variant or None))
+    fields = config_fields(config_files.load_file(path, variant or None))
   except Exception:  # pylint: disable=broad-except
     return None  # the flags' own message says what is wrong with the file
   for arg in argv:
@@ -133,6 +135,9 @@ def split_cpu(asked: int | None, configs: Sequence[ml_collections.ConfigDict], *
   environment makes (XLA_FLAGS, JAX_NUM_CPU_DEVICES) stays, and is trained on whole; else
   one device per core (the most that divide every config's batch sizes), evaluating on all
   and training on one, which is faster. No effect on accelerators."""
+  # pylint: disable=g-import-not-at-top  # they import JAX
+  from pka_jax import config_check
+  from pka_jax import sharding
   cpu_devices = asked if asked is not None else sharding.cpu_devices_requested()
   if asked is not None or (cpu_devices is None and not distributed):
     sharding.split_cpu(asked or config_check.cpu_devices_for(configs))

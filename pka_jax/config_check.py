@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-import functools
-import importlib.util
 import math
 import os
-import re
 
 import jax
 import ml_collections
@@ -25,19 +22,6 @@ PRNG_IMPLS = ('rbg', 'unsafe_rbg', 'threefry2x32')
 
 class ConfigError(ValueError):
   """The configuration has problems; the message names each field and what it expects."""
-
-
-@functools.cache
-def _config_module(path: str):
-  spec = importlib.util.spec_from_file_location('config_' + re.sub(r'\W', '_', path), path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def load_file(path: str, variant: str | None = None) -> ml_collections.ConfigDict:
-  """`get_config(variant)` of the config file at `path`, as `--config=path:variant` loads it."""
-  return _config_module(os.path.abspath(path)).get_config(variant)
 
 
 def _is_int(value) -> bool:

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from pka_jax import config_check
+from pka_jax import config_files
 from pka_jax import jobs
 from pka_jax.paper import grid
 from pka_jax.training import checkpoint
@@ -30,7 +30,7 @@ def test_runs_live_in_dataset_model_layout_seed_directories():
   config = spec.config()
   assert (config.seed, config.max_epochs, config.kernel_v_side) == (1, 1, 'none')
   # Seeds never change the data: the generator's seed stays the config's.
-  assert config.synthetic.seed == config_check.load_file(TEST_CONFIG).synthetic.seed
+  assert config.synthetic.seed == config_files.load_file(TEST_CONFIG).synthetic.seed
 
 
 def test_interval_is_the_student_t_interval_of_the_mean():

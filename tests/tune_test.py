@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 import pytest
 
 from configs import test as test_config
-from pka_jax import config_check
+from pka_jax import config_files
 from pka_jax.paper import tuning
 from pka_jax.training import faults
 
@@ -86,7 +86,7 @@ def test_the_best_config_file_trains_as_a_config(tmp_path):
   tuning.run(search)
   best = json.loads((tmp_path / 'tune' / 'best.json').read_text())
   path = str(tmp_path / 'tune' / 'best_config.py')
-  config = config_check.load_file(path)
+  config = config_files.load_file(path)
   assert {k: config[k] for k in best['params']} == best['params']
   assert config.model == 'pka' and config.max_epochs == 1
   # On the eight CPU devices the trial trained on (conftest): the same run, exactly.

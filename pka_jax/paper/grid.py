@@ -24,7 +24,7 @@ import numpy as np
 from scipy import stats
 
 from configs import default
-from pka_jax import config_check
+from pka_jax import config_files
 from pka_jax import files
 from pka_jax import jobs
 from pka_jax.training import checkpoint
@@ -105,7 +105,7 @@ class Cell:
     return f'model={self.model}' + ('' if self.layout is None else f',kernel={self.layout}')
 
   def config(self, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
-    config = config_check.load_file(self.config_path, self.variant)
+    config = config_files.load_file(self.config_path, self.variant)
     apply_overrides(config, overrides)
     return config
 
@@ -147,7 +147,7 @@ def cells(config_paths: Iterable[str], models: Iterable[str],
   config's own PKA kernels is the `pka` cell itself (one run, not two)."""
   result = []
   for path in config_paths:
-    pka_layout = layout_of(config_check.load_file(path, 'model=pka'))
+    pka_layout = layout_of(config_files.load_file(path, 'model=pka'))
     for model in models:
       if model not in default.MODEL_POSITIONS:
         raise ValueError(f'Unknown model {model!r}: expected one of {sorted(DISPLAY)}')
@@ -363,7 +363,7 @@ def _dataset_section(dataset: str, dataset_cells: list[Cell],
   if not done:
     return [f'## {dataset}', '', 'No finished run yet.', '']
   config_path = done[0].config_path
-  pka_layout = layout_of(config_check.load_file(config_path, 'model=pka'))
+  pka_layout = layout_of(config_files.load_file(config_path, 'model=pka'))
   lines = [f'## {dataset} (`{config_path}`)', '']
   models = [c for c in done if c.layout is None]
   if models:
@@ -384,7 +384,7 @@ def _dataset_section(dataset: str, dataset_cells: list[Cell],
   lines += ['Cells: the command of each run (`K` = its seed) and the config fields that '
             f'differ from `{config_path}` (the whole config is `config.json` in each workdir).',
             '']
-  base = flatten(config_check.load_file(config_path))
+  base = flatten(config_files.load_file(config_path))
   for cell in dataset_cells:
     seeds = [s.seed for s in grid_specs if s.cell == cell]
     spec = next(s for s in grid_specs if s.cell == cell)
