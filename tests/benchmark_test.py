@@ -25,6 +25,7 @@ def test_benchmark_writes_its_json_contract(tmp_path):
        f'--config.data_dir={tmp_path / "data"}', f'--workdir={tmp_path / "work"}',
        '--steps=3', '--warmup=1', '--eval_repeats=1', '--epochs=1', f'--json={out}',
        '--cpu_devices=2',  # XLA counts one device's FLOPs: the figures must add them up
+       '--probe_size=256',  # the peak of smaller matmuls: lower, and quicker to time
        f'--profile_dir={tmp_path / "trace"}',
        '--verbosity=0'],  # its stages logged, so a crash's output says where it was
       cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -32,6 +33,7 @@ def test_benchmark_writes_its_json_contract(tmp_path):
   report = json.loads(out.read_text())
   assert report['device'].startswith('cpu') and report['device'].endswith('x2')
   assert report['peak_flops']['float32'] > 0 and report['peak_flops']['bfloat16'] > 0
+  assert report['peak_probe_size'] == 256
   train_figures, eval_figures = report['train'], report['eval']
   assert train_figures['step_seconds_min'] <= train_figures['step_seconds']
   assert train_figures['step_seconds'] <= train_figures['step_seconds_max']
@@ -123,7 +125,8 @@ def test_loss_benchmark_refuses_a_tile_that_is_no_power_of_two():
 
 def loss_benchmark(*flags):
   return run_module('kernels.benchmark', '--kernel=loss', '--rows=200', '--items=70',
-                    '--width=24', '--dtype=float32', '--steps=2', '--interpret', *flags)
+                    '--width=24', '--dtype=float32', '--steps=2', '--interpret',
+                    '--probe_size=256', *flags)
 
 
 def test_benchmark_refuses_a_config_this_backend_cannot_run_in_one_line(tmp_path):

@@ -69,6 +69,11 @@ _KERNEL = flags.DEFINE_enum('kernel', None, ['attention', 'layer_norm', 'ffn', '
 _DTYPE = flags.DEFINE_enum('dtype', 'bfloat16', ['float32', 'bfloat16'],
                            "Activations (the loss's: its hidden states).")
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed calls of each variant.')
+_PROBE_SIZE = flags.DEFINE_integer(
+    'probe_size', 0, "Side of the square matmuls that time the peak for --kernel=loss's MFU "
+    '(0: 2,048 on a CPU, 8,192 on an accelerator); a smaller one probes faster and finds a '
+    'lower peak.',
+    lower_bound=0)
 _INTERPRET = flags.DEFINE_bool('interpret', False, "Off a GPU, run the Pallas kernels in "
                                "Pallas's interpreter (slow: small shapes only).")
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
@@ -376,7 +381,7 @@ def main(argv):
                       'dtype': _DTYPE.value}}
   print(f"device  {report['device']} (jax {jax.__version__}); {report['shape']}")
   if kernel.model_flops:
-    report['peak_flops'] = peak = flops.MatmulProbe(jnp.dtype(_DTYPE.value))()
+    report['peak_flops'] = peak = flops.MatmulProbe(jnp.dtype(_DTYPE.value), _PROBE_SIZE.value)()
     report['model_flops'] = model_flops = kernel.model_flops()
     print(f'peak    {_DTYPE.value} matmul {peak / 1e12:.3f} TFLOP/s; '
           f'{model_flops / 1e9:,.1f} GFLOP of model work a call (forward and backward)')

@@ -84,7 +84,7 @@ class MatmulProbe:
   2,048 on a CPU, 8,192 on an accelerator."""
 
   def __init__(self, dtype, size: int = 0):
-    size = size or (2048 if jax.default_backend() == 'cpu' else 8192)
+    self.size = size = size or (2048 if jax.default_backend() == 'cpu' else 8192)
     rng = np.random.default_rng(0)
     self.a, self.b = (jnp.asarray(rng.standard_normal((size, size)), dtype) for _ in range(2))
     self.product = jax.jit(jnp.matmul)
