@@ -36,11 +36,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from absl import logging
-import matplotlib.pyplot as plt
 import ml_collections
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from optuna.visualization import matplotlib as plots
 
 from pka_jax import config_check
 from pka_jax import files
@@ -482,6 +480,12 @@ def summary(search: Search, study: optuna.Study, table: list[dict]) -> str:
 
 def write_figures(search: Search, study: optuna.Study) -> None:
   """The optimisation history and the parameters' importances, as PNG (Optuna's plots)."""
+  # Imported here: matplotlib takes half a second, which a search that is stopped or refused
+  # before its first trial ends need not pay.
+  # pylint: disable=g-import-not-at-top
+  import matplotlib.pyplot as plt
+  from optuna.visualization import matplotlib as plots
+  # pylint: enable=g-import-not-at-top
   for name, plot in (('history', plots.plot_optimization_history),
                      ('importances', plots.plot_param_importances)):
     try:
