@@ -8,7 +8,6 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from orbax.checkpoint._src.metadata import array_metadata_store
 
 from configs import test as test_config
 from pka_jax import jobs
@@ -100,12 +99,11 @@ def test_a_state_orbax_wrote_in_replica_slices_restores_as_it_was(tmp_path):
   config = ml_collections.ConfigDict({'model': 'pka'})
   manager = checkpoint.manager(str(tmp_path))  # registers the whole-array writer
   try:
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
-        array_metadata_store=array_metadata_store.Store()), override=True)  # orbax's default
+    checkpoint.use_array_handler(replica_parallel=True)  # orbax's default
     checkpoint.save(manager, 1, state=on_devices, progress={'epoch': 1}, config=config)
     checkpoint.wait(manager)
   finally:
-    checkpoint.save_replicas_whole_in_one_process.__wrapped__()
+    checkpoint.use_array_handler(replica_parallel=False)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                         on_devices)
   restored, _ = checkpoint.restore(checkpoint.manager(str(tmp_path), read_only=True), 1, target)

@@ -24,23 +24,18 @@ import jax
 from ml_collections import config_flags
 import orbax.checkpoint as ocp
 
+from pka_jax.training import checkpoint
+from pka_jax.training.loop import Trainer
+
 config_flags.DEFINE_config_file('config', 'configs/test.py', 'Config file.')
 _DEVICES = flags.DEFINE_integer('devices', 8, 'CPU devices the state is replicated over.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Saves, then restores, timed per way and round.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternations of the two ways.')
 
 
-def use_orbax_default(replica_parallel: bool) -> None:
-  from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
-  ocp.type_handlers.register_type_handler(
-      jax.Array, ocp.type_handlers.ArrayHandler(
-          array_metadata_store=array_metadata_store.Store(),
-          use_replica_parallel=replica_parallel), override=True)
-
-
 def time_way(state, root: str, replica_parallel: bool) -> tuple[float, float]:
   """Median seconds per save and per restore of `state` under `root`."""
-  use_orbax_default(replica_parallel)
+  checkpoint.use_array_handler(replica_parallel)
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                         state)
   with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_keep=2)) as mngr:
@@ -63,7 +58,6 @@ def main(argv):
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step at INFO
   jax.config.update('jax_num_cpu_devices', _DEVICES.value)
-  from pka_jax.training.loop import Trainer  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory(prefix='pka_jax_checkpoint_benchmark_') as scratch:
     config = flags.FLAGS.config
     config.data_dir = os.path.join(scratch, 'data')

@@ -83,13 +83,18 @@ def save_replicas_whole_in_one_process() -> None:
   (experiments/speed/checkpoint_benchmark.py).
   The files are orbax's usual ones either way (it already writes whole arrays on GPUs), and
   restore reads both. Runs of several processes keep orbax's default."""
-  if jax.process_count() > 1:
-    return
-  # Orbax's own default jax.Array handler (type_handler_registry), but for this one option.
+  if jax.process_count() == 1:
+    use_array_handler(replica_parallel=False)
+
+
+def use_array_handler(replica_parallel: bool) -> None:
+  """Registers, for the whole process, orbax's own default jax.Array handler (as its
+  type_handler_registry makes it), with replica-parallel writing on or off."""
   from orbax.checkpoint._src.metadata import array_metadata_store  # pylint: disable=g-import-not-at-top
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(
-          array_metadata_store=array_metadata_store.Store(), use_replica_parallel=False),
+          array_metadata_store=array_metadata_store.Store(),
+          use_replica_parallel=replica_parallel),
       override=True)
 
 
