@@ -6,9 +6,10 @@ process (pka_jax.training.checkpoint.save_replicas_whole_in_one_process).
   python -m experiments.speed.checkpoint_benchmark --config=configs/ml1m.py \
       --config.dataset=synthetic --config.synthetic.num_items=3416 --devices=8
 
-Each way saves (and waits for) `--repeats` checkpoints, then restores the last one as many
-times, alternating the two ways `--rounds` times; it prints the median seconds per save and
-per restore of each way and their ratio. The state is the freshly initialised one: its
+Each way saves (and waits for) `--repeats` checkpoints as a run does (the state, the
+progress and the config, through pka_jax.training.checkpoint), then restores the last one as
+many times, alternating the two ways `--rounds` times; it prints the median seconds per save
+and per restore of each way and their ratio. The state is the freshly initialised one: its
 shapes, not its values, set the cost.
 """
 
@@ -22,7 +23,6 @@ from absl import flags
 from absl import logging
 import jax
 from ml_collections import config_flags
-import orbax.checkpoint as ocp
 
 from pka_jax.training import checkpoint
 from pka_jax.training.loop import Trainer
@@ -33,23 +33,23 @@ _REPEATS = flags.DEFINE_integer('repeats', 5, 'Saves, then restores, timed per w
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Alternations of the two ways.')
 
 
-def time_way(state, root: str, replica_parallel: bool) -> tuple[float, float]:
-  """Median seconds per save and per restore of `state` under `root`."""
+def time_way(run: Trainer, root: str, replica_parallel: bool) -> tuple[float, float]:
+  """Median seconds per save and per restore of the run's state, as the run saves it, under
+  `root`."""
   checkpoint.use_array_handler(replica_parallel)
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-                        state)
-  with ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(max_to_keep=2)) as mngr:
-    first = (mngr.latest_step() or 0) + 1
-    saves, restores = [], []
-    for step in range(first, first + _REPEATS.value):
-      start = time.perf_counter()
-      mngr.save(step, args=ocp.args.StandardSave(state))
-      mngr.wait_until_finished()
-      saves.append(time.perf_counter() - start)
-    for _ in range(_REPEATS.value):
-      start = time.perf_counter()
-      jax.block_until_ready(mngr.restore(mngr.latest_step(), args=ocp.args.StandardRestore(target)))
-      restores.append(time.perf_counter() - start)
+  mngr = checkpoint.manager(root)
+  first = (mngr.latest_step() or 0) + 1
+  saves, restores = [], []
+  for step in range(first, first + _REPEATS.value):
+    start = time.perf_counter()
+    checkpoint.save(mngr, step, state=run.state, progress={'epoch': 0}, config=run.config)
+    checkpoint.wait(mngr)
+    saves.append(time.perf_counter() - start)
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    jax.block_until_ready(checkpoint.restore(mngr, mngr.latest_step(), run.state)[0])
+    restores.append(time.perf_counter() - start)
+  mngr.close()
   return statistics.median(saves), statistics.median(restores)
 
 
@@ -71,7 +71,7 @@ def main(argv):
     for _ in range(_ROUNDS.value):
       for replica_parallel in (True, False):
         figures[replica_parallel].append(time_way(
-            state, os.path.join(scratch, f'parallel_{replica_parallel}'), replica_parallel))
+            run, os.path.join(scratch, f'parallel_{replica_parallel}'), replica_parallel))
     for replica_parallel, name in ((True, 'replica-parallel (orbax default)'),
                                    (False, 'whole arrays (pka_jax, one process)')):
       save, restore = (statistics.median(f[i] for f in figures[replica_parallel])
