@@ -79,7 +79,7 @@ def save_replicas_whole_in_one_process() -> None:
   Orbax's default for CPUs and TPUs cuts a replicated array into one slice per replica, so
   that many hosts share its writing. In one process every replica is on the same host, and
   the slices are only more, smaller writes: on 8 CPU devices a save of the test model's
-  state took 2.5x less time whole, an ML-1M-sized one 2x less
+  state took 2.2-2.5x less time whole, an ML-1M-sized one 2x less
   (experiments/speed/checkpoint_benchmark.py).
   The files are orbax's usual ones either way (it already writes whole arrays on GPUs), and
   restore reads both. Runs of several processes keep orbax's default."""
