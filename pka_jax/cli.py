@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gc
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -48,8 +49,27 @@ def reported_failures(user_errors: tuple[type[Exception], ...]) -> Iterator[None
 
 def run(main: Callable[[list[str]], None]) -> None:
   """`app.run(main)`, with a mistake in the flags (a misspelt config field, a value of the
-  wrong type, a missing config file) reported in one line instead of absl's traceback."""
+  wrong type, a missing config file) reported in one line instead of absl's traceback. What
+  the command has imported so far is frozen out of the garbage collector's passes, as
+  `importing` does."""
+  gc.freeze()
   app.run(main, flags_parser=parse_flags)
+
+
+@contextlib.contextmanager
+def importing() -> Iterator[None]:
+  """A command's heavy imports (JAX, flax, orbax: some 160,000 objects that live as long as
+  the process), with the garbage collector paused while they load, then frozen out of its
+  later passes (gc.freeze). In two epochs of configs/test.py the collector took 0.40-0.44 s
+  of ~5 s of CPU without this, 0.07-0.09 s with it."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    yield
+  finally:
+    gc.freeze()
+    if enabled:
+      gc.enable()
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

@@ -40,17 +40,18 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}')
-  # pylint: disable=g-import-not-at-top
-  import jax
-  from pka_jax import config_check
-  from pka_jax import jobs
-  from pka_jax import sharding
-  from pka_jax.data.errors import DataError
-  from pka_jax.evaluation import report
-  from pka_jax.training import checkpoint
-  from pka_jax.training import faults
-  from pka_jax.training import workdir as workdir_lib
-  # pylint: enable=g-import-not-at-top
+  with cli.importing():
+    # pylint: disable=g-import-not-at-top
+    import jax
+    from pka_jax import config_check
+    from pka_jax import jobs
+    from pka_jax import sharding
+    from pka_jax.data.errors import DataError
+    from pka_jax.evaluation import report
+    from pka_jax.training import checkpoint
+    from pka_jax.training import faults
+    from pka_jax.training import workdir as workdir_lib
+    # pylint: enable=g-import-not-at-top
   # Failures a user can act on: one line on stderr and a non-zero exit, no traceback (unless
   # --verbosity=1 or more asks for it).
   user_errors = (DataError, FileNotFoundError, workdir_lib.WorkdirMismatchError,

@@ -1,5 +1,6 @@
 """The command line as a user runs it: train, evaluate, and a dataset that is not there."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import sys
 import pytest
 
 from configs import test as test_config
+from pka_jax import cli
 from pka_jax import config_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,6 +117,23 @@ def test_a_mistake_in_the_flags_is_reported_before_jax_loads(tmp_path):
   assert one_line_error(result).startswith("error: --config.lr: the config has no field 'lr'")
   loaded = modules.read_text().split()
   assert 'pka_jax.cli' in loaded and 'jax' not in loaded
+
+
+@pytest.mark.parametrize('enabled', [True, False])
+def test_a_command_s_imports_pause_the_collector_and_end_frozen(enabled):
+  # What cli.importing promises main(): no collection while the imports load, what they made
+  # kept out of later passes, and the collector left as the caller had it.
+  was = gc.isenabled()
+  try:
+    (gc.enable if enabled else gc.disable)()
+    frozen = gc.get_freeze_count()
+    with cli.importing():
+      paused = not gc.isenabled()
+      made = [[] for _ in range(100)]
+    assert paused and gc.isenabled() == enabled
+    assert gc.get_freeze_count() >= frozen + len(made)
+  finally:
+    (gc.enable if was else gc.disable)()
 
 
 @pytest.mark.parametrize('config, expected', [
