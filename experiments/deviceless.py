@@ -97,7 +97,7 @@ def abstract_train_step(config, num_items: int, devices: list, backend: str) -> 
                                       sharding=placement.batch_sharding)
            for name in ('inputs', 'targets')}
   rng = jax.ShapeDtypeStruct((), key.dtype, sharding=placement.replicated)
-  return AbstractStep(backend, placement, state, (state, batch, rng))
+  return AbstractStep(backend, placement, state, (state, batch, rng, config.learning_rate))
 
 
 def compile_train_step(config, num_items: int, devices: list, backend: str):

@@ -109,7 +109,7 @@ def loss_at_step(run: Trainer, local_batch, step: int) -> float:
   # A copy each call: the step donates the state it is given.
   state = jax.tree.map(jnp.copy, run.state)
   state = state.replace(step=jnp.full_like(state.step, step))
-  _, metrics = run.placement.train_on(state, local_batch, run.dropout_rng)
+  _, metrics = run.placement.train_on(state, local_batch, run.dropout_rng, run.config.learning_rate)
   return float(metrics['loss_sum'] / metrics['loss_count'])
 
 

@@ -56,10 +56,10 @@ def nan_gradient_at_step_5(monkeypatch):
   holds step 4 then)."""
   apply = steps._apply_summed_gradients  # pylint: disable=protected-access
 
-  def poisoned(state, grads, total, count):
+  def poisoned(state, learning_rate, grads, total, count):
     at_step = state.step == NAN_STEP - 1
     grads = jax.tree.map(lambda g: jnp.where(at_step, jnp.nan, g), grads)
-    return apply(state, grads, total, count)
+    return apply(state, learning_rate, grads, total, count)
 
   monkeypatch.setattr(steps, '_apply_summed_gradients', poisoned)
   # Built placements hold steps traced without the poison; none built with it is kept.

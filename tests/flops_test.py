@@ -51,7 +51,8 @@ def test_xla_counts_the_same_matrix_products_plus_elementwise_work(model):
   model = encoder.create_model(config, num_items, deterministic=True)
   state = optimizer.create_train_state(model, config, jax.random.key(0))
   inputs = jnp.ones((batch_size, config.maxlen), jnp.int32)
-  step = functools.partial(steps.train_step, loss_name='ce',
+  step = functools.partial(steps.train_step, learning_rate=config.learning_rate,
+                           loss_name='ce',
                            ce_chunk_rows=batch_size * config.maxlen)  # one chunk: no loop
   compiled = jax.jit(step).lower(state, {'inputs': inputs, 'targets': inputs},
                                  jax.random.key(1)).compile()

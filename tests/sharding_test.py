@@ -18,7 +18,7 @@ def run_with(devices: int, tmp_path) -> dict:
   losses = []
   for batch in run.inputs.epoch(0):
     run.state, metrics = run.placement.step_fn(run.state, run.placement.shard_batch(batch),
-                                               run.dropout_rng)
+                                               run.dropout_rng, run.config.learning_rate)
     losses.append(float(metrics['loss_sum'] / metrics['loss_count']))
   valid = run.evaluate('valid')
   leaves = jax.tree_util.tree_flatten_with_path(run.state.params)[0]

@@ -7,6 +7,7 @@ import re
 import shutil
 
 import chex
+from flax.training import train_state
 import jax
 import numpy as np
 import optax
@@ -65,7 +66,8 @@ def test_loss_falls_over_a_few_steps(tmp_path):
   batch = first_batch(run)
   before = batch_loss(run, batch)
   for _ in range(15):
-    run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng)
+    run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng,
+                                               run.config.learning_rate)
   assert np.isfinite(float(metrics['loss_sum']))
   assert batch_loss(run, batch) < 0.8 * before
 
@@ -276,7 +278,8 @@ def test_validation_batches_are_built_once_per_run(tmp_path, monkeypatch):
   run.evaluate('valid')
   assert len(built) == batches_a_pass > 1
   for _ in range(2):  # new parameters, the kept batches
-    run.state, _ = run.placement.step_fn(run.state, first_batch(run), run.dropout_rng)
+    run.state, _ = run.placement.step_fn(run.state, first_batch(run), run.dropout_rng,
+                                         run.config.learning_rate)
   kept = run.evaluate('valid')
   assert len(built) == batches_a_pass
   fresh = Trainer.create(config(), str(tmp_path / 'fresh'))
@@ -308,7 +311,7 @@ def test_trimmed_evaluation_windows_rank_as_the_full_ones(tmp_path):
   run = Trainer.create(cfg, str(tmp_path))
   for batch in run.inputs.epoch(0):  # trained a little: no parameter at its initial value
     run.state, _ = run.placement.step_fn(run.state, run.placement.shard_batch(batch),
-                                         run.dropout_rng)
+                                         run.dropout_rng, run.config.learning_rate)
   steps = run.evaluator.steps('valid').by_context_length()
   widths = {steps.batch(start, 16, trim=True).inputs_BxT.shape[1]
             for start in range(0, len(steps), 16)}
@@ -339,7 +342,7 @@ def test_visible_alike_padding_keys_evaluate_trimmed_as_in_full_windows(tmp_path
   assert run.placement.evaluation_windows == {'trim': True, 'padding_column': True}
   for batch in run.inputs.epoch(0):
     run.state, _ = run.placement.step_fn(run.state, run.placement.shard_batch(batch),
-                                         run.dropout_rng)
+                                         run.dropout_rng, run.config.learning_rate)
   steps = run.evaluator.steps('valid').by_context_length()
   batches = [steps.batch(start, 16, **run.placement.evaluation_windows)
              for start in range(0, len(steps), 16)]
@@ -394,7 +397,7 @@ def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_p
   run = runs[True]
   for cut, _ in pairs:
     run.state, metrics = run.placement.step_fn(run.state, run.placement.shard_batch(cut),
-                                               run.dropout_rng)
+                                               run.dropout_rng, run.config.learning_rate)
     assert bool(metrics['finite'])
 
 
@@ -409,7 +412,8 @@ def test_blockwise_loss_trains_like_the_full_one(tmp_path):
   batch = first_batch(runs[0])
   for run in runs:
     for _ in range(3):
-      run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng)
+      run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng,
+                                               run.config.learning_rate)
   assert_same_params(params_of(runs[1]), params_of(runs[0]))
 
 
@@ -510,6 +514,7 @@ def three_steps_each_way(run: Trainer, batch, data_parallel: bool, **model_overr
   other.update(model_overrides)
   model = encoder.create_model(other, run.dataset.num_items, deterministic=False, mesh=mesh)
   step = jax.jit(functools.partial(steps.train_step, mesh=mesh, microbatches=1,
+                                   learning_rate=run.config.learning_rate,
                                    **steps.loss_options(run.config, run.dataset.num_items)))
   before, after = (params_after_three_steps(step, run.state.replace(apply_fn=apply_fn), batch,
                                             run.dropout_rng)
@@ -539,6 +544,7 @@ def assert_same_params(got, expected):
 
 def pallas_step(run: Trainer, ce_impl: str, mesh):
   return functools.partial(steps.train_step, mesh=mesh, microbatches=1,
+                           learning_rate=run.config.learning_rate,
                            **{**steps.loss_options(run.config, run.dataset.num_items),
                               'ce_impl': ce_impl})
 
@@ -601,7 +607,8 @@ def test_microbatches_give_the_whole_batch_gradient(tmp_path):
   batches = [run.placement.shard_batch(b) for run in runs[:1] for b in run.inputs.epoch(0)][:3]
   for run in runs:
     for batch in batches:
-      run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng)
+      run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng,
+                                               run.config.learning_rate)
   for (path, a), (_, b) in zip(*map(trainable_leaves, runs)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
 
@@ -661,7 +668,7 @@ def test_bfloat16_loss_follows_float32(tmp_path):
     for epoch in range(6):
       for batch in run.inputs.epoch(epoch):
         run.state, metrics = run.placement.step_fn(
-            run.state, run.placement.shard_batch(batch), run.dropout_rng)
+            run.state, run.placement.shard_batch(batch), run.dropout_rng, run.config.learning_rate)
         curve.append(float(metrics['loss_sum'] / metrics['loss_count']))
     losses_by_dtype[dtype] = np.array(curve)
   full, half = losses_by_dtype['float32'], losses_by_dtype['bfloat16']
@@ -692,6 +699,31 @@ def test_one_finiteness_test_steps_as_optax_s_apply_if_finite():
       states[i] = (optax.apply_updates(p, updates), state)
     chex.assert_trees_all_equal(states[0], states[1])  # NaNs equal NaNs
   assert int(states[0][1].total_notfinite) == 2
+
+
+def test_a_learning_rate_given_to_the_step_moves_as_optax_adam_at_that_rate():
+  # The rate is an input of the step's program (runs at several rates share it,
+  # placement_test); the parameters and moments follow optax.adam at that rate bit for bit,
+  # a skipped non-finite step included.
+  config = test_config.get_config()
+  params = {'item_emb': {'embedding': np.arange(12.0, dtype=np.float32).reshape(4, 3)},
+            'block': {'bias': np.zeros(2, np.float32)}}
+  grads = [jax.tree.map(lambda p, k=k: np.sin(np.arange(p.size) + k).reshape(p.shape)
+                        .astype(np.float32) * 0.3, params) for k in range(3)]
+  grads[1]['block']['bias'][0] = np.nan
+  for rate in (3e-4, 1e-2):
+    ours = train_state.TrainState.create(apply_fn=None, params=params,
+                                         tx=optimizer.adam_direction(config))
+    optax_s = train_state.TrainState.create(
+        apply_fn=None, params=params, tx=optimizer.apply_if_all_finite(
+            optax.adam(rate, b1=config.adam_b1, b2=config.adam_b2), 2**31 - 1))
+    ours_step = jax.jit(optimizer.apply_learning_rate)
+    for g in grads:
+      ours = ours_step(ours, g, rate)
+      optax_s = jax.jit(lambda state, g: state.apply_gradients(grads=g))(optax_s, g)
+      chex.assert_trees_all_equal((ours.params, ours.opt_state),
+                                  (optax_s.params, optax_s.opt_state))
+    assert not np.array_equal(ours.params['block']['bias'], params['block']['bias'])
 
 
 def test_finiteness_is_one_reduction_besides_the_item_table_s():

@@ -137,9 +137,9 @@ def compiled_step(run: Trainer, batch):
   placement = run.placement
   if placement.sorts_microbatches:
     return placement.sorted_step_fn.lower(run.state, placement.sorted_microbatches(batch),
-                                          run.dropout_rng).compile()
-  return placement.step_fn.lower(run.state, placement.shard_batch(batch),
-                                 run.dropout_rng).compile()
+                                          run.dropout_rng, run.config.learning_rate).compile()
+  return placement.step_fn.lower(run.state, placement.shard_batch(batch), run.dropout_rng,
+                                 run.config.learning_rate).compile()
 
 
 def back_to_back(run: Trainer, batches: list) -> float:
@@ -185,7 +185,8 @@ def reference_step_flops(run: Trainer, batch) -> float:
   config = run.config
   rows = config.batch_size * config.maxlen // run.placement.mesh.shape['data']
   step = functools.partial(
-      steps.train_step, loss_name=config.loss, ce_block_size=0, ce_chunk_rows=rows,
+      steps.train_step, learning_rate=config.learning_rate, loss_name=config.loss,
+      ce_block_size=0, ce_chunk_rows=rows,
       microbatches=1, mesh=run.placement.mesh, num_items=run.dataset.num_items)
   return xla_flops(step, run.state, batch, run.dropout_rng, devices=run.placement.mesh.size)
 

@@ -102,7 +102,8 @@ class Trainer:
 
   def train_on(self, local_batch) -> dict[str, jax.Array]:
     """One train step on this host's rows of a batch; its metrics (dispatched, not awaited)."""
-    self.state, metrics = self.placement.train_on(self.state, local_batch, self.dropout_rng)
+    self.state, metrics = self.placement.train_on(self.state, local_batch, self.dropout_rng,
+                                                  float(self.config.learning_rate))
     return metrics
 
   def train_epoch(self, writer: metric_writer.MetricWriter) -> None:

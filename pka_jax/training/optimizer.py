@@ -1,5 +1,7 @@
 """The train state: parameters and Adam, whose update is skipped where a gradient is not
-finite (the loop then stops the run)."""
+finite (the loop then stops the run). The learning rate is not part of it: the train step
+takes it as an input, so that runs at several rates (the trials of a search) share one
+compiled program."""
 
 from __future__ import annotations
 
@@ -19,12 +21,28 @@ def create_train_state(model: Encoder, config, rng: jax.Array) -> train_state.Tr
   placement.ProgramSpec)."""
   rows = sharding.data_shards(model.mesh)  # one per shard
   params = model.init(rng, jnp.zeros((rows, config.maxlen), jnp.int32))['params']
-  # A step whose gradient is not finite leaves parameters and moments as they were; the loop
-  # then stops the run (the run never goes on past one).
-  tx = apply_if_all_finite(
-      optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2),
-      max_consecutive_errors=2**31 - 1)
-  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  return train_state.TrainState.create(apply_fn=model.apply, params=params,
+                                       tx=adam_direction(config))
+
+
+def adam_direction(config) -> optax.GradientTransformation:
+  """`optax.adam` at learning rate 1 (its state is the same at any rate, so checkpoints are
+  too): the step scales the update by the run's rate (`apply_learning_rate`). A step whose
+  gradient is not finite leaves parameters and moments as they were; the loop then stops
+  the run (the run never goes on past one)."""
+  return apply_if_all_finite(optax.adam(1.0, b1=config.adam_b1, b2=config.adam_b2),
+                             max_consecutive_errors=2**31 - 1)
+
+
+def apply_learning_rate(state: train_state.TrainState, grads, learning_rate: jax.Array
+                        ) -> train_state.TrainState:
+  """`state.apply_gradients` for Adam at `learning_rate`, a traced scalar: the same bits as
+  `optax.adam(learning_rate)`, whose update is the direction times -learning_rate, where
+  this one's is (the direction times -1) times learning_rate."""
+  direction, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  updates = jax.tree.map(lambda u: u * learning_rate, direction)
+  return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                       opt_state=opt_state)
 
 
 def all_finite(tree) -> jax.Array:

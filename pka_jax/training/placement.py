@@ -39,7 +39,8 @@ _BUILT: collections.OrderedDict = collections.OrderedDict()
 @dataclasses.dataclass(frozen=True)
 class ProgramSpec:
   """What a run's programs depend on, and nothing else: runs whose configs differ only in
-  their seed, data, length or bookkeeping have one spec, and share one `Placement`."""
+  their seed, learning rate (an input of the train step), data, length or bookkeeping have
+  one spec, and share one `Placement`."""
 
   model: ModelConfig  # for training (deterministic False)
   maxlen: int
@@ -48,7 +49,6 @@ class ProgramSpec:
   trim_windows: bool
   mesh_model: int
   prng_impl: str
-  learning_rate: float
   adam_b1: float
   adam_b2: float
   loss: str
@@ -127,7 +127,8 @@ class Placement:
     self.step_fn = jax.jit(
         functools.partial(steps.train_step, microbatches=spec.microbatches,
                           mesh=self.mesh, **loss),
-        in_shardings=(self.state_shardings, self.batch_sharding, self.replicated),
+        in_shardings=(self.state_shardings, self.batch_sharding, self.replicated,
+                      self.replicated),
         out_shardings=(self.state_shardings, self.replicated), donate_argnums=0)
     self.sorted_step_fn = jax.jit(
         functools.partial(steps.length_sorted_step, mesh=self.mesh, **loss),
@@ -185,9 +186,10 @@ class Placement:
     return {k: self.shard_rows(v) for k, v in local_batch.items()}
 
   def train_on(self, state: train_state.TrainState, local_batch: dict[str, np.ndarray],
-               rng: jax.Array) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-    """One train step on this host's rows of a batch: the new state and its metrics
-    (dispatched, not awaited).
+               rng: jax.Array, learning_rate: float
+               ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
+    """One train step at `learning_rate` on this host's rows of a batch: the new state and
+    its metrics (dispatched, not awaited).
 
     The batch runs as one program (`step_fn`) or, where `sorts_microbatches`, as
     microbatches of rows of similar history length, each cut to the window its longest
@@ -195,8 +197,9 @@ class Placement:
     masks included, for fewer FLOPs when lengths are spread.
     """
     if not self.sorts_microbatches:
-      return self.step_fn(state, self.shard_batch(local_batch), rng)
-    return self.sorted_step_fn(state, self.sorted_microbatches(local_batch), rng)
+      return self.step_fn(state, self.shard_batch(local_batch), rng, learning_rate)
+    return self.sorted_step_fn(state, self.sorted_microbatches(local_batch), rng,
+                               learning_rate)
 
   @property
   def _microbatch_positions(self) -> int:

@@ -15,6 +15,7 @@ from pka_jax import sharding
 from pka_jax.kernels import dispatch
 from pka_jax.model import item_table
 from pka_jax.training import losses
+from pka_jax.training import optimizer
 from pka_jax.training.microbatching import microbatches_for, split_microbatches
 
 
@@ -87,21 +88,23 @@ def _sums_and_grads(params, apply_fn, batch: dict[str, jax.Array], rng: jax.Arra
   return grads, total, count
 
 
-def _apply_summed_gradients(state: train_state.TrainState, grads, total, count
+def _apply_summed_gradients(state: train_state.TrainState, learning_rate: jax.Array,
+                            grads, total, count
                             ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One Adam step on the mean loss, from the gradient of the loss sum and the target count."""
   grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
-  state = state.apply_gradients(grads=grads)
+  state = optimizer.apply_learning_rate(state, grads, learning_rate)
   finite = jnp.isfinite(total) & state.opt_state.last_finite
   return state, {'loss_sum': total, 'loss_count': count, 'finite': finite}
 
 
 def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: jax.Array,
-               *, loss_name: str, ce_block_size: int = 0, ce_chunk_rows: int = 0,
-               ce_impl: str = 'xla', microbatches: int = 1, mesh: jax.sharding.Mesh | None = None,
-               num_items: int | None = None,
+               learning_rate: jax.Array, *, loss_name: str, ce_block_size: int = 0,
+               ce_chunk_rows: int = 0, ce_impl: str = 'xla', microbatches: int = 1,
+               mesh: jax.sharding.Mesh | None = None, num_items: int | None = None,
                ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
-  """One Adam step on the mean loss over the batch; metrics leave as sums and counts.
+  """One Adam step at `learning_rate` on the mean loss over the batch; metrics leave as sums
+  and counts.
 
   With `microbatches > 1` the batch's gradient is accumulated over that many slices of it
   (each device's rows split evenly): the same gradient, dropout masks included, with
@@ -133,11 +136,12 @@ def train_step(state: train_state.TrainState, batch: dict[str, jax.Array], rng: 
     micro = (jax.tree.map(lambda x: split_microbatches(x, microbatches), batch),
              jnp.arange(microbatches))
     sums, _ = jax.lax.scan(accumulate, zeros, micro)
-  return _apply_summed_gradients(state, *sums)
+  return _apply_summed_gradients(state, learning_rate, *sums)
 
 
 def length_sorted_step(state: train_state.TrainState, microbatches: dict[int, dict],
-                       rng: jax.Array, *, mesh: jax.sharding.Mesh | None = None, **loss
+                       rng: jax.Array, learning_rate: jax.Array, *,
+                       mesh: jax.sharding.Mesh | None = None, **loss
                        ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """`train_step` on a batch given as length-sorted microbatches (`microbatch_stacks`): for
   each window width, `count` microbatches of `rows` rows each (of a fixed-size stack, so one
@@ -152,7 +156,7 @@ def length_sorted_step(state: train_state.TrainState, microbatches: dict[int, di
   if mesh is None or mesh.shape[sharding.DATA] == 1 or mesh.shape[sharding.MODEL] > 1:
     sums = _sorted_sums(state.params, state.apply_fn, microbatches, step_rng,
                         _zero_sums(state.params), mesh=mesh, **loss)
-    return _apply_summed_gradients(state, *sums)
+    return _apply_summed_gradients(state, learning_rate, *sums)
 
   def per_device(params, microbatches, step_rng):
     # Varying copies: their gradients stay per device until the one psum below.
@@ -164,7 +168,7 @@ def length_sorted_step(state: train_state.TrainState, microbatches: dict[int, di
   stacks_spec = jax.tree.map(lambda x: P(None, sharding.DATA) if x.ndim else P(), microbatches)
   sums = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), stacks_spec, P()),
                        out_specs=P())(state.params, microbatches, step_rng)
-  return _apply_summed_gradients(state, *sums)
+  return _apply_summed_gradients(state, learning_rate, *sums)
 
 
 def _zero_sums(params) -> tuple[Any, jax.Array, jax.Array]:
