@@ -703,8 +703,8 @@ def test_one_finiteness_test_steps_as_optax_s_apply_if_finite():
 
 def test_a_learning_rate_given_to_the_step_moves_as_optax_adam_at_that_rate():
   # The rate is an input of the step's program (runs at several rates share it,
-  # placement_test); the parameters and moments follow optax.adam at that rate bit for bit,
-  # a skipped non-finite step included.
+  # placement_test); here the parameters and moments follow optax.adam at that rate bit for
+  # bit, a skipped non-finite step included.
   config = test_config.get_config()
   params = {'item_emb': {'embedding': np.arange(12.0, dtype=np.float32).reshape(4, 3)},
             'block': {'bias': np.zeros(2, np.float32)}}
@@ -713,7 +713,7 @@ def test_a_learning_rate_given_to_the_step_moves_as_optax_adam_at_that_rate():
   grads[1]['block']['bias'][0] = np.nan
   for rate in (3e-4, 1e-2):
     ours = train_state.TrainState.create(apply_fn=None, params=params,
-                                         tx=optimizer.adam_direction(config))
+                                         tx=optimizer.adam(config))
     optax_s = train_state.TrainState.create(
         apply_fn=None, params=params, tx=optimizer.apply_if_all_finite(
             optax.adam(rate, b1=config.adam_b1, b2=config.adam_b2), 2**31 - 1))

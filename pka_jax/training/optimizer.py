@@ -21,26 +21,34 @@ def create_train_state(model: Encoder, config, rng: jax.Array) -> train_state.Tr
   placement.ProgramSpec)."""
   rows = sharding.data_shards(model.mesh)  # one per shard
   params = model.init(rng, jnp.zeros((rows, config.maxlen), jnp.int32))['params']
-  return train_state.TrainState.create(apply_fn=model.apply, params=params,
-                                       tx=adam_direction(config))
+  return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=adam(config))
 
 
-def adam_direction(config) -> optax.GradientTransformation:
-  """`optax.adam` at learning rate 1 (its state is the same at any rate, so checkpoints are
-  too): the step scales the update by the run's rate (`apply_learning_rate`). A step whose
-  gradient is not finite leaves parameters and moments as they were; the loop then stops
-  the run (the run never goes on past one)."""
-  return apply_if_all_finite(optax.adam(1.0, b1=config.adam_b1, b2=config.adam_b2),
-                             max_consecutive_errors=2**31 - 1)
+def adam(config) -> optax.GradientTransformationExtraArgs:
+  """Adam with `config`'s decay rates, at the learning rate each update is given
+  (`update(..., learning_rate=)`, a traced scalar in the train step): each update is
+  `optax.adam(learning_rate)`'s, its state the same at any rate (so are checkpoints). With
+  the rate an input rather than a constant, XLA may order the arithmetic differently:
+  parameters agree with a constant rate's to rounding, and the README's synthetic run prints
+  the same metrics to every digit. A step whose gradient is not finite leaves parameters
+  and moments as they were; the loop then stops the run (the run never goes on past one)."""
+  b1, b2 = config.adam_b1, config.adam_b2
+
+  def at(learning_rate) -> optax.GradientTransformation:
+    return apply_if_all_finite(optax.adam(learning_rate, b1=b1, b2=b2),
+                               max_consecutive_errors=2**31 - 1)
+
+  def update(updates, state, params=None, *, learning_rate, **unused_extra_args):
+    return at(learning_rate).update(updates, state, params)
+
+  return optax.GradientTransformationExtraArgs(at(1.0).init, update)
 
 
 def apply_learning_rate(state: train_state.TrainState, grads, learning_rate: jax.Array
                         ) -> train_state.TrainState:
-  """`state.apply_gradients` for Adam at `learning_rate`, a traced scalar: the same bits as
-  `optax.adam(learning_rate)`, whose update is the direction times -learning_rate, where
-  this one's is (the direction times -1) times learning_rate."""
-  direction, opt_state = state.tx.update(grads, state.opt_state, state.params)
-  updates = jax.tree.map(lambda u: u * learning_rate, direction)
+  """`state.apply_gradients`, Adam (`adam`) at `learning_rate`."""
+  updates, opt_state = state.tx.update(grads, state.opt_state, state.params,
+                                       learning_rate=learning_rate)
   return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                        opt_state=opt_state)
 
