@@ -45,6 +45,13 @@ def first_batch(run: Trainer):
   return run.placement.shard_batch(next(iter(run.inputs.epoch(0))))
 
 
+def step_on(run: Trainer, batch) -> dict:
+  """One whole-batch train step of `run` on `batch`, already on its devices; its metrics."""
+  run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng,
+                                             run.config.learning_rate)
+  return metrics
+
+
 def batch_loss(run: Trainer, batch) -> float:
   total, count = steps.loss_sums(run.state.params, run.state.apply_fn, batch,
                                  run.dropout_rng, 'ce')
@@ -66,8 +73,7 @@ def test_loss_falls_over_a_few_steps(tmp_path):
   batch = first_batch(run)
   before = batch_loss(run, batch)
   for _ in range(15):
-    run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng,
-                                               run.config.learning_rate)
+    metrics = step_on(run, batch)
   assert np.isfinite(float(metrics['loss_sum']))
   assert batch_loss(run, batch) < 0.8 * before
 
@@ -278,8 +284,7 @@ def test_validation_batches_are_built_once_per_run(tmp_path, monkeypatch):
   run.evaluate('valid')
   assert len(built) == batches_a_pass > 1
   for _ in range(2):  # new parameters, the kept batches
-    run.state, _ = run.placement.step_fn(run.state, first_batch(run), run.dropout_rng,
-                                         run.config.learning_rate)
+    step_on(run, first_batch(run))
   kept = run.evaluate('valid')
   assert len(built) == batches_a_pass
   fresh = Trainer.create(config(), str(tmp_path / 'fresh'))
@@ -310,8 +315,7 @@ def test_trimmed_evaluation_windows_rank_as_the_full_ones(tmp_path):
   cfg.synthetic.min_length = 2  # short contexts: some batches fit 8 columns
   run = Trainer.create(cfg, str(tmp_path))
   for batch in run.inputs.epoch(0):  # trained a little: no parameter at its initial value
-    run.state, _ = run.placement.step_fn(run.state, run.placement.shard_batch(batch),
-                                         run.dropout_rng, run.config.learning_rate)
+    step_on(run, run.placement.shard_batch(batch))
   steps = run.evaluator.steps('valid').by_context_length()
   widths = {steps.batch(start, 16, trim=True).inputs_BxT.shape[1]
             for start in range(0, len(steps), 16)}
@@ -341,8 +345,7 @@ def test_visible_alike_padding_keys_evaluate_trimmed_as_in_full_windows(tmp_path
   assert run.placement.trims_windows and run.placement.padding_column
   assert run.placement.evaluation_windows == {'trim': True, 'padding_column': True}
   for batch in run.inputs.epoch(0):
-    run.state, _ = run.placement.step_fn(run.state, run.placement.shard_batch(batch),
-                                         run.dropout_rng, run.config.learning_rate)
+    step_on(run, run.placement.shard_batch(batch))
   steps = run.evaluator.steps('valid').by_context_length()
   batches = [steps.batch(start, 16, **run.placement.evaluation_windows)
              for start in range(0, len(steps), 16)]
@@ -396,8 +399,7 @@ def test_trimmed_training_batches_give_the_full_windows_loss_and_gradients(tmp_p
   # The jitted step takes every width (microbatches picked per shape).
   run = runs[True]
   for cut, _ in pairs:
-    run.state, metrics = run.placement.step_fn(run.state, run.placement.shard_batch(cut),
-                                               run.dropout_rng, run.config.learning_rate)
+    metrics = step_on(run, run.placement.shard_batch(cut))
     assert bool(metrics['finite'])
 
 
@@ -412,8 +414,7 @@ def test_blockwise_loss_trains_like_the_full_one(tmp_path):
   batch = first_batch(runs[0])
   for run in runs:
     for _ in range(3):
-      run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng,
-                                               run.config.learning_rate)
+      step_on(run, batch)
   assert_same_params(params_of(runs[1]), params_of(runs[0]))
 
 
@@ -607,8 +608,7 @@ def test_microbatches_give_the_whole_batch_gradient(tmp_path):
   batches = [run.placement.shard_batch(b) for run in runs[:1] for b in run.inputs.epoch(0)][:3]
   for run in runs:
     for batch in batches:
-      run.state, metrics = run.placement.step_fn(run.state, batch, run.dropout_rng,
-                                               run.config.learning_rate)
+      step_on(run, batch)
   for (path, a), (_, b) in zip(*map(trainable_leaves, runs)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=path)
 
@@ -667,8 +667,7 @@ def test_bfloat16_loss_follows_float32(tmp_path):
     curve = []
     for epoch in range(6):
       for batch in run.inputs.epoch(epoch):
-        run.state, metrics = run.placement.step_fn(
-            run.state, run.placement.shard_batch(batch), run.dropout_rng, run.config.learning_rate)
+        metrics = step_on(run, run.placement.shard_batch(batch))
         curve.append(float(metrics['loss_sum'] / metrics['loss_count']))
     losses_by_dtype[dtype] = np.array(curve)
   full, half = losses_by_dtype['float32'], losses_by_dtype['bfloat16']
