@@ -18,16 +18,10 @@ import sys
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
-import optuna
-import tqdm
 
+# JAX, optuna and the rest load in main(), once the flags are parsed (as in pka_jax.main): a
+# mistake in them is reported at once instead of after two seconds of imports.
 from pka_jax import cli
-from pka_jax import config_check
-from pka_jax import data
-from pka_jax import sharding
-from pka_jax.data.errors import DataError
-from pka_jax.paper import tuning
-from pka_jax.training import checkpoint
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Configuration file, its search_space included.',
@@ -36,23 +30,23 @@ flags.DEFINE_string('root', None, 'Directory of the search: its study, trials an
 flags.DEFINE_integer('trials', None, 'Trials the study ends with, counting those it holds.',
                      lower_bound=1)
 flags.DEFINE_integer('seed', 0, "The TPE sampler's seed.", lower_bound=0)
-flags.DEFINE_enum('pruner', 'none', tuning.PRUNERS, "Stop trials early by Optuna's pruner: "
-                  "none (the authors' protocol), median or hyperband.")
+flags.DEFINE_string('pruner', 'none', "Stop trials early by Optuna's pruner: none (the "
+                    "authors' protocol), median or hyperband.")
 flags.DEFINE_string('storage', None, 'A database URL Optuna takes (postgresql://, mysql://, '
                     'sqlite:///) for a study shared by machines; default: a journal file in '
                     'the root, shared by the processes of one machine.')
-flags.DEFINE_string('study_name', tuning.STUDY_NAME, 'The study in the storage.')
+flags.DEFINE_string('study_name', None, 'The study in the storage (default: pka_jax).')
 flags.DEFINE_integer('final_seeds', 0, 'After the search, train the best configuration with '
                      'this many seeds (ROOT/final, a table with intervals).', lower_bound=0)
 flags.DEFINE_integer('cpu_devices', None, 'As pka_jax.main.', lower_bound=0)
 flags.mark_flags_as_required(['config', 'root', 'trials'])
 
-# Failures a user can act on: one line on stderr and a non-zero exit.
-USER_ERRORS = (tuning.SearchError, config_check.ConfigError, DataError)
 
-
-def progress_bar(search: tuning.Search):
+def progress_bar(search):
   """One line per finished trial and a bar over the study's trials."""
+  import tqdm  # pylint: disable=g-import-not-at-top
+  from pka_jax.paper import tuning  # pylint: disable=g-import-not-at-top
+
   bar = tqdm.tqdm(total=search.trials, desc='trials', unit='trial', leave=False)
 
   def report(trial, outcome, study, seconds):
@@ -71,6 +65,18 @@ def progress_bar(search: tuning.Search):
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'unexpected arguments {argv[1:]}')
+  with cli.importing():
+    # pylint: disable=g-import-not-at-top
+    import optuna
+    from pka_jax import config_check
+    from pka_jax import data
+    from pka_jax import sharding
+    from pka_jax.data.errors import DataError
+    from pka_jax.paper import tuning
+    from pka_jax.training import checkpoint
+    # pylint: enable=g-import-not-at-top
+  # Failures a user can act on: one line on stderr and a non-zero exit.
+  user_errors = (tuning.SearchError, config_check.ConfigError, DataError)
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # one line per trial; warnings still show
   checkpoint.quiet_orbax_logging(tracebacks=FLAGS.verbosity >= 1)
@@ -78,8 +84,8 @@ def main(argv):
   base = FLAGS.config
   search = tuning.Search(base=base, root=FLAGS.root, trials=FLAGS.trials, seed=FLAGS.seed,
                          pruner=FLAGS.pruner, storage=FLAGS.storage,
-                         study_name=FLAGS.study_name)
-  with cli.reported_failures(USER_ERRORS):
+                         study_name=FLAGS.study_name or tuning.STUDY_NAME)
+  with cli.reported_failures(user_errors):
     # The CPU is split before anything asks the backend (the checks below do): for every
     # batch size the search may try.
     choices = [tuning.with_params(base, {field: choice})

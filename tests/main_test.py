@@ -104,17 +104,22 @@ def test_a_mistake_in_a_config_flag_is_one_line(tmp_path, flag, expected):
   assert not os.path.exists(tmp_path / 'run')
 
 
-def test_a_mistake_in_the_flags_is_reported_before_jax_loads(tmp_path):
+@pytest.mark.parametrize('command, flags, message', [
+    ('pka_jax.main', ['--config=configs/test.py', '--config.lr=1', '--workdir={tmp}/run'],
+     "error: --config.lr: the config has no field 'lr'"),
+    ('pka_jax.tune', ['--config=configs/test.py', '--root={tmp}/tune', '--trials=0'],
+     'error: flag --trials=0: 0 is not a positive integer'),
+])
+def test_a_mistake_in_the_flags_is_reported_before_jax_loads(tmp_path, command, flags, message):
   # The command's own imports wait for its flags: a typo is answered at once.
   modules = tmp_path / 'modules.txt'
   script = ('import atexit, runpy, sys\n'
             f'atexit.register(lambda: open({str(modules)!r}, "w").write(" ".join(sys.modules)))\n'
-            "sys.argv[0] = 'pka_jax.main'\n"
-            "runpy.run_module('pka_jax.main', run_name='__main__', alter_sys=True)\n")
-  result = subprocess.run(
-      [sys.executable, '-c', script, '--config=configs/test.py', '--config.lr=1',
-       f'--workdir={tmp_path}/run'], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert one_line_error(result).startswith("error: --config.lr: the config has no field 'lr'")
+            f'sys.argv[0] = {command!r}\n'
+            f"runpy.run_module({command!r}, run_name='__main__', alter_sys=True)\n")
+  result = subprocess.run([sys.executable, '-c', script, *(f.format(tmp=tmp_path) for f in flags)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert one_line_error(result).startswith(message)
   loaded = modules.read_text().split()
   assert 'pka_jax.cli' in loaded and 'jax' not in loaded
 

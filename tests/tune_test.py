@@ -138,6 +138,15 @@ def test_pruners_by_name(tmp_path, name, kind):
   assert isinstance(tuning.make_pruner(search), kind)
 
 
+def test_an_unknown_pruner_is_refused_by_its_name_before_the_study_opens(tmp_path):
+  search = tuning.Search(base=base(tmp_path), root=str(tmp_path / 'tune'), trials=1,
+                         pruner='bogus')
+  with pytest.raises(tuning.SearchError) as error:
+    tuning.open_study(search)
+  assert str(error.value) == "--pruner=bogus: expected one of ['none', 'median', 'hyperband']"
+  assert not os.path.exists(tmp_path / 'tune')
+
+
 def test_a_trial_that_fails_is_recorded_and_the_search_goes_on(tmp_path):
   # A learning rate of 1e30 makes the loss non-finite; three heads do not divide 16 units.
   config = base(tmp_path, max_epochs=1)

@@ -142,6 +142,7 @@ def with_params(base: ml_collections.ConfigDict, params: dict[str, Any]
 
 def open_study(search: Search) -> optuna.Study:
   """The search's study, created on first use; SearchError for a storage that cannot open."""
+  pruner = make_pruner(search)
   os.makedirs(search.root, exist_ok=True)
   try:
     if search.storage is None:
@@ -150,8 +151,7 @@ def open_study(search: Search) -> optuna.Study:
     else:
       storage = optuna.storages.RDBStorage(search.storage)
     return optuna.create_study(storage=storage, study_name=search.study_name,
-                               direction='maximize', load_if_exists=True,
-                               pruner=make_pruner(search))
+                               direction='maximize', load_if_exists=True, pruner=pruner)
   except (ImportError, ValueError, OSError, RuntimeError) as error:
     raise SearchError(f'--storage={search.storage}: {str(error).splitlines()[0]}') from None
   except Exception as error:  # pylint: disable=broad-except  # SQLAlchemy's, for one
