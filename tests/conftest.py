@@ -76,6 +76,12 @@ LONGEST_FIRST = ('train_test', 'models_test', 'multihost_test', 'tune_test', 'be
                  'preemption_test', 'losses_test', 'attention_test')
 
 
+_missing = [name for name in LONGEST_FIRST
+            if not (pathlib.Path(__file__).parent / f'{name}.py').exists()]
+if _missing:  # a renamed module would silently lose its place
+  raise pytest.UsageError(f'tests/conftest.py: LONGEST_FIRST names no test module {_missing}')
+
+
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: within a module too
