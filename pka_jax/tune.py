@@ -42,15 +42,15 @@ flags.DEFINE_integer('cpu_devices', None, 'As pka_jax.main.', lower_bound=0)
 flags.mark_flags_as_required(['config', 'root', 'trials'])
 
 
-def progress_bar(search):
-  """One line per finished trial and a bar over the study's trials."""
-  import tqdm  # pylint: disable=g-import-not-at-top
-  from pka_jax.paper import tuning  # pylint: disable=g-import-not-at-top
+def progress_bar(trials: int, best_trial):
+  """One line per finished trial (`best_trial(study)` the best so far) and a bar over the
+  study's `trials`."""
+  import tqdm  # pylint: disable=g-import-not-at-top  # loaded with the rest, after the flags
 
-  bar = tqdm.tqdm(total=search.trials, desc='trials', unit='trial', leave=False)
+  bar = tqdm.tqdm(total=trials, desc='trials', unit='trial', leave=False)
 
   def report(trial, outcome, study, seconds):
-    best = tuning.best_trial(study)
+    best = best_trial(study)
     value = '-' if outcome.value is None else f'{outcome.value:.4f}'
     best_text = '-' if best is None else f'{best.value:.4f} (trial {best.number})'
     note = f', {outcome.note}' if outcome.note else ''
@@ -98,7 +98,7 @@ def main(argv):
                                  train_devices=sharding.devices_to_train(cpu_devices))
     tuning.open_study(search)  # a bad storage too
     data.load_dataset_once(base)  # prepared once for every trial
-    bar, report = progress_bar(search)
+    bar, report = progress_bar(search.trials, tuning.best_trial)
     try:
       study = tuning.run(search, report)
     finally:
